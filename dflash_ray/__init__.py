@@ -1,0 +1,12 @@
+"""DFlash block-diffusion speculative decoding, served on Ray Serve.
+
+`import dflash_ray` loads torch but never ray, fastapi or triton: the engine runs in one process,
+and Ray is a shell around it (`dflash_ray.cluster`, `dflash_ray.server`).
+"""
+
+from .engine import Engine, RequestOutput
+from .llm import LLM
+from .sampling_params import SamplingParams
+
+__all__ = ["LLM", "Engine", "RequestOutput", "SamplingParams"]
+__version__ = "0.1.0"

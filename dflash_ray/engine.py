@@ -1,0 +1,355 @@
+"""The engine: requests in, token deltas out; one `step()` = schedule -> run -> postprocess.
+
+Owns request bookkeeping, stop conditions (EOS, stop strings, max_tokens; a stop inside an
+accepted block truncates there), incremental detokenization and statistics. Model work is the
+executor's (in-process `LocalExecutor` or the Ray one); batching decisions are the scheduler's.
+`stream()` is the async face for servers: a background thread steps while requests are live.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from .block_manager import BlockManager
+from .config import EngineConfig
+from .executor import LocalExecutor
+from .metrics import EngineStats
+from .runner import RunnerConfig
+from .sampling_params import SamplingParams
+from .scheduler import Scheduler, SchedulerConfig, SchedulerOutput, prefill_len
+from .sequence import Sequence
+from .step_io import DecodeItem, PrefillItem, SamplingSpec, StepBatch, StepResult
+from .tokenizer import Tokenizer, decode_delta
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]  # all generated so far
+    text: str
+    new_token_ids: list[int]  # generated this step
+    new_text: str
+    finished: bool
+    finish_reason: str | None
+    acceptance_lengths: list[int] = field(default_factory=list)
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+
+    @property
+    def acceptance_length(self) -> float:
+        """Mean tokens committed per verify step (bonus included)."""
+        a = self.acceptance_lengths
+        return sum(a) / len(a) if a else 0.0
+
+
+def make_executor(config: EngineConfig):
+    rc = RunnerConfig(
+        target=config.target, drafter=config.drafter, device=config.device, dtype=config.dtype,
+        block_size=config.block_size, kv_block_len=config.kv_block_len,
+        num_kv_blocks=config.num_kv_blocks, kv_cache_gb=config.kv_cache_gb)
+    if config.executor == "ray":
+        from .cluster.executor import RayExecutor  # imports ray only when asked for
+
+        return RayExecutor(rc, num_target_shards=config.num_target_shards)
+    return LocalExecutor(rc)
+
+
+class Engine:
+    def __init__(self, config: EngineConfig, executor=None):
+        self.config = config
+        self.executor = executor or make_executor(config)
+        info = self.executor.info()
+        self.block_size = info["block_size"]
+        self.eos_token_ids = set(info["eos_token_ids"])
+        self.vocab_size = info["vocab_size"]
+        self.max_model_len = config.max_model_len or info["max_position"]
+        self.blocks = BlockManager(info["num_kv_blocks"], info["kv_block_len"])
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                max_num_seqs=config.max_num_seqs,
+                max_num_batched_tokens=config.max_num_batched_tokens or self.max_model_len,
+                max_model_len=self.max_model_len,
+                block_size=self.block_size,
+            ),
+            self.blocks,
+        )
+        self.tokenizer = Tokenizer.maybe_load(config.target)
+        self.stats = EngineStats()
+        self._seqs: dict[str, Sequence] = {}
+        self._ids = itertools.count()
+        self._seq_ids = itertools.count()
+        self._rid_of: dict[int, str] = {}
+        self._lock = threading.RLock()
+        self._wake = threading.Condition(self._lock)
+        self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._loop_thread: threading.Thread | None = None
+        self._closed = False
+
+    # ---- requests ----------------------------------------------------------------------------
+
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("prompt is text but the target directory has no tokenizer.json")
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = list(prompt)
+            if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+                raise ValueError("prompt token ids must be integers")
+            bad = [t for t in ids if not 0 <= t < self.vocab_size]
+            if bad:
+                raise ValueError(f"prompt token ids {bad[:5]} are outside the vocab "
+                                 f"(0..{self.vocab_size - 1})")
+        if not ids:
+            raise ValueError("prompt is empty")
+        return ids
+
+    def add_request(
+        self, prompt: str | list[int], params: SamplingParams | None = None,
+        request_id: str | None = None,
+    ) -> str:
+        params = params or SamplingParams()
+        params.validate()
+        ids = self.encode(prompt)
+        if len(ids) + params.max_tokens > self.max_model_len:
+            raise ValueError(
+                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
+                f"context length max_model_len={self.max_model_len}")
+        need = self.blocks.blocks_for(len(ids) + params.max_tokens + self.block_size)
+        if need > self.blocks.num_blocks:
+            raise ValueError(
+                f"prompt + max_tokens needs {need} KV blocks but the cache has "
+                f"{self.blocks.num_blocks}; lower max_tokens or raise num_kv_blocks")
+        with self._lock:
+            rid = request_id or f"req-{next(self._ids)}"
+            if rid in self._seqs:
+                raise ValueError(f"request_id {rid!r} is already in use")
+            seq = Sequence(seq_id=next(self._seq_ids), prompt_ids=ids, params=params,
+                           arrival=time.monotonic())
+            self._seqs[rid] = seq
+            self._rid_of[seq.seq_id] = rid
+            self.scheduler.add(seq)
+            self.stats.prompt_tokens += len(ids)
+            self._wake.notify_all()
+        return rid
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request and free its KV blocks; False if it had already finished."""
+        with self._lock:
+            seq = self._seqs.get(request_id)
+            if seq is None or seq.finished:
+                return False
+            self.scheduler.finish(seq, "abort")
+            self.executor.release([seq.seq_id])
+            self._emit([self._output(request_id, seq, [], "")])
+            self._forget(request_id)
+            return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- the step ------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        with self._lock:
+            sched = self.scheduler.schedule()
+            if sched.empty and not sched.preempted:
+                return []
+            result = self.executor.execute(self._batch(sched))
+            return self._postprocess(sched, result)
+
+    def _batch(self, sched: SchedulerOutput) -> StepBatch:
+        def spec(seq: Sequence) -> SamplingSpec:
+            p = seq.params
+            return SamplingSpec(p.temperature, p.top_p, p.top_k, p.seed)
+
+        batch = StepBatch(dropped=[s.seq_id for s in sched.preempted])
+        for seq in sched.prefills:
+            n = prefill_len(seq)
+            batch.prefills.append(PrefillItem(seq.seq_id, seq.token_ids[:n], list(seq.block_table),
+                                              seq.needs_first_token, spec(seq)))
+        for d in sched.decodes:
+            s = d.seq
+            batch.decodes.append(DecodeItem(s.seq_id, s.output_ids[-1], s.num_cached,
+                                            s.num_drafted_ctx, d.num_queries, list(s.block_table),
+                                            spec(s)))
+        return batch
+
+    def _postprocess(self, sched: SchedulerOutput, result: StepResult) -> list[RequestOutput]:
+        st = self.stats
+        st.num_steps += 1
+        st.num_preemptions += len(sched.preempted)
+        st.draft_seconds += result.draft_seconds
+        st.verify_seconds += result.verify_seconds
+        st.max_batch_size = max(st.max_batch_size, len(sched.prefills) + len(sched.decodes))
+        by_id = {r.seq_id: r for r in result.results}
+        now = time.monotonic()
+        outputs = []
+        for seq in sched.prefills:
+            seq.num_cached = prefill_len(seq)
+            seq.num_drafted_ctx = 0
+            outputs.append(self._commit(seq, by_id[seq.seq_id].tokens, None, now))
+        for d in sched.decodes:
+            seq, r = d.seq, by_id[d.seq.seq_id]
+            st.spec.observe(r.num_proposed, r.num_accepted)
+            seq.num_draft_tokens += r.num_proposed
+            seq.num_accepted_tokens += r.num_accepted
+            seq.num_drafted_ctx = seq.num_cached
+            seq.num_cached += len(r.tokens)  # = start + accepted + 1: rejected rows rolled back
+            outputs.append(self._commit(seq, r.tokens, r, now))
+            if not seq.finished:
+                self.scheduler.trim(seq)
+        outputs = [o for o in outputs if o is not None]
+        self._emit(outputs)
+        for o in outputs:
+            if o.finished:
+                self._forget(o.request_id)
+        return outputs
+
+    def _commit(self, seq: Sequence, tokens: list[int], r, now: float) -> RequestOutput | None:
+        """Append committed tokens one by one, stopping at EOS / stop ids / stop strings /
+        max_tokens; returns the request's delta."""
+        rid = self._rid_of[seq.seq_id]
+        p = seq.params
+        stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_token_ids)
+        new_ids: list[int] = []
+        new_text = ""
+        reason = None
+        for tok in tokens:
+            if seq.remaining <= 0:
+                break
+            seq.output_ids.append(tok)
+            new_ids.append(tok)
+            if p.stop and self.tokenizer is not None:
+                delta = self._detok(seq)
+                new_text += delta
+                cut = self._stop_string(seq, len(delta))
+                if cut is not None:
+                    new_text = new_text[: len(new_text) - (len(seq.text) - cut)]
+                    seq.text = seq.text[:cut]
+                    reason = "stop"
+                    break
+            if tok in stop_ids:
+                reason = "stop"
+                break
+        if not p.stop and self.tokenizer is not None:
+            new_text = self._detok(seq)
+        if reason is None and seq.remaining <= 0:
+            reason = "length"
+        if seq.first_token_time is None and new_ids:
+            seq.first_token_time = now
+        if r is not None:
+            seq.acceptance_lengths.append(len(new_ids))
+        self.stats.generation_tokens += len(new_ids)
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+            self.executor.release([seq.seq_id])
+        return self._output(rid, seq, new_ids, new_text)
+
+    def _detok(self, seq: Sequence) -> str:
+        delta, seq.prefix_offset, seq.read_offset = decode_delta(
+            self.tokenizer, seq.output_ids, seq.prefix_offset, seq.read_offset)
+        seq.text += delta
+        return delta
+
+    @staticmethod
+    def _stop_string(seq: Sequence, delta_len: int) -> int | None:
+        """Index in seq.text where the earliest stop string that the newest delta completed
+        begins, or None."""
+        best = None
+        for s in seq.params.stop:
+            start = max(0, len(seq.text) - delta_len - len(s) + 1)
+            i = seq.text.find(s, start)
+            if i != -1 and (best is None or i < best):
+                best = i
+        return best
+
+    def _output(self, rid: str, seq: Sequence, new_ids: list[int], new_text: str) -> RequestOutput:
+        return RequestOutput(
+            request_id=rid, prompt_token_ids=seq.prompt_ids, token_ids=list(seq.output_ids),
+            text=seq.text, new_token_ids=new_ids, new_text=new_text, finished=seq.finished,
+            finish_reason=seq.finish_reason, acceptance_lengths=list(seq.acceptance_lengths),
+            num_draft_tokens=seq.num_draft_tokens, num_accepted_tokens=seq.num_accepted_tokens)
+
+    def _forget(self, rid: str) -> None:
+        seq = self._seqs.pop(rid, None)
+        if seq is not None:
+            self._rid_of.pop(seq.seq_id, None)
+
+    # ---- async streaming -------------------------------------------------------------------
+
+    async def stream(
+        self, prompt: str | list[int], params: SamplingParams | None = None,
+        request_id: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Yield this request's deltas as steps produce them; closing the generator early (a
+        client that went away) aborts the request and frees its blocks."""
+        queue: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            rid = self.add_request(prompt, params, request_id)
+            self._queues[rid] = (loop, queue)
+            self._ensure_loop()
+        finished = False
+        try:
+            while not finished:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            self._queues.pop(rid, None)
+            if not finished:
+                self.abort(rid)
+
+    def _emit(self, outputs: list[RequestOutput]) -> None:
+        for o in outputs:
+            target = self._queues.get(o.request_id)
+            if target is not None:
+                loop, queue = target
+                loop.call_soon_threadsafe(queue.put_nowait, o)
+
+    def _ensure_loop(self) -> None:
+        if self._loop_thread is None or not self._loop_thread.is_alive():
+            self._loop_thread = threading.Thread(target=self._run_loop, name="dflash-engine",
+                                                 daemon=True)
+            self._loop_thread.start()
+
+    def _run_loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._closed and not self.scheduler.has_unfinished():
+                    self._wake.wait()
+                if self._closed:
+                    return
+            try:
+                self.step()
+            except Exception as exc:  # fail every live request loudly rather than hang them
+                self._fail_all(exc)
+
+    def _fail_all(self, exc: Exception) -> None:
+        with self._lock:
+            for rid, seq in list(self._seqs.items()):
+                if not seq.finished:
+                    self.scheduler.finish(seq, "error")
+                    self.executor.release([seq.seq_id])
+                target = self._queues.get(rid)
+                if target is not None:
+                    target[0].call_soon_threadsafe(target[1].put_nowait, exc)
+                self._forget(rid)
+
+    def shutdown(self) -> None:
+        with self._wake:
+            self._closed = True
+            self._wake.notify_all()
+        if self._loop_thread is not None:
+            self._loop_thread.join(timeout=10)
+        self.executor.shutdown()
+

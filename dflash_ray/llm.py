@@ -1,0 +1,45 @@
+"""Offline batch API shaped like vLLM's `LLM`: build an engine, generate for many prompts."""
+
+from __future__ import annotations
+
+from tqdm import tqdm
+
+from .config import EngineConfig
+from .engine import Engine, RequestOutput
+from .sampling_params import SamplingParams
+
+
+class LLM:
+    """`LLM(target=..., drafter=... | None)`; any other `EngineConfig` field as a keyword."""
+
+    def __init__(self, target: str, drafter: str | None = None, **kwargs):
+        self.engine = Engine(EngineConfig(target=target, drafter=drafter, **kwargs))
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: str | list[str] | list[list[int]],
+        params: SamplingParams | list[SamplingParams] | None = None,
+        use_tqdm: bool | None = None,
+    ) -> list[RequestOutput]:
+        """Outputs in prompt order; each has token_ids, text, finish_reason, acceptance_lengths."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(
+            prompts)
+        if len(params_list) != len(prompts):
+            raise ValueError(f"{len(params_list)} SamplingParams for {len(prompts)} prompts")
+        engine = self.engine
+        ids = [engine.add_request(p, sp) for p, sp in zip(prompts, params_list, strict=True)]
+        final: dict[str, RequestOutput] = {}
+        show = use_tqdm if use_tqdm is not None else len(prompts) > 1
+        with tqdm(total=len(ids), desc="generate", unit="req", disable=not show) as bar:
+            while len(final) < len(ids):
+                for out in engine.step():
+                    if out.finished:
+                        final[out.request_id] = out
+                        bar.update(1)
+        return [final[i] for i in ids]

@@ -1,0 +1,220 @@
+"""Model configs read from Hugging Face / z-lab `config.json` files, validated at load.
+
+Owns: which architectures we support, the defaults of keys a checkpoint may omit, and the checks
+that a drafter fits its target. Does not own weights (see `loader.py`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+TARGET_ARCHITECTURES = {
+    "Qwen3ForCausalLM": "qwen3",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
+}
+DRAFTER_ARCHITECTURES = {"DFlashDraftModel"}
+
+
+def read_config(model_dir: str | Path) -> dict:
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise ValueError(f"model directory {str(model_dir)!r} has no config.json")
+    return json.loads(path.read_text())
+
+
+def _rope(cfg: dict) -> tuple[float, float]:
+    """(theta, linear scaling factor) from either the transformers-5 `rope_parameters` or the
+    older `rope_theta` + `rope_scaling` keys."""
+    params = cfg.get("rope_parameters") or {}
+    scaling = cfg.get("rope_scaling") or {}
+    theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type")
+    rope_type = rope_type or "default"
+    if rope_type == "default":
+        return theta, 1.0
+    if rope_type == "linear":
+        return theta, float(params.get("factor", scaling.get("factor", 1.0)))
+    raise ValueError(f"rope_type {rope_type!r} is not supported (supported: default, linear)")
+
+
+@dataclass(slots=True)
+class DecoderConfig:
+    """The Qwen3 decoder-stack shape shared by targets and drafters."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: float
+    max_position: int
+    attention_bias: bool
+
+    @classmethod
+    def from_dict(cls, cfg: dict) -> DecoderConfig:
+        theta, scaling = _rope(cfg)
+        heads = int(cfg["num_attention_heads"])
+        return cls(
+            hidden_size=int(cfg["hidden_size"]),
+            intermediate_size=int(cfg["intermediate_size"]),
+            num_layers=int(cfg["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+            head_dim=int(cfg.get("head_dim") or int(cfg["hidden_size"]) // heads),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            max_position=int(cfg.get("max_position_embeddings", 32768)),
+            attention_bias=bool(cfg.get("attention_bias", False)),
+        )
+
+
+@dataclass(slots=True)
+class TargetConfig:
+    arch: str  # "qwen3" | "qwen3_moe"
+    decoder: DecoderConfig
+    vocab_size: int
+    tie_word_embeddings: bool
+    eos_token_ids: list[int]
+    # MoE only
+    num_experts: int = 0
+    top_k: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    dense_layers: set[int] = field(default_factory=set)
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.arch == "qwen3_moe" and layer not in self.dense_layers
+
+    @classmethod
+    def load(cls, model_dir: str | Path) -> TargetConfig:
+        cfg = read_config(model_dir)
+        archs = cfg.get("architectures") or []
+        arch = next((TARGET_ARCHITECTURES[a] for a in archs if a in TARGET_ARCHITECTURES), None)
+        if arch is None:
+            arch = cfg.get("model_type") if cfg.get("model_type") in ("qwen3", "qwen3_moe") else None
+        if arch is None or "DFlashDraftModel" in archs:
+            raise ValueError(
+                f"unsupported target architecture {archs or cfg.get('model_type')!r} in "
+                f"{model_dir}; supported: {sorted(TARGET_ARCHITECTURES)}"
+            )
+        eos = cfg.get("eos_token_id")
+        gen_path = Path(model_dir) / "generation_config.json"
+        if gen_path.is_file():
+            eos = json.loads(gen_path.read_text()).get("eos_token_id", eos)
+        eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        out = cls(
+            arch=arch,
+            decoder=DecoderConfig.from_dict(cfg),
+            vocab_size=int(cfg["vocab_size"]),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            eos_token_ids=eos_ids,
+        )
+        if arch == "qwen3_moe":
+            out.num_experts = int(cfg.get("num_experts") or cfg["num_local_experts"])
+            out.top_k = int(cfg["num_experts_per_tok"])
+            out.moe_intermediate_size = int(cfg["moe_intermediate_size"])
+            out.norm_topk_prob = bool(cfg.get("norm_topk_prob", False))
+            step = int(cfg.get("decoder_sparse_step", 1))
+            only_mlp = set(cfg.get("mlp_only_layers") or [])
+            out.dense_layers = {
+                i
+                for i in range(out.decoder.num_layers)
+                if i in only_mlp or step <= 0 or (i + 1) % step != 0
+            }
+        return out
+
+
+def default_target_layer_ids(num_target_layers: int, num_ids: int) -> list[int]:
+    """The z-lab rule when a drafter config names no layers: the middle layer for one id, else
+    ids spread evenly from layer 1 to layer N-3."""
+    if num_ids == 1:
+        return [num_target_layers // 2]
+    span = num_target_layers - 4
+    return [round(1 + i * span / (num_ids - 1)) for i in range(num_ids)]
+
+
+@dataclass(slots=True)
+class DrafterConfig:
+    decoder: DecoderConfig
+    vocab_size: int
+    block_size: int
+    target_layer_ids: list[int]
+    mask_token_id: int | None
+    target_hidden_size: int
+
+    @classmethod
+    def load(cls, model_dir: str | Path) -> DrafterConfig:
+        cfg = read_config(model_dir)
+        archs = cfg.get("architectures") or []
+        if not DRAFTER_ARCHITECTURES & set(archs):
+            hint = " (DFlash 2 drafters are not supported yet)" if "DFlash2DraftModel" in archs else ""
+            raise ValueError(
+                f"drafter {model_dir} has architectures {archs!r}; expected "
+                f"{sorted(DRAFTER_ARCHITECTURES)}{hint}"
+            )
+        dflash = cfg.get("dflash_config") or {}
+        decoder = DecoderConfig.from_dict(cfg)
+        layer_types = cfg.get("layer_types") or ["full_attention"] * decoder.num_layers
+        if any(t != "full_attention" for t in layer_types) or cfg.get("causal") or dflash.get(
+            "causal"
+        ):
+            raise ValueError(
+                f"drafter {model_dir}: layer_types {layer_types!r} / causal layers are not "
+                "supported yet; only all-full_attention (non-causal) DFlash drafters load"
+            )
+        ids = dflash.get("target_layer_ids", cfg.get("target_layer_ids"))
+        if ids is None:
+            num_target = dflash.get("num_target_layers", cfg.get("num_target_layers"))
+            if num_target is None:
+                raise ValueError(
+                    f"drafter {model_dir}: config has neither dflash_config.target_layer_ids "
+                    "nor num_target_layers"
+                )
+            ids = default_target_layer_ids(int(num_target), decoder.num_layers)
+        mask = dflash.get("mask_token_id", cfg.get("mask_token_id"))
+        block = dflash.get("block_size", cfg.get("block_size", 16))
+        return cls(
+            decoder=decoder,
+            vocab_size=int(cfg["vocab_size"]),
+            block_size=int(block),
+            target_layer_ids=[int(i) for i in ids],
+            mask_token_id=None if mask is None else int(mask),
+            target_hidden_size=int(cfg.get("target_hidden_size") or decoder.hidden_size),
+        )
+
+    def check_fits(self, target: TargetConfig) -> None:
+        """Raise ValueError naming the field when this drafter cannot serve `target`."""
+        t = target.decoder
+        if self.target_hidden_size != t.hidden_size:
+            raise ValueError(
+                f"drafter target_hidden_size/hidden_size {self.target_hidden_size} != target "
+                f"hidden_size {t.hidden_size}"
+            )
+        if self.decoder.hidden_size != t.hidden_size:
+            raise ValueError(
+                f"drafter hidden_size {self.decoder.hidden_size} != target hidden_size "
+                f"{t.hidden_size} (the drafter borrows the target's embedding and LM head)"
+            )
+        if self.vocab_size != target.vocab_size:
+            raise ValueError(
+                f"drafter vocab_size {self.vocab_size} != target vocab_size {target.vocab_size}"
+            )
+        bad = [i for i in self.target_layer_ids if not 0 <= i < t.num_layers]
+        if bad or not self.target_layer_ids:
+            raise ValueError(
+                f"drafter target_layer_ids {self.target_layer_ids} must be non-empty and within "
+                f"0..{t.num_layers - 1} (the target has {t.num_layers} layers)"
+            )
+        if self.mask_token_id is None or not 0 <= self.mask_token_id < target.vocab_size:
+            raise ValueError(
+                f"drafter mask_token_id {self.mask_token_id} must be an id inside the target's "
+                f"vocab_size {target.vocab_size} (dflash_config.mask_token_id)"
+            )
+        if self.block_size < 2:
+            raise ValueError(f"drafter block_size {self.block_size} must be >= 2")

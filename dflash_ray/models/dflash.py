@@ -1,0 +1,101 @@
+"""The DFlash drafter in z-lab's checkpoint format (`DFlashDraftModel`).
+
+A Qwen3 decoder stack with no embedding and no LM head (it borrows the target's). Target features
+of committed tokens, `C = hidden_norm(fc(cat_l h_l))`, are projected by every layer's k/v
+projections straight into the drafter's paged cache once (`materialize_context`: never recomputed,
+no layer norm, no MLP on context rows). A draft pass then runs the block `[bonus, MASK x (B-1)]`
+through the stack with non-causal attention over [cached context, block].
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..kv_cache import PagedKVCache
+from ..ops import AttentionGroup, RotaryTable
+from ..parallel.communicator import LOCAL
+from .config import DrafterConfig
+from .layers import MLP, Attention, DecoderLayer, RMSNorm
+from .loader import load_weights
+
+
+class DFlashDrafter(nn.Module):
+    def __init__(self, cfg: DrafterConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.decoder
+        k = len(cfg.target_layer_ids)
+        self.fc = nn.Linear(k * cfg.target_hidden_size, d.hidden_size, bias=False)
+        self.hidden_norm = RMSNorm(d.hidden_size, d.rms_norm_eps)
+        self.layers = nn.ModuleList(
+            DecoderLayer(
+                d,
+                Attention(d, d.num_heads, d.num_kv_heads, LOCAL),
+                MLP(d.hidden_size, d.intermediate_size, LOCAL),
+            )
+            for _ in range(d.num_layers)
+        )
+        self.norm = RMSNorm(d.hidden_size, d.rms_norm_eps)
+        self.rope = RotaryTable(d.head_dim, d.rope_theta, d.rope_scaling)
+
+    def project_context(self, features: torch.Tensor) -> torch.Tensor:
+        """features [T, K*Ht] -> fused context C [T, H]."""
+        return self.hidden_norm(self.fc(features))
+
+    def materialize_context(
+        self,
+        features: torch.Tensor,  # [Tc, K*Ht] target features of newly committed tokens
+        positions: torch.Tensor,  # [Tc]
+        slots: torch.Tensor,  # [Tc]
+        cache: PagedKVCache,
+    ) -> None:
+        if features.shape[0] == 0:
+            return
+        c = self.project_context(features)
+        cos, sin = self.rope(positions, c.dtype)
+        for i, layer in enumerate(self.layers):
+            k, v = layer.self_attn.project_kv(c, cos, sin)
+            k_cache, v_cache = cache.layer(i)
+            k_cache[slots] = k
+            v_cache[slots] = v
+
+    def forward(
+        self,
+        block_embeds: torch.Tensor,  # [Tq, H]
+        positions: torch.Tensor,  # [Tq]
+        cache: PagedKVCache,
+        write_slots: torch.Tensor,  # [Tq]
+        groups: list[AttentionGroup],  # non-causal masks over [context, block]
+    ) -> torch.Tensor:
+        """Returns the final-normed hidden states of the block rows, [Tq, H]."""
+        x = block_embeds
+        cos, sin = self.rope(positions, x.dtype)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, cache.layer(i), write_slots, groups)
+        return self.norm(x)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_dir: str | Path,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+    ) -> DFlashDrafter:
+        cfg = DrafterConfig.load(model_dir)
+        with torch.device("meta"):
+            model = cls(cfg)
+        model = model.to_empty(device=device).to(dtype)
+
+        def rename(key: str) -> str | None:
+            key = key.removeprefix("model.")
+            # Some exports carry the target's embedding / head; the drafter borrows the target's.
+            if key.startswith(("embed_tokens.", "lm_head.")) or key == "d2t" or key == "t2d":
+                return None
+            return key
+
+        load_weights(model, model_dir, rename)
+        model.rope.inv_freq = model.rope.inv_freq.to(device)
+        return model.eval()

@@ -1,0 +1,151 @@
+"""The target model: Qwen3 (dense) and Qwen3-MoE over a paged KV cache, from a Hugging Face dir.
+
+Owns the forward over a flattened ragged batch (any number of sequences, prefill and decode
+tokens together), capture of the hidden states the drafter needs (output of decoder layer l =
+HF `hidden_states[l + 1]`), the embedding and LM head the drafter borrows. Sharding (TP heads,
+EP experts) enters only through `ShardSpec` and a `Communicator`; the math is the same.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..kv_cache import PagedKVCache
+from ..ops import AttentionGroup, RotaryTable
+from ..parallel.communicator import LOCAL, Communicator
+from .config import TargetConfig
+from .layers import MLP, Attention, DecoderLayer, RMSNorm, SparseMoE
+from .loader import load_weights
+
+
+@dataclass(slots=True)
+class ShardSpec:
+    """This rank's share of the target: heads [head_lo, head_hi) of every attention layer,
+    kv heads [kv_lo, kv_hi), experts [expert_lo, expert_hi), dense-MLP columns [mlp_lo, mlp_hi).
+    The default (None) is the whole model."""
+
+    head_range: tuple[int, int]
+    kv_range: tuple[int, int]
+    expert_range: tuple[int, int]
+    mlp_range: tuple[int, int]
+
+
+def full_shard(cfg: TargetConfig) -> ShardSpec:
+    d = cfg.decoder
+    return ShardSpec((0, d.num_heads), (0, d.num_kv_heads), (0, cfg.num_experts),
+                     (0, d.intermediate_size))
+
+
+class Qwen3Target(nn.Module):
+    def __init__(
+        self, cfg: TargetConfig, shard: ShardSpec | None = None, comm: Communicator = LOCAL
+    ):
+        super().__init__()
+        self.cfg = cfg
+        self.shard = shard or full_shard(cfg)
+        d, s = cfg.decoder, self.shard
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, d.hidden_size)
+        layers = []
+        for i in range(d.num_layers):
+            attn = Attention(d, s.head_range[1] - s.head_range[0], s.kv_range[1] - s.kv_range[0],
+                             comm)
+            if cfg.is_moe_layer(i):
+                mlp = SparseMoE(d.hidden_size, cfg.moe_intermediate_size, cfg.num_experts,
+                                cfg.top_k, cfg.norm_topk_prob, s.expert_range, comm)
+            else:
+                mlp = MLP(d.hidden_size, s.mlp_range[1] - s.mlp_range[0], comm)
+            layers.append(DecoderLayer(d, attn, mlp))
+        self.layers = nn.ModuleList(layers)
+        self.norm = RMSNorm(d.hidden_size, d.rms_norm_eps)
+        self.lm_head = nn.Linear(d.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rope = RotaryTable(d.head_dim, d.rope_theta, d.rope_scaling)
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.shard.kv_range[1] - self.shard.kv_range[0]
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [T, H] (after the final norm) -> [T, V] in fp32."""
+        return self.lm_head(hidden).float()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [T]
+        positions: torch.Tensor,  # [T]
+        cache: PagedKVCache,
+        write_slots: torch.Tensor,  # [T]
+        groups: list[AttentionGroup],
+        capture: list[int] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Returns (final-normed hidden [T, H], captured features [T, K*H] or None), where the
+        features are the outputs of decoder layers `capture` concatenated in that order."""
+        x = self.embed(input_ids)
+        cos, sin = self.rope(positions, x.dtype)
+        taps: dict[int, torch.Tensor] = {}
+        wanted = set(capture or ())
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, cache.layer(i), write_slots, groups)
+            if i in wanted:
+                taps[i] = x
+        x = self.norm(x)
+        if len(self.layers) - 1 in wanted:
+            # HF's hidden_states[N] is the final-normed output, and DFlash drafters were trained
+            # on HF's tuple, so the last layer's tap is taken after the norm.
+            taps[len(self.layers) - 1] = x
+        features = torch.cat([taps[i] for i in capture], dim=-1) if capture else None
+        return x, features
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_dir: str | Path,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        shard: ShardSpec | None = None,
+        comm: Communicator = LOCAL,
+    ) -> Qwen3Target:
+        cfg = TargetConfig.load(model_dir)
+        with torch.device("meta"):
+            model = cls(cfg, shard, comm)
+        model = model.to_empty(device=device).to(dtype)
+        if cfg.tie_word_embeddings:
+            model.lm_head.weight = model.embed_tokens.weight
+        s = model.shard
+        hd = cfg.decoder.head_dim
+
+        def rename(key: str) -> str | None:
+            key = key.removeprefix("model.")
+            if cfg.tie_word_embeddings and key == "lm_head.weight":
+                return None
+            if key.endswith("mlp.experts.gate_up_proj") or key.endswith("mlp.experts.down_proj"):
+                return key
+            if key.startswith("mtp."):
+                return None
+            return key
+
+        def select(name: str, lazy) -> torch.Tensor:
+            # Only this rank's rows/columns are read from disk.
+            if ".self_attn.q_proj." in name:
+                return lazy.slice(0, s.head_range[0] * hd, s.head_range[1] * hd)
+            if ".self_attn.k_proj." in name or ".self_attn.v_proj." in name:
+                return lazy.slice(0, s.kv_range[0] * hd, s.kv_range[1] * hd)
+            if ".self_attn.o_proj." in name:
+                return lazy.slice(1, s.head_range[0] * hd, s.head_range[1] * hd)
+            if ".mlp.gate_proj." in name or ".mlp.up_proj." in name:
+                return lazy.slice(0, *s.mlp_range)
+            if ".mlp.down_proj." in name:
+                return lazy.slice(1, *s.mlp_range)
+            return lazy.read()
+
+        load_weights(model, model_dir, rename, select, expert_range=s.expert_range)
+        model.rope.inv_freq = model.rope.inv_freq.to(device)
+        return model.eval()

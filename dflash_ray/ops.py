@@ -1,0 +1,191 @@
+"""Reference tensor ops shared by the target and the drafter, plus the registry that may swap in kernels.
+
+Every hot op here is plain torch and is the definition of correct; a kernel under `dflash_kernels`
+with the same signature may replace it through `get_op` (override with `DFLASH_OPS=ref`). The
+numerics deliberately follow Hugging Face's Qwen3 code (RMSNorm in fp32, RoPE tables in fp32) so
+our logits match transformers' within float rounding.
+
+Letters in shape comments: T tokens in a flattened ragged batch, N sequences, Q padded query
+length, K padded key length, H hidden, nh/nkv heads, hd head dim, E experts, k experts per token.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm computed in fp32 and cast back, as Qwen3RMSNorm does."""
+    dtype = x.dtype
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class RotaryTable:
+    """cos/sin of rotary embeddings at absolute positions, computed in fp32 like transformers."""
+
+    def __init__(self, head_dim: int, theta: float, scaling_factor: float = 1.0):
+        exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
+        self.inv_freq = 1.0 / (theta**exponents) / scaling_factor  # [hd/2]
+
+    def __call__(
+        self, positions: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [T] -> (cos, sin), each [T, hd] in `dtype`."""
+        freqs = positions.float()[:, None] * self.inv_freq.to(positions.device)[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, hd]; cos/sin [T, hd]."""
+    return x * cos[:, None, :] + rotate_half(x) * sin[:, None, :]
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+@dataclass(slots=True)
+class AttentionGroup:
+    """Sequences whose attention runs as one padded SDPA call.
+
+    Built once per forward and shared by every layer, so the per-layer cost is three gathers
+    and one SDPA call regardless of how ragged the batch is.
+    """
+
+    # [N, Q] rows of the flattened token batch that are this group's queries (padding repeats row 0)
+    query_rows: torch.Tensor
+    # [N, Q] bool, which of those are real
+    query_valid: torch.Tensor
+    # [N, K] cache slots holding each sequence's keys in position order (padding -> slot 0)
+    key_slots: torch.Tensor
+    # [N, 1, Q, K] bool, True where a query may attend to a key
+    mask: torch.Tensor
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    groups: list[AttentionGroup],
+    scale: float,
+) -> torch.Tensor:
+    """Attention of flattened queries over keys already written to a paged cache.
+
+    q [T, nh, hd]; k_cache/v_cache [S, nkv, hd] (S = all cache slots of one layer).
+    Returns [T, nh, hd]. Rows of q not covered by any group stay zero.
+    """
+    out = torch.zeros_like(q)
+    for g in groups:
+        qg = q[g.query_rows].transpose(1, 2)  # [N, nh, Q, hd]
+        kg = k_cache[g.key_slots].transpose(1, 2)  # [N, nkv, K, hd]
+        vg = v_cache[g.key_slots].transpose(1, 2)
+        og = F.scaled_dot_product_attention(
+            qg, kg, vg, attn_mask=g.mask, scale=scale, enable_gqa=qg.shape[1] != kg.shape[1]
+        )
+        og = og.transpose(1, 2)  # [N, Q, nh, hd]
+        out[g.query_rows[g.query_valid]] = og[g.query_valid]
+    return out
+
+
+def route_experts(
+    router_logits: torch.Tensor, top_k: int, normalize: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """router_logits [T, E] -> (weights [T, k] in the logits' dtype, expert ids [T, k])."""
+    probs = torch.softmax(router_logits, dim=-1, dtype=torch.float)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if normalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights.to(router_logits.dtype), ids
+
+
+def moe_experts(
+    x: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    weights: torch.Tensor,
+    ids: torch.Tensor,
+    expert_offset: int = 0,
+) -> torch.Tensor:
+    """SwiGLU experts: x [T, H], gate_up [E, 2I, H], down [E, H, I], weights/ids [T, k].
+
+    Only experts `expert_offset .. expert_offset+E-1` live here (expert parallelism); routes to
+    other experts contribute nothing on this rank. Few routed pairs: gather the weights of each
+    (token, expert) pair and run two batched matmuls (one op per layer, best for decode).
+    Many pairs: loop over the experts that were hit (weights read once each, best for prefill).
+    """
+    num_local = gate_up.shape[0]
+    local = ids - expert_offset
+    hit = (local >= 0) & (local < num_local)
+    num_tokens, k = ids.shape
+    if num_tokens * k <= 2 * num_local:
+        safe = torch.where(hit, local, 0).reshape(-1)  # [T*k]
+        xs = x.repeat_interleave(k, dim=0)[:, :, None]  # [T*k, H, 1]
+        h = silu_and_mul(torch.bmm(gate_up[safe], xs)[:, :, 0])  # [T*k, I]
+        y = torch.bmm(down[safe], h[:, :, None])[:, :, 0]  # [T*k, H]
+        w = torch.where(hit, weights, 0).reshape(-1, 1)
+        return (y * w).view(num_tokens, k, -1).sum(dim=1)
+    out = torch.zeros_like(x)
+    flat_local = torch.where(hit, local, num_local).reshape(-1)
+    order = torch.argsort(flat_local, stable=True)
+    counts = torch.bincount(flat_local, minlength=num_local + 1).tolist()
+    token_of = order // k
+    start = 0
+    for e in range(num_local):
+        n = counts[e]
+        if n == 0:
+            continue
+        pairs = order[start : start + n]
+        tokens = token_of[start : start + n]
+        start += n
+        h = silu_and_mul(x[tokens] @ gate_up[e].T)
+        y = (h @ down[e].T) * weights.reshape(-1)[pairs][:, None]
+        out.index_add_(0, tokens, y)
+    return out
+
+
+# ---- registry ---------------------------------------------------------------------------------
+
+_REFERENCE: dict[str, Callable] = {
+    "rms_norm": rms_norm,
+    "apply_rope": apply_rope,
+    "paged_attention": paged_attention,
+    "moe_experts": moe_experts,
+}
+_chosen: dict[str, Callable] = {}
+
+
+def get_op(name: str) -> Callable:
+    """The implementation of `name`, chosen once: a dflash_kernels kernel when it imports and the
+    override `DFLASH_OPS=ref` is not set, else the reference above."""
+    if name in _chosen:
+        return _chosen[name]
+    impl = _REFERENCE[name]
+    if os.environ.get("DFLASH_OPS", "auto") != "ref":
+        try:
+            import dflash_kernels
+
+            kernel = dflash_kernels.get(name)
+            if kernel is not None:
+                impl = kernel
+                log.info("op %s: using kernel %s", name, kernel.__qualname__)
+        except ImportError as exc:  # the kernels package is optional
+            log.info("op %s: reference (dflash_kernels unavailable: %s)", name, exc)
+    _chosen[name] = impl
+    return impl

@@ -1,0 +1,1 @@
+"""Communicators and sharding plans: how one model is split across ranks (TP heads, EP experts)."""

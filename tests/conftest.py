@@ -1,0 +1,87 @@
+"""Shared fixtures: tiny random checkpoints written to disk by transformers (targets) and by
+z-lab's own `DFlashDraftModel` (drafters), so our loaders read the real formats."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+VOCAB = 32  # small on purpose: random drafters then match the target now and then
+MASK_ID = VOCAB - 1
+
+
+def _target_kwargs(**extra) -> dict:
+    kw = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+              num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+              max_position_embeddings=512, eos_token_id=None)
+    kw.update(extra)
+    return kw
+
+
+def save_qwen3(path, seed: int = 0, **extra) -> str:
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    Qwen3ForCausalLM(Qwen3Config(**_target_kwargs(**extra))).save_pretrained(path)
+    return str(path)
+
+
+def save_qwen3_moe(path, seed: int = 0, **extra) -> str:
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(seed)
+    kw = _target_kwargs(moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+                        norm_topk_prob=True)
+    kw.update(extra)
+    Qwen3MoeForCausalLM(Qwen3MoeConfig(**kw)).save_pretrained(path)
+    return str(path)
+
+
+def save_drafter(path, seed: int = 1, block_size: int = 8, layer_ids=(1, 2), **extra) -> str:
+    """A random drafter in z-lab's format, written by z-lab's own class."""
+    from dflash import DFlashDraftModel
+    from transformers import Qwen3Config
+
+    torch.manual_seed(seed)
+    kw = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+              max_position_embeddings=512, initializer_range=0.2)
+    kw.update(extra)
+    cfg = Qwen3Config(**kw)
+    cfg.architectures = ["DFlashDraftModel"]
+    cfg.block_size = block_size
+    cfg.num_target_layers = 4
+    cfg.dflash_config = {"target_layer_ids": list(layer_ids), "mask_token_id": MASK_ID}
+    DFlashDraftModel(cfg).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """Paths of tiny checkpoints: dense and MoE targets and a drafter that fits both."""
+    root = tmp_path_factory.mktemp("tiny")
+    return {
+        "qwen3": save_qwen3(root / "qwen3"),
+        "moe": save_qwen3_moe(root / "moe"),
+        "drafter": save_drafter(root / "drafter"),
+    }
+
+
+@pytest.fixture(scope="session")
+def llms(tiny):
+    """Long-lived engines (plain and DFlash) on the tiny MoE target, shared by tests."""
+    from dflash_ray import LLM
+
+    return {
+        "plain": LLM(tiny["moe"]),
+        "dflash": LLM(tiny["moe"], tiny["drafter"]),
+    }
