@@ -17,13 +17,16 @@ class EngineConfig(BaseModel):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     max_num_seqs: int = Field(64, ge=1, description="sequences decoding together")
     max_num_batched_tokens: int | None = Field(
-        None, ge=1, description="prefill token budget per step; default max_model_len")
+        None, ge=1, description="prefill token budget per step; default max_model_len"
+    )
     max_model_len: int | None = Field(
-        None, ge=2, description="prompt + output limit; default the target's max positions")
+        None, ge=2, description="prompt + output limit; default the target's max positions"
+    )
     kv_block_len: int = Field(16, ge=1, description="positions per KV-cache block")
     num_kv_blocks: int | None = Field(None, ge=1, description="KV blocks; default from memory")
     kv_cache_gb: float | None = Field(
-        None, gt=0, description="KV memory; default 85% of free GPU memory or 1 GiB on CPU")
+        None, gt=0, description="KV memory; default 85% of free GPU memory or 1 GiB on CPU"
+    )
     executor: Literal["local", "ray"] = "local"
     num_target_shards: int = Field(1, ge=1, description="target shard actors (executor=ray)")
 
@@ -34,6 +37,5 @@ class EngineConfig(BaseModel):
         if self.block_size is not None and self.drafter is not None and self.block_size < 2:
             raise ValueError(f"block_size={self.block_size} must be >= 2 with a drafter")
         if self.executor == "local" and self.num_target_shards != 1:
-            raise ValueError(
-                f"num_target_shards={self.num_target_shards} needs executor='ray'")
+            raise ValueError(f"num_target_shards={self.num_target_shards} needs executor='ray'")
         return self

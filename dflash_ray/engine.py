@@ -50,9 +50,15 @@ class RequestOutput:
 
 def make_executor(config: EngineConfig):
     rc = RunnerConfig(
-        target=config.target, drafter=config.drafter, device=config.device, dtype=config.dtype,
-        block_size=config.block_size, kv_block_len=config.kv_block_len,
-        num_kv_blocks=config.num_kv_blocks, kv_cache_gb=config.kv_cache_gb)
+        target=config.target,
+        drafter=config.drafter,
+        device=config.device,
+        dtype=config.dtype,
+        block_size=config.block_size,
+        kv_block_len=config.kv_block_len,
+        num_kv_blocks=config.num_kv_blocks,
+        kv_cache_gb=config.kv_cache_gb,
+    )
     if config.executor == "ray":
         from .cluster.executor import RayExecutor  # imports ray only when asked for
 
@@ -89,6 +95,8 @@ class Engine:
         self._wake = threading.Condition(self._lock)
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._loop_thread: threading.Thread | None = None
+        self._sync_waiting: set[str] = set()  # ids a blocking `run_until_finished` waits for
+        self._done: dict[str, RequestOutput] = {}
         self._closed = False
 
     # ---- requests ----------------------------------------------------------------------------
@@ -104,14 +112,17 @@ class Engine:
                 raise ValueError("prompt token ids must be integers")
             bad = [t for t in ids if not 0 <= t < self.vocab_size]
             if bad:
-                raise ValueError(f"prompt token ids {bad[:5]} are outside the vocab "
-                                 f"(0..{self.vocab_size - 1})")
+                raise ValueError(
+                    f"prompt token ids {bad[:5]} are outside the vocab (0..{self.vocab_size - 1})"
+                )
         if not ids:
             raise ValueError("prompt is empty")
         return ids
 
     def add_request(
-        self, prompt: str | list[int], params: SamplingParams | None = None,
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
         request_id: str | None = None,
     ) -> str:
         params = params or SamplingParams()
@@ -120,18 +131,21 @@ class Engine:
         if len(ids) + params.max_tokens > self.max_model_len:
             raise ValueError(
                 f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
-                f"context length max_model_len={self.max_model_len}")
+                f"context length max_model_len={self.max_model_len}"
+            )
         need = self.blocks.blocks_for(len(ids) + params.max_tokens + self.block_size)
         if need > self.blocks.num_blocks:
             raise ValueError(
                 f"prompt + max_tokens needs {need} KV blocks but the cache has "
-                f"{self.blocks.num_blocks}; lower max_tokens or raise num_kv_blocks")
+                f"{self.blocks.num_blocks}; lower max_tokens or raise num_kv_blocks"
+            )
         with self._lock:
             rid = request_id or f"req-{next(self._ids)}"
             if rid in self._seqs:
                 raise ValueError(f"request_id {rid!r} is already in use")
-            seq = Sequence(seq_id=next(self._seq_ids), prompt_ids=ids, params=params,
-                           arrival=time.monotonic())
+            seq = Sequence(
+                seq_id=next(self._seq_ids), prompt_ids=ids, params=params, arrival=time.monotonic()
+            )
             self._seqs[rid] = seq
             self._rid_of[seq.seq_id] = rid
             self.scheduler.add(seq)
@@ -172,13 +186,28 @@ class Engine:
         batch = StepBatch(dropped=[s.seq_id for s in sched.preempted])
         for seq in sched.prefills:
             n = prefill_len(seq)
-            batch.prefills.append(PrefillItem(seq.seq_id, seq.token_ids[:n], list(seq.block_table),
-                                              seq.needs_first_token, spec(seq)))
+            batch.prefills.append(
+                PrefillItem(
+                    seq.seq_id,
+                    seq.token_ids[:n],
+                    list(seq.block_table),
+                    seq.needs_first_token,
+                    spec(seq),
+                )
+            )
         for d in sched.decodes:
             s = d.seq
-            batch.decodes.append(DecodeItem(s.seq_id, s.output_ids[-1], s.num_cached,
-                                            s.num_drafted_ctx, d.num_queries, list(s.block_table),
-                                            spec(s)))
+            batch.decodes.append(
+                DecodeItem(
+                    s.seq_id,
+                    s.output_ids[-1],
+                    s.num_cached,
+                    s.num_drafted_ctx,
+                    d.num_queries,
+                    list(s.block_table),
+                    spec(s),
+                )
+            )
         return batch
 
     def _postprocess(self, sched: SchedulerOutput, result: StepResult) -> list[RequestOutput]:
@@ -210,6 +239,9 @@ class Engine:
         for o in outputs:
             if o.finished:
                 self._forget(o.request_id)
+                if o.request_id in self._sync_waiting:
+                    self._done[o.request_id] = o
+                    self._wake.notify_all()
         return outputs
 
     def _commit(self, seq: Sequence, tokens: list[int], r, now: float) -> RequestOutput | None:
@@ -254,7 +286,8 @@ class Engine:
 
     def _detok(self, seq: Sequence) -> str:
         delta, seq.prefix_offset, seq.read_offset = decode_delta(
-            self.tokenizer, seq.output_ids, seq.prefix_offset, seq.read_offset)
+            self.tokenizer, seq.output_ids, seq.prefix_offset, seq.read_offset
+        )
         seq.text += delta
         return delta
 
@@ -272,20 +305,56 @@ class Engine:
 
     def _output(self, rid: str, seq: Sequence, new_ids: list[int], new_text: str) -> RequestOutput:
         return RequestOutput(
-            request_id=rid, prompt_token_ids=seq.prompt_ids, token_ids=list(seq.output_ids),
-            text=seq.text, new_token_ids=new_ids, new_text=new_text, finished=seq.finished,
-            finish_reason=seq.finish_reason, acceptance_lengths=list(seq.acceptance_lengths),
-            num_draft_tokens=seq.num_draft_tokens, num_accepted_tokens=seq.num_accepted_tokens)
+            request_id=rid,
+            prompt_token_ids=seq.prompt_ids,
+            token_ids=list(seq.output_ids),
+            text=seq.text,
+            new_token_ids=new_ids,
+            new_text=new_text,
+            finished=seq.finished,
+            finish_reason=seq.finish_reason,
+            acceptance_lengths=list(seq.acceptance_lengths),
+            num_draft_tokens=seq.num_draft_tokens,
+            num_accepted_tokens=seq.num_accepted_tokens,
+        )
 
     def _forget(self, rid: str) -> None:
         seq = self._seqs.pop(rid, None)
         if seq is not None:
             self._rid_of.pop(seq.seq_id, None)
 
+    def run_until_finished(self, request_ids: list[str], on_finish=None) -> list[RequestOutput]:
+        """Block until these requests finish and return their final outputs in order. Steps the
+        engine itself, or waits while the background loop (started by `stream`) steps it."""
+        with self._lock:
+            self._sync_waiting.update(request_ids)
+        try:
+            seen: set[str] = set()
+            while True:
+                with self._wake:
+                    for rid in request_ids:
+                        if rid in self._done and rid not in seen:
+                            seen.add(rid)
+                            if on_finish is not None:
+                                on_finish(self._done[rid])
+                    if len(seen) == len(request_ids):
+                        return [self._done[rid] for rid in request_ids]
+                    if self._loop_thread is not None:
+                        self._wake.wait(timeout=0.5)
+                        continue
+                self.step()
+        finally:
+            with self._lock:
+                for rid in request_ids:
+                    self._sync_waiting.discard(rid)
+                    self._done.pop(rid, None)
+
     # ---- async streaming -------------------------------------------------------------------
 
     async def stream(
-        self, prompt: str | list[int], params: SamplingParams | None = None,
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
         request_id: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Yield this request's deltas as steps produce them; closing the generator early (a
@@ -317,17 +386,19 @@ class Engine:
                 loop.call_soon_threadsafe(queue.put_nowait, o)
 
     def _ensure_loop(self) -> None:
-        if self._loop_thread is None or not self._loop_thread.is_alive():
-            self._loop_thread = threading.Thread(target=self._run_loop, name="dflash-engine",
-                                                 daemon=True)
+        """Start the stepping thread if none runs (call with the lock held). The thread exits
+        when no request is left, so synchronous callers can step the engine again."""
+        if self._loop_thread is None:
+            self._loop_thread = threading.Thread(
+                target=self._run_loop, name="dflash-engine", daemon=True
+            )
             self._loop_thread.start()
 
     def _run_loop(self) -> None:
         while True:
-            with self._wake:
-                while not self._closed and not self.scheduler.has_unfinished():
-                    self._wake.wait()
-                if self._closed:
+            with self._lock:
+                if self._closed or not self.scheduler.has_unfinished():
+                    self._loop_thread = None
                     return
             try:
                 self.step()
@@ -349,7 +420,7 @@ class Engine:
         with self._wake:
             self._closed = True
             self._wake.notify_all()
-        if self._loop_thread is not None:
-            self._loop_thread.join(timeout=10)
+        thread = self._loop_thread
+        if thread is not None:
+            thread.join(timeout=10)
         self.executor.shutdown()
-

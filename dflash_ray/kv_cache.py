@@ -42,7 +42,9 @@ class PagedKVCache:
 
     @staticmethod
     def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype) -> int:
-        return 2 * num_layers * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+        return (
+            2 * num_layers * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+        )
 
 
 @dataclass(slots=True)
@@ -61,8 +63,10 @@ def slot_mapping(spans: list[SeqSpan], block_len: int, device) -> torch.Tensor:
     rows = []
     for s in spans:
         t = s.block_table
-        rows.extend(t[p // block_len] * block_len + p % block_len
-                    for p in range(s.num_cached, s.num_cached + s.num_new))
+        rows.extend(
+            t[p // block_len] * block_len + p % block_len
+            for p in range(s.num_cached, s.num_cached + s.num_new)
+        )
     return torch.tensor(rows, dtype=torch.long, device=device)
 
 
@@ -104,8 +108,10 @@ def _group(
     max_k = max(key_lens)
     max_blocks = (max_k + block_len - 1) // block_len
     tables = torch.tensor(
-        [s.block_table[:max_blocks] + [0] * (max_blocks - len(s.block_table[:max_blocks]))
-         for s in spans],
+        [
+            s.block_table[:max_blocks] + [0] * (max_blocks - len(s.block_table[:max_blocks]))
+            for s in spans
+        ],
         dtype=torch.long,
     )  # [N, max_blocks]
     kpos = torch.arange(max_k)
@@ -121,7 +127,7 @@ def _group(
         # query j of span i sits at position key_len - num_queries + j
         qpos = klen[:, None] - num_q[:, None] + qi[None, :]  # [N, Q]
         mask = mask & (kpos[None, None, :] <= qpos[:, :, None])
-    # padded query rows attend to key 0 so SDPA never sees an all-False row (their output is dropped)
+    # padded query rows attend to key 0 so SDPA never sees an all-False row (output dropped)
     mask = mask | (~query_valid[:, :, None] & (kpos == 0)[None, None, :])
     return AttentionGroup(
         query_rows=query_rows.to(device),

@@ -28,18 +28,13 @@ class LLM:
         """Outputs in prompt order; each has token_ids, text, finish_reason, acceptance_lengths."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
-        params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(
-            prompts)
+        params_list = (
+            params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        )
         if len(params_list) != len(prompts):
             raise ValueError(f"{len(params_list)} SamplingParams for {len(prompts)} prompts")
         engine = self.engine
         ids = [engine.add_request(p, sp) for p, sp in zip(prompts, params_list, strict=True)]
-        final: dict[str, RequestOutput] = {}
         show = use_tqdm if use_tqdm is not None else len(prompts) > 1
         with tqdm(total=len(ids), desc="generate", unit="req", disable=not show) as bar:
-            while len(final) < len(ids):
-                for out in engine.step():
-                    if out.finished:
-                        final[out.request_id] = out
-                        bar.update(1)
-        return [final[i] for i in ids]
+            return engine.run_until_finished(ids, on_finish=lambda _: bar.update(1))

@@ -1,4 +1,4 @@
-"""Reference tensor ops shared by the target and the drafter, plus the registry that may swap in kernels.
+"""Reference tensor ops of the target and the drafter, plus the registry that may swap in kernels.
 
 Every hot op here is plain torch and is the definition of correct; a kernel under `dflash_kernels`
 with the same signature may replace it through `get_op` (override with `DFLASH_OPS=ref`). The
@@ -22,38 +22,43 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm computed in fp32 and cast back, as Qwen3RMSNorm does."""
-    dtype = x.dtype
-    x32 = x.float()
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x32.to(dtype)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """RMSNorm computed in fp32 and cast back before the weight, as Qwen3RMSNorm does."""
+    y = F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype)
+    return y if weight is None else weight * y
 
 
 class RotaryTable:
-    """cos/sin of rotary embeddings at absolute positions, computed in fp32 like transformers."""
+    """cos/sin of rotary embeddings at absolute positions, computed in fp32 like transformers.
+
+    The sign of rotate_half is folded into the sin table, so applying RoPE is
+    `x * cos + roll(x, hd/2) * sin_signed`: the same products as HF's formula, four ops.
+    """
 
     def __init__(self, head_dim: int, theta: float, scaling_factor: float = 1.0):
         exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
         self.inv_freq = 1.0 / (theta**exponents) / scaling_factor  # [hd/2]
+        half = head_dim // 2
+        ones = torch.ones(half, device="cpu")
+        self.sign = torch.cat((-ones, ones))  # [hd]
+
+    def to(self, device) -> RotaryTable:
+        self.inv_freq, self.sign = self.inv_freq.to(device), self.sign.to(device)
+        return self
 
     def __call__(
         self, positions: torch.Tensor, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [T] -> (cos, sin), each [T, hd] in `dtype`."""
-        freqs = positions.float()[:, None] * self.inv_freq.to(positions.device)[None, :]
+        """positions [T] -> (cos, sin_signed), each [T, hd] in `dtype`."""
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        return emb.cos().to(dtype), (emb.sin() * self.sign).to(dtype)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, heads, hd]; cos/sin [T, hd]."""
-    return x * cos[:, None, :] + rotate_half(x) * sin[:, None, :]
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, hd]; cos/sin_signed [T, hd] from `RotaryTable`."""
+    rotated = torch.roll(x, x.shape[-1] // 2, dims=-1)
+    return x * cos[:, None, :] + rotated * sin_signed[:, None, :]
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
@@ -94,8 +99,11 @@ def paged_attention(
     out = torch.zeros_like(q)
     for g in groups:
         qg = q[g.query_rows].transpose(1, 2)  # [N, nh, Q, hd]
-        kg = k_cache[g.key_slots].transpose(1, 2)  # [N, nkv, K, hd]
-        vg = v_cache[g.key_slots].transpose(1, 2)
+        n, width = g.key_slots.shape
+        flat = g.key_slots.reshape(-1)
+        kg = k_cache.index_select(0, flat).view(n, width, *k_cache.shape[1:]).transpose(1, 2)
+        vg = v_cache.index_select(0, flat).view(n, width, *v_cache.shape[1:]).transpose(1, 2)
+        # kg, vg: [N, nkv, K, hd]
         og = F.scaled_dot_product_attention(
             qg, kg, vg, attn_mask=g.mask, scale=scale, enable_gqa=qg.shape[1] != kg.shape[1]
         )
@@ -126,37 +134,31 @@ def moe_experts(
     """SwiGLU experts: x [T, H], gate_up [E, 2I, H], down [E, H, I], weights/ids [T, k].
 
     Only experts `expert_offset .. expert_offset+E-1` live here (expert parallelism); routes to
-    other experts contribute nothing on this rank. Few routed pairs: gather the weights of each
-    (token, expert) pair and run two batched matmuls (one op per layer, best for decode).
-    Many pairs: loop over the experts that were hit (weights read once each, best for prefill).
+    other experts contribute nothing on this rank. The (token, expert) pairs are grouped on the
+    host and each hit expert runs two GEMMs over its tokens: the fewest ops for decode-sized
+    batches, and each expert's weights are read once. (A grouped-GEMM kernel replaces this on GPU.)
     """
     num_local = gate_up.shape[0]
-    local = ids - expert_offset
-    hit = (local >= 0) & (local < num_local)
-    num_tokens, k = ids.shape
-    if num_tokens * k <= 2 * num_local:
-        safe = torch.where(hit, local, 0).reshape(-1)  # [T*k]
-        xs = x.repeat_interleave(k, dim=0)[:, :, None]  # [T*k, H, 1]
-        h = silu_and_mul(torch.bmm(gate_up[safe], xs)[:, :, 0])  # [T*k, I]
-        y = torch.bmm(down[safe], h[:, :, None])[:, :, 0]  # [T*k, H]
-        w = torch.where(hit, weights, 0).reshape(-1, 1)
-        return (y * w).view(num_tokens, k, -1).sum(dim=1)
+    k = ids.shape[1]
+    by_expert: dict[int, list[int]] = {}
+    for pair, e in enumerate(ids.reshape(-1).tolist()):
+        e -= expert_offset
+        if 0 <= e < num_local:
+            by_expert.setdefault(e, []).append(pair)
     out = torch.zeros_like(x)
-    flat_local = torch.where(hit, local, num_local).reshape(-1)
-    order = torch.argsort(flat_local, stable=True)
-    counts = torch.bincount(flat_local, minlength=num_local + 1).tolist()
-    token_of = order // k
-    start = 0
-    for e in range(num_local):
-        n = counts[e]
-        if n == 0:
+    flat_w = weights.reshape(-1, 1)
+    for e, pairs in by_expert.items():
+        if len(pairs) == 1:
+            tokens = pairs[0] // k
+            h = silu_and_mul(F.linear(x[tokens : tokens + 1], gate_up[e]))
+            y = F.linear(h, down[e]) * flat_w[pairs[0]]
+            out[tokens : tokens + 1] += y
             continue
-        pairs = order[start : start + n]
-        tokens = token_of[start : start + n]
-        start += n
-        h = silu_and_mul(x[tokens] @ gate_up[e].T)
-        y = (h @ down[e].T) * weights.reshape(-1)[pairs][:, None]
-        out.index_add_(0, tokens, y)
+        pair_t = torch.tensor(pairs, device=x.device)
+        tokens_t = pair_t // k
+        h = silu_and_mul(F.linear(x.index_select(0, tokens_t), gate_up[e]))
+        y = F.linear(h, down[e]) * flat_w.index_select(0, pair_t)
+        out.index_add_(0, tokens_t, y)
     return out
 
 

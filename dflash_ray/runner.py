@@ -71,21 +71,37 @@ class ModelRunner:
         self.max_position = target_cfg.decoder.max_position
 
         td = target_cfg.decoder
-        per_token = PagedKVCache.bytes_per_token(td.num_layers, self.target.num_kv_heads,
-                                                 td.head_dim, dtype)
+        per_token = PagedKVCache.bytes_per_token(
+            td.num_layers, self.target.num_kv_heads, td.head_dim, dtype
+        )
         if self.drafter is not None:
             dd = drafter_cfg.decoder
-            per_token += PagedKVCache.bytes_per_token(dd.num_layers, dd.num_kv_heads,
-                                                      dd.head_dim, dtype)
+            per_token += PagedKVCache.bytes_per_token(
+                dd.num_layers, dd.num_kv_heads, dd.head_dim, dtype
+            )
         self.num_kv_blocks = cfg.num_kv_blocks or self._blocks_from_memory(per_token)
         self.kv_bytes_per_token = per_token
-        self.target_cache = PagedKVCache(td.num_layers, self.num_kv_blocks, cfg.kv_block_len,
-                                         self.target.num_kv_heads, td.head_dim, dtype, self.device)
+        self.target_cache = PagedKVCache(
+            td.num_layers,
+            self.num_kv_blocks,
+            cfg.kv_block_len,
+            self.target.num_kv_heads,
+            td.head_dim,
+            dtype,
+            self.device,
+        )
         self.drafter_cache = None
         if self.drafter is not None:
             dd = drafter_cfg.decoder
-            self.drafter_cache = PagedKVCache(dd.num_layers, self.num_kv_blocks, cfg.kv_block_len,
-                                              dd.num_kv_heads, dd.head_dim, dtype, self.device)
+            self.drafter_cache = PagedKVCache(
+                dd.num_layers,
+                self.num_kv_blocks,
+                cfg.kv_block_len,
+                dd.num_kv_heads,
+                dd.head_dim,
+                dtype,
+                self.device,
+            )
         self._pending: dict[int, torch.Tensor] = {}  # seq_id -> [c, K*H] features not yet drafted
         self._generators: dict[int, torch.Generator] = {}
 
@@ -101,10 +117,15 @@ class ModelRunner:
     # ---- RPC surface ---------------------------------------------------------------------
 
     def kv_capacity(self) -> dict:
-        return {"num_kv_blocks": self.num_kv_blocks, "kv_block_len": self.cfg.kv_block_len,
-                "block_size": self.block_size, "eos_token_ids": self.eos_token_ids,
-                "vocab_size": self.vocab_size, "max_position": self.max_position,
-                "kv_bytes_per_token": self.kv_bytes_per_token}
+        return {
+            "num_kv_blocks": self.num_kv_blocks,
+            "kv_block_len": self.cfg.kv_block_len,
+            "block_size": self.block_size,
+            "eos_token_ids": self.eos_token_ids,
+            "vocab_size": self.vocab_size,
+            "max_position": self.max_position,
+            "kv_bytes_per_token": self.kv_bytes_per_token,
+        }
 
     def release(self, seq_ids: list[int]) -> None:
         """Forget everything about finished or aborted sequences."""
@@ -148,21 +169,26 @@ class ModelRunner:
             return None, []
         dev, blen = self.device, self.cfg.kv_block_len
         # 1. Context K/V of the tokens committed since the last draft pass, written once.
-        ctx_spans = [SeqSpan(d.block_table, d.drafted_ctx, d.start - d.drafted_ctx, 0)
-                     for d in decodes]
+        ctx_spans = [
+            SeqSpan(d.block_table, d.drafted_ctx, d.start - d.drafted_ctx, 0) for d in decodes
+        ]
         features = []
         for d in decodes:
             pending = self._pending.pop(d.seq_id)
             if pending.shape[0] != d.start - d.drafted_ctx:
                 raise RuntimeError(
                     f"seq {d.seq_id}: {pending.shape[0]} pending feature rows, expected "
-                    f"{d.start - d.drafted_ctx}")
+                    f"{d.start - d.drafted_ctx}"
+                )
             features.append(pending)
-        ctx_pos = torch.tensor([p for s in ctx_spans
-                                for p in range(s.num_cached, s.num_cached + s.num_new)],
-                               dtype=torch.long, device=dev)
-        self.drafter.materialize_context(torch.cat(features), ctx_pos,
-                                         slot_mapping(ctx_spans, blen, dev), self.drafter_cache)
+        ctx_pos = torch.tensor(
+            [p for s in ctx_spans for p in range(s.num_cached, s.num_cached + s.num_new)],
+            dtype=torch.long,
+            device=dev,
+        )
+        self.drafter.materialize_context(
+            torch.cat(features), ctx_pos, slot_mapping(ctx_spans, blen, dev), self.drafter_cache
+        )
         # 2. One non-causal pass over every block [bonus, MASK, ...].
         spans = [SeqSpan(d.block_table, d.start, d.num_queries, d.num_queries) for d in decodes]
         write_slots, groups = build_layout(spans, blen, causal=False, device=dev)
@@ -172,8 +198,9 @@ class ModelRunner:
             pos += range(d.start, d.start + d.num_queries)
         ids_t = torch.tensor(ids, dtype=torch.long, device=dev)
         pos_t = torch.tensor(pos, dtype=torch.long, device=dev)
-        hidden = self.drafter(self.target.embed(ids_t), pos_t, self.drafter_cache, write_slots,
-                              groups)
+        hidden = self.drafter(
+            self.target.embed(ids_t), pos_t, self.drafter_cache, write_slots, groups
+        )
         # 3. Logits at block positions 1..q-1 only, through the target's LM head.
         width = self.block_size - 1
         rows, offset = [], 0
@@ -223,7 +250,11 @@ class ModelRunner:
         hidden, features = self.target(
             torch.tensor(ids, dtype=torch.long, device=dev),
             torch.tensor(pos, dtype=torch.long, device=dev),
-            self.target_cache, write_slots, groups, capture=self.capture)
+            self.target_cache,
+            write_slots,
+            groups,
+            capture=self.capture,
+        )
 
         # Rows whose logits we need: last prompt token of sampled prefills, every block row.
         logit_rows, offset = [], 0
@@ -235,8 +266,11 @@ class ModelRunner:
         for d in batch.decodes:
             logit_rows += range(offset, offset + d.num_queries)
             offset += d.num_queries
-        logits = self.target.logits(hidden[torch.tensor(logit_rows, dtype=torch.long,
-                                                        device=dev)]) if logit_rows else None
+        logits = (
+            self.target.logits(hidden[torch.tensor(logit_rows, dtype=torch.long, device=dev)])
+            if logit_rows
+            else None
+        )
 
         results: list[SeqResult] = []
         row, feat_row = 0, 0
@@ -250,8 +284,9 @@ class ModelRunner:
                 tokens = [self._pick(logits[row : row + 1], p.seq_id, p.sampling)]
                 row += 1
             results.append(SeqResult(p.seq_id, tokens))
-        results += self._accept(batch.decodes, logits, row, drafts, draft_probs,
-                                features, prefill_tokens)
+        results += self._accept(
+            batch.decodes, logits, row, drafts, draft_probs, features, prefill_tokens
+        )
         return results
 
     def _pick(self, logits: torch.Tensor, seq_id: int, s: SamplingSpec) -> int:
@@ -282,15 +317,16 @@ class ModelRunner:
             if drafts is None:
                 acc, bon = [0] * len(greedy), argmax[:, 0].tolist()
             else:
-                acc, bon = greedy_accept(drafts[g], argmax,
-                                         torch.tensor([q_lens[i] for i in greedy]))
+                acc, bon = greedy_accept(
+                    drafts[g], argmax, torch.tensor([q_lens[i] for i in greedy])
+                )
             for j, i in enumerate(greedy):
                 accepted[i], bonus[i] = acc[j], bon[j]
         committed: dict[int, list[int]] = {}
         for i, d in enumerate(decodes):
             s = d.sampling
             if s.temperature == 0:
-                committed[i] = (drafts[i, : accepted[i]].tolist() if drafts is not None else [])
+                committed[i] = drafts[i, : accepted[i]].tolist() if drafts is not None else []
                 committed[i].append(bonus[i])
                 continue
             q = q_lens[i]

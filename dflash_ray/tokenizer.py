@@ -41,4 +41,4 @@ def decode_delta(tok: Tokenizer, ids: list[int], prefix: int, read: int) -> tupl
     after = tok.decode(ids[prefix:])
     if after.endswith("\ufffd") or len(after) <= len(before):
         return "", prefix, read
-    return after[len(before):], read, len(ids)
+    return after[len(before) :], read, len(ids)

@@ -20,9 +20,17 @@ MASK_ID = VOCAB - 1
 
 
 def _target_kwargs(**extra) -> dict:
-    kw = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-              num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-              max_position_embeddings=512, eos_token_id=None)
+    kw = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
+        eos_token_id=None,
+    )
     kw.update(extra)
     return kw
 
@@ -39,8 +47,9 @@ def save_qwen3_moe(path, seed: int = 0, **extra) -> str:
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     torch.manual_seed(seed)
-    kw = _target_kwargs(moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
-                        norm_topk_prob=True)
+    kw = _target_kwargs(
+        moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True
+    )
     kw.update(extra)
     Qwen3MoeForCausalLM(Qwen3MoeConfig(**kw)).save_pretrained(path)
     return str(path)
@@ -52,9 +61,17 @@ def save_drafter(path, seed: int = 1, block_size: int = 8, layer_ids=(1, 2), **e
     from transformers import Qwen3Config
 
     torch.manual_seed(seed)
-    kw = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-              max_position_embeddings=512, initializer_range=0.2)
+    kw = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
+        initializer_range=0.2,
+    )
     kw.update(extra)
     cfg = Qwen3Config(**kw)
     cfg.architectures = ["DFlashDraftModel"]

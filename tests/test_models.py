@@ -25,8 +25,9 @@ class Harness:
     def __init__(self, path: str):
         self.model = Qwen3Target.from_pretrained(path)
         d = self.model.cfg.decoder
-        self.cache = PagedKVCache(d.num_layers, 64, BLOCK, self.model.num_kv_heads, d.head_dim,
-                                  torch.float32, "cpu")
+        self.cache = PagedKVCache(
+            d.num_layers, 64, BLOCK, self.model.num_kv_heads, d.head_dim, torch.float32, "cpu"
+        )
         self.free = list(range(63, -1, -1))
         self.tables: dict[int, list[int]] = {}
         self.lens: dict[int, int] = {}
@@ -80,7 +81,7 @@ def test_prefill_and_incremental_logits_match_transformers(pair):
             got, _ = h.forward(chunk)
             for sid, toks in chunk.items():
                 full[sid] += toks
-                want = ref(torch.tensor([full[sid]])).logits[0, -len(toks):]
+                want = ref(torch.tensor([full[sid]])).logits[0, -len(toks) :]
                 assert rel_err(got[sid], want) < 1e-5
 
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import time
 
+import dflash.model as zlab
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import dflash.model as zlab
 from dflash_ray import LLM, SamplingParams
 
 from .conftest import VOCAB, save_drafter
@@ -24,8 +24,9 @@ PROMPTS = [[1, 2, 3, 4, 5], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17], [20], lis
 @pytest.fixture(scope="module", params=["qwen3", "moe"])
 def setup(request, tiny, tmp_path_factory):
     target = tiny[request.param]
-    drafter = save_drafter(tmp_path_factory.mktemp("d") / "b16", seed=3, block_size=16,
-                           layer_ids=(0, 2, 3))
+    drafter = save_drafter(
+        tmp_path_factory.mktemp("d") / "b16", seed=3, block_size=16, layer_ids=(0, 2, 3)
+    )
     ref_target = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).eval()
     ref_drafter = zlab.DFlashDraftModel.from_pretrained(drafter, dtype=torch.float32).eval()
     return LLM(target, drafter), ref_target, ref_drafter
@@ -37,9 +38,10 @@ def test_tokens_and_acceptance_lengths_match_zlab(setup, max_tokens):
     ours = llm.generate(PROMPTS, SamplingParams(max_tokens=max_tokens), use_tqdm=False)
     total_accepted = 0
     for prompt, out in zip(PROMPTS, ours, strict=True):
-        ref = zlab.dflash_generate(ref_drafter, ref_target, torch.tensor([prompt]), max_tokens,
-                                   None, return_stats=True)
-        assert out.token_ids == ref.output_ids[0, len(prompt):].tolist()
+        ref = zlab.dflash_generate(
+            ref_drafter, ref_target, torch.tensor([prompt]), max_tokens, None, return_stats=True
+        )
+        assert out.token_ids == ref.output_ids[0, len(prompt) :].tolist()
         assert out.acceptance_lengths == ref.acceptance_lengths
         total_accepted += sum(a - 1 for a in ref.acceptance_lengths)
     assert total_accepted > 0, "the comparison should include accepted drafts"
@@ -50,11 +52,13 @@ def test_stop_token_inside_block_matches_zlab(setup):
     prompt = PROMPTS[1]
     plain = llm.generate([prompt], SamplingParams(max_tokens=40), use_tqdm=False)[0]
     stop = plain.token_ids[17]  # some token that appears mid-generation
-    ours = llm.generate([prompt], SamplingParams(max_tokens=40, stop_token_ids=[stop]),
-                        use_tqdm=False)[0]
-    ref = zlab.dflash_generate(ref_drafter, ref_target, torch.tensor([prompt]), 40, [stop],
-                               return_stats=True)
-    assert ours.token_ids == ref.output_ids[0, len(prompt):].tolist()
+    ours = llm.generate(
+        [prompt], SamplingParams(max_tokens=40, stop_token_ids=[stop]), use_tqdm=False
+    )[0]
+    ref = zlab.dflash_generate(
+        ref_drafter, ref_target, torch.tensor([prompt]), 40, [stop], return_stats=True
+    )
+    assert ours.token_ids == ref.output_ids[0, len(prompt) :].tolist()
     assert ours.token_ids[-1] == stop and ours.finish_reason == "stop"
     assert ours.acceptance_lengths == ref.acceptance_lengths
     assert VOCAB > stop >= 0

@@ -97,7 +97,9 @@ class TargetConfig:
         archs = cfg.get("architectures") or []
         arch = next((TARGET_ARCHITECTURES[a] for a in archs if a in TARGET_ARCHITECTURES), None)
         if arch is None:
-            arch = cfg.get("model_type") if cfg.get("model_type") in ("qwen3", "qwen3_moe") else None
+            arch = (
+                cfg.get("model_type") if cfg.get("model_type") in ("qwen3", "qwen3_moe") else None
+            )
         if arch is None or "DFlashDraftModel" in archs:
             raise ValueError(
                 f"unsupported target architecture {archs or cfg.get('model_type')!r} in "
@@ -153,7 +155,9 @@ class DrafterConfig:
         cfg = read_config(model_dir)
         archs = cfg.get("architectures") or []
         if not DRAFTER_ARCHITECTURES & set(archs):
-            hint = " (DFlash 2 drafters are not supported yet)" if "DFlash2DraftModel" in archs else ""
+            hint = (
+                " (DFlash 2 drafters are not supported yet)" if "DFlash2DraftModel" in archs else ""
+            )
             raise ValueError(
                 f"drafter {model_dir} has architectures {archs!r}; expected "
                 f"{sorted(DRAFTER_ARCHITECTURES)}{hint}"
@@ -161,8 +165,10 @@ class DrafterConfig:
         dflash = cfg.get("dflash_config") or {}
         decoder = DecoderConfig.from_dict(cfg)
         layer_types = cfg.get("layer_types") or ["full_attention"] * decoder.num_layers
-        if any(t != "full_attention" for t in layer_types) or cfg.get("causal") or dflash.get(
-            "causal"
+        if (
+            any(t != "full_attention" for t in layer_types)
+            or cfg.get("causal")
+            or dflash.get("causal")
         ):
             raise ValueError(
                 f"drafter {model_dir}: layer_types {layer_types!r} / causal layers are not "

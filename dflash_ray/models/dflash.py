@@ -97,5 +97,5 @@ class DFlashDrafter(nn.Module):
             return key
 
         load_weights(model, model_dir, rename)
-        model.rope.inv_freq = model.rope.inv_freq.to(device)
+        model.rope.to(device)
         return model.eval()

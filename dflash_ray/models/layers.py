@@ -11,9 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-from ..ops import AttentionGroup, get_op, route_experts
-from ..parallel.communicator import LOCAL, Communicator
+from ..ops import AttentionGroup, get_op, rms_norm, route_experts, silu_and_mul
+from ..parallel.communicator import Communicator
 from .config import DecoderConfig
 
 
@@ -31,32 +30,48 @@ class RMSNorm(nn.Module):
 class Attention(nn.Module):
     """Qwen3 attention (q/k RMSNorm per head, RoPE) over a paged cache.
 
-    With tensor parallelism `num_heads`/`num_kv_heads` are this rank's share and o_proj is
-    row-parallel, so its output is all-reduced through `comm`.
+    q/k/v are one packed projection `qkv_proj` (rows: q heads, k heads, v heads); the loader packs
+    the checkpoint's q_proj/k_proj/v_proj into it (see `packed_rows`). With tensor parallelism the
+    head counts are this rank's share and o_proj is row-parallel, so its output is all-reduced.
     """
 
     def __init__(self, cfg: DecoderConfig, num_heads: int, num_kv_heads: int, comm: Communicator):
         super().__init__()
-        hd, bias = cfg.head_dim, cfg.attention_bias
+        hd = cfg.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, hd
-        self.q_proj = nn.Linear(cfg.hidden_size, num_heads * hd, bias=bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, num_kv_heads * hd, bias=bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, num_kv_heads * hd, bias=bias)
+        self.qkv_proj = nn.Linear(
+            cfg.hidden_size, (num_heads + 2 * num_kv_heads) * hd, bias=cfg.attention_bias
+        )
         self.o_proj = nn.Linear(num_heads * hd, cfg.hidden_size, bias=False)
         self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
+        self.eps = cfg.rms_norm_eps
         self.scale = hd**-0.5
         self.comm = comm
         self._rope = get_op("apply_rope")
         self._attend = get_op("paged_attention")
 
+    packed_name = "qkv_proj"
+
+    def packed_rows(self) -> dict[str, int]:
+        """Checkpoint projection name -> first row of it inside qkv_proj."""
+        hd = self.head_dim
+        return {
+            "q_proj": 0,
+            "k_proj": self.num_heads * hd,
+            "v_proj": (self.num_heads + self.num_kv_heads) * hd,
+        }
+
     def project_kv(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [T, H] -> (k, v) each [T, nkv, hd], k normed and rotated."""
-        k = self.k_norm(self.k_proj(x).view(-1, self.num_kv_heads, self.head_dim))
-        v = self.v_proj(x).view(-1, self.num_kv_heads, self.head_dim)
-        return self._rope(k, cos, sin), v
+        """Keys and values only (the drafter's context rows): x [T, H] -> each [T, nkv, hd]."""
+        kv_rows = self.num_heads * self.head_dim
+        w = self.qkv_proj.weight[kv_rows:]
+        b = None if self.qkv_proj.bias is None else self.qkv_proj.bias[kv_rows:]
+        kv = F.linear(x, w, b).view(-1, 2 * self.num_kv_heads, self.head_dim)
+        k = self._rope(rms_norm(kv[:, : self.num_kv_heads], self.k_norm.weight, self.eps), cos, sin)
+        return k, kv[:, self.num_kv_heads :]
 
     def forward(
         self,
@@ -67,28 +82,36 @@ class Attention(nn.Module):
         write_slots: torch.Tensor,  # [T]
         groups: list[AttentionGroup],
     ) -> torch.Tensor:
-        q = self.q_norm(self.q_proj(x).view(-1, self.num_heads, self.head_dim))
-        q = self._rope(q, cos, sin)
-        k, v = self.project_kv(x, cos, sin)
+        nh, nkv = self.num_heads, self.num_kv_heads
+        qkv = self.qkv_proj(x).view(-1, nh + 2 * nkv, self.head_dim)
+        # q and k heads are normed and rotated together: one norm, one RoPE
+        w = torch.cat((self.q_norm.weight.expand(nh, -1), self.k_norm.weight.expand(nkv, -1)))
+        qk = self._rope(rms_norm(qkv[:, : nh + nkv], w, self.eps), cos, sin)
         k_cache, v_cache = kv
-        k_cache[write_slots] = k
-        v_cache[write_slots] = v
-        out = self._attend(q, k_cache, v_cache, groups, self.scale)
+        k_cache[write_slots] = qk[:, nh:]
+        v_cache[write_slots] = qkv[:, nh + nkv :]
+        out = self._attend(qk[:, :nh], k_cache, v_cache, groups, self.scale)
         return self.comm.all_reduce(self.o_proj(out.reshape(x.shape[0], -1)))
 
 
 class MLP(nn.Module):
-    """Dense SwiGLU MLP; with TP the intermediate dim is split and down_proj all-reduced."""
+    """Dense SwiGLU MLP with gate and up packed in one projection; with TP the intermediate dim
+    is split and down_proj all-reduced."""
 
     def __init__(self, hidden: int, intermediate: int, comm: Communicator):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.gate_up_proj = nn.Linear(hidden, 2 * intermediate, bias=False)
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.intermediate = intermediate
         self.comm = comm
 
+    packed_name = "gate_up_proj"
+
+    def packed_rows(self) -> dict[str, int]:
+        return {"gate_proj": 0, "up_proj": self.intermediate}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.comm.all_reduce(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
+        return self.comm.all_reduce(self.down_proj(silu_and_mul(self.gate_up_proj(x))))
 
 
 class Experts(nn.Module):

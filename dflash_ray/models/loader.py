@@ -63,6 +63,22 @@ def iter_tensors(model_dir: str | Path) -> Iterator[tuple[str, _Lazy]]:
 _EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
 
+def packing_table(module: nn.Module) -> dict[str, tuple[str, int]]:
+    """Checkpoint names of projections we keep packed -> (our packed parameter, first row).
+
+    Modules that pack several checkpoint projections into one matrix (q/k/v, gate/up) say so
+    with `packed_name` and `packed_rows()`."""
+    table = {}
+    for path, sub in module.named_modules():
+        rows = getattr(sub, "packed_rows", None)
+        if rows is None:
+            continue
+        for proj, first in rows().items():
+            for kind in ("weight", "bias"):
+                table[f"{path}.{proj}.{kind}"] = (f"{path}.{sub.packed_name}.{kind}", first)
+    return table
+
+
 def load_weights(
     module: nn.Module,
     model_dir: str | Path,
@@ -72,13 +88,15 @@ def load_weights(
 ) -> None:
     """Copy a checkpoint into `module`'s parameters.
 
-    rename: checkpoint key -> our parameter name, or None to skip the tensor.
-    select: our name + lazy tensor -> the tensor (or slice) this module holds; default whole.
+    rename: checkpoint key -> our (unpacked) parameter name, or None to skip the tensor.
+    select: that name + lazy tensor -> the tensor (or slice) this module holds; default whole.
     expert_range: [lo, hi) of experts held here; per-expert keys are stacked into our fused
       `experts.gate_up_proj [E, 2I, H]` / `experts.down_proj [E, H, I]` parameters.
+    Packed projections (see `packing_table`) are copied into their rows of the packed matrix.
     """
     params = dict(module.named_parameters())
-    loaded: set[str] = set()
+    packing = packing_table(module)
+    loaded_rows: dict[str, int] = {}
     pick = select or (lambda name, lazy: lazy.read())
     for key, lazy in iter_tensors(model_dir):
         m = _EXPERT.match(key)
@@ -99,31 +117,38 @@ def load_weights(
                 row = 0 if proj == "gate_proj" else half
                 dst = param.data[expert - lo, row : row + half]
             _copy(dst, tensor, key)
-            loaded.add(f"{base}#{expert}#{proj}")
+            loaded_rows[base] = loaded_rows.get(base, 0) + 1
             continue
         name = rename(key)
         if name is None:
             continue
+        if name in packing:
+            packed, first = packing[name]
+            tensor = pick(name, lazy)
+            dst = params[packed].data[first : first + tensor.shape[0]]
+            _copy(dst, tensor, key)
+            loaded_rows[packed] = loaded_rows.get(packed, 0) + tensor.shape[0]
+            continue
         if name not in params:
             raise ValueError(f"checkpoint tensor {key!r} maps to unknown parameter {name!r}")
         tensor = pick(name, lazy)
-        if name.endswith("experts.gate_up_proj") or name.endswith("experts.down_proj"):
-            if expert_range is not None:
-                tensor = tensor[expert_range[0] : expert_range[1]]
+        is_experts = name.endswith(("experts.gate_up_proj", "experts.down_proj"))
+        if is_experts and expert_range is not None:
+            tensor = tensor[expert_range[0] : expert_range[1]]
         _copy(params[name].data, tensor, key)
-        loaded.add(name)
-    missing = [n for n in params if n not in loaded and not _experts_loaded(n, params, loaded)]
+        loaded_rows[name] = _rows_needed(name, params[name])
+    missing = [n for n, p in params.items() if loaded_rows.get(n, 0) < _rows_needed(n, p)]
     if missing:
         raise ValueError(f"checkpoint {model_dir} lacks tensors for: {missing[:8]}")
 
 
-def _experts_loaded(name: str, params: dict, loaded: set[str]) -> bool:
-    if not (name.endswith("experts.gate_up_proj") or name.endswith("experts.down_proj")):
-        return False
-    projs = ("down_proj",) if name.endswith("down_proj") else ("gate_proj", "up_proj")
-    prefix = f"{name}#"
-    have = {k for k in loaded if k.startswith(prefix)}
-    return len(have) == params[name].shape[0] * len(projs)
+def _rows_needed(name: str, param: torch.Tensor) -> int:
+    """Per-expert keys count one per (expert, projection); everything else counts rows."""
+    if name.endswith("experts.gate_up_proj"):
+        return 2 * param.shape[0]
+    if name.endswith("experts.down_proj"):
+        return param.shape[0]
+    return param.shape[0] if param.dim() else 1
 
 
 def _copy(dst: torch.Tensor, src: torch.Tensor, key: str) -> None:

@@ -36,8 +36,9 @@ class ShardSpec:
 
 def full_shard(cfg: TargetConfig) -> ShardSpec:
     d = cfg.decoder
-    return ShardSpec((0, d.num_heads), (0, d.num_kv_heads), (0, cfg.num_experts),
-                     (0, d.intermediate_size))
+    return ShardSpec(
+        (0, d.num_heads), (0, d.num_kv_heads), (0, cfg.num_experts), (0, d.intermediate_size)
+    )
 
 
 class Qwen3Target(nn.Module):
@@ -51,11 +52,19 @@ class Qwen3Target(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, d.hidden_size)
         layers = []
         for i in range(d.num_layers):
-            attn = Attention(d, s.head_range[1] - s.head_range[0], s.kv_range[1] - s.kv_range[0],
-                             comm)
+            attn = Attention(
+                d, s.head_range[1] - s.head_range[0], s.kv_range[1] - s.kv_range[0], comm
+            )
             if cfg.is_moe_layer(i):
-                mlp = SparseMoE(d.hidden_size, cfg.moe_intermediate_size, cfg.num_experts,
-                                cfg.top_k, cfg.norm_topk_prob, s.expert_range, comm)
+                mlp = SparseMoE(
+                    d.hidden_size,
+                    cfg.moe_intermediate_size,
+                    cfg.num_experts,
+                    cfg.top_k,
+                    cfg.norm_topk_prob,
+                    s.expert_range,
+                    comm,
+                )
             else:
                 mlp = MLP(d.hidden_size, s.mlp_range[1] - s.mlp_range[0], comm)
             layers.append(DecoderLayer(d, attn, mlp))
@@ -147,5 +156,5 @@ class Qwen3Target(nn.Module):
             return lazy.read()
 
         load_weights(model, model_dir, rename, select, expert_range=s.expert_range)
-        model.rope.inv_freq = model.rope.inv_freq.to(device)
+        model.rope.to(device)
         return model.eval()

@@ -1,0 +1,1 @@
+"""Benchmarks runnable as `dflash-ray bench` and scripts under bench/."""

@@ -1,0 +1,111 @@
+"""`dflash-ray` command line: generate, and the other commands as they land."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", help="target model directory (Hugging Face format)")
+    p.add_argument("--drafter", default=None, help="DFlash drafter directory (z-lab format)")
+    p.add_argument(
+        "--demo", action="store_true", help="use the small trained pair that ships with the package"
+    )
+    p.add_argument("--block-size", type=int, default=None, help="verify block B")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+
+
+def _models(args: argparse.Namespace) -> tuple[str, str | None]:
+    if args.demo:
+        from .demo import demo_pair
+
+        target, drafter = demo_pair()
+        return args.target or target, args.drafter or drafter
+    if not args.target:
+        raise SystemExit("error: --target DIR is required (or --demo for the shipped pair)")
+    return args.target, args.drafter
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from . import LLM, SamplingParams
+
+    target, drafter = _models(args)
+    llm = LLM(target, drafter, block_size=args.block_size, device=args.device, dtype=args.dtype)
+    prompt: str | list[int]
+    if args.prompt_ids:
+        prompt = [int(t) for t in args.prompt_ids.split(",")]
+    elif args.prompt is not None:
+        prompt = args.prompt
+    else:
+        raise SystemExit("error: give --prompt TEXT or --prompt-ids 1,2,3")
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        stop=args.stop or [],
+    )
+    start = time.perf_counter()
+    out = llm.generate([prompt], params, use_tqdm=False)[0]
+    seconds = time.perf_counter() - start
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "text": out.text,
+                    "token_ids": out.token_ids,
+                    "finish_reason": out.finish_reason,
+                    "acceptance_lengths": out.acceptance_lengths,
+                    "mean_acceptance_length": out.acceptance_length,
+                    "num_draft_tokens": out.num_draft_tokens,
+                    "num_accepted_tokens": out.num_accepted_tokens,
+                    "seconds": round(seconds, 4),
+                    "tokens_per_second": round(len(out.token_ids) / seconds, 2),
+                }
+            )
+        )
+    else:
+        print(out.text if llm.tokenizer is not None else out.token_ids)
+        tau = f", mean acceptance length {out.acceptance_length:.2f}" if drafter else ""
+        print(
+            f"[{len(out.token_ids)} tokens in {seconds:.2f}s{tau}, "
+            f"finish_reason={out.finish_reason}]",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dflash-ray", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="generate a completion for one prompt")
+    _add_model_args(g)
+    g.add_argument("--prompt", help="prompt text")
+    g.add_argument("--prompt-ids", help="prompt as comma-separated token ids")
+    g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("--json", action="store_true", help="print one JSON object")
+    g.set_defaults(func=_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Training: the tiny demo target and DFlash drafters."""

@@ -1,0 +1,166 @@
+"""Engine behaviour: abort, preemption, stop strings, streaming, bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import shutil
+
+import pytest
+
+from dflash_ray import LLM, SamplingParams
+from dflash_ray.config import EngineConfig
+from dflash_ray.engine import Engine
+
+from .conftest import VOCAB, save_drafter
+
+CHARS = "abcdefghijklmnopqrstuvwxyz .,:\n"  # 31 tokens + the mask id = VOCAB
+
+
+def add_char_tokenizer(model_dir):
+    """A character-level tokenizer.json over the tiny vocab, so text prompts and stop strings
+    work on the tiny random target."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {c: i for i, c in enumerate(CHARS)}
+    vocab["<|MASK|>"] = VOCAB - 1
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<|MASK|>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(["<|MASK|>"])
+    tok.save(str(model_dir / "tokenizer.json"))
+
+
+@pytest.fixture(scope="module")
+def text_llm(tiny, tmp_path_factory):
+    d = tmp_path_factory.mktemp("text") / "moe"
+    shutil.copytree(tiny["moe"], d)
+    add_char_tokenizer(d)
+    return LLM(str(d), tiny["drafter"])
+
+
+def test_text_prompt_round_trip_and_stop_string(text_llm):
+    free = text_llm.generate("hello world", SamplingParams(max_tokens=30), use_tqdm=False)[0]
+    assert text_llm.tokenizer.decode(free.token_ids) == free.text
+    assert len(free.text) == 30  # one character per token, none special
+    stop = free.text[10:12]
+    cut = text_llm.generate(
+        "hello world", SamplingParams(max_tokens=30, stop=[stop]), use_tqdm=False
+    )[0]
+    assert cut.finish_reason == "stop"
+    assert cut.text == free.text[: free.text.index(stop)]
+    assert stop not in cut.text
+    # tokens stop at the one that completed the stop string
+    assert cut.token_ids == free.token_ids[: free.text.index(stop) + len(stop)]
+
+
+def test_abort_frees_every_kv_block(llms):
+    engine = llms["dflash"].engine
+    total = engine.blocks.num_free
+    ids = [
+        engine.add_request([1, 2, 3] * (i + 1), SamplingParams(max_tokens=200)) for i in range(6)
+    ]
+    for _ in range(4):
+        engine.step()
+    assert engine.blocks.num_free < total
+    for rid in ids:
+        assert engine.abort(rid)
+    assert not engine.abort(ids[0])  # already gone
+    assert engine.blocks.num_free == total and not engine.has_unfinished()
+
+
+@pytest.mark.parametrize("drafter", [False, True])
+def test_preemption_preserves_output(tiny, drafter):
+    prompts = [[(3 * i + j) % 30 for j in range(5 + i)] for i in range(6)]
+    params = SamplingParams(max_tokens=60)
+    kw = dict(target=tiny["moe"], drafter=tiny["drafter"] if drafter else None)
+    roomy = LLM(**kw).generate(prompts, params, use_tqdm=False)
+    # 4 positions per block, 40 blocks: six sequences of up to 75 tokens cannot all fit
+    tight_llm = LLM(**kw, kv_block_len=4, num_kv_blocks=40)
+    tight = tight_llm.generate(prompts, params, use_tqdm=False)
+    assert tight_llm.engine.stats.num_preemptions > 0
+    assert [o.token_ids for o in tight] == [o.token_ids for o in roomy]
+    assert tight_llm.engine.blocks.num_free == 40
+
+
+def test_sampled_preemption_is_reproducible(tiny):
+    prompts = [[1, 2, 3, 4, 5 + i] for i in range(6)]
+    params = [SamplingParams(max_tokens=60, temperature=1.0, seed=i) for i in range(6)]
+    kw = dict(target=tiny["moe"], drafter=tiny["drafter"])
+    roomy = LLM(**kw).generate(prompts, params, use_tqdm=False)
+    tight_llm = LLM(**kw, kv_block_len=4, num_kv_blocks=40)
+    tight = tight_llm.generate(prompts, params, use_tqdm=False)
+    assert tight_llm.engine.stats.num_preemptions > 0
+    assert [o.token_ids for o in tight] == [o.token_ids for o in roomy]
+
+
+def test_async_stream_yields_deltas_and_disconnect_aborts(llms):
+    engine = llms["dflash"].engine
+
+    async def collect():
+        chunks = []
+        async for out in engine.stream([5, 6, 7], SamplingParams(max_tokens=25)):
+            chunks.append(out.new_token_ids)
+        return chunks
+
+    async def leave_early():
+        agen = engine.stream([5, 6, 7, 8], SamplingParams(max_tokens=400))
+        async for _ in agen:
+            break
+        await agen.aclose()
+
+    async def main():
+        chunks = await collect()
+        await leave_early()
+        return chunks
+
+    total = engine.blocks.num_free
+    chunks = asyncio.run(main())
+    flat = [t for c in chunks for t in c]
+    want = llms["dflash"].generate([[5, 6, 7]], SamplingParams(max_tokens=25), use_tqdm=False)
+    assert flat == want[0].token_ids and len(chunks) > 1
+    assert engine.blocks.num_free == total and not engine.has_unfinished()
+
+
+@pytest.mark.parametrize(
+    "field,kwargs",
+    [
+        ("temperature", dict(temperature=-1.0)),
+        ("temperature", dict(temperature=math.nan)),
+        ("top_p", dict(top_p=0.0)),
+        ("top_p", dict(top_p=math.nan)),
+        ("top_k", dict(top_k=-2)),
+        ("max_tokens", dict(max_tokens=0)),
+        ("stop", dict(stop=[""])),
+    ],
+)
+def test_bad_sampling_params_name_the_field(field, kwargs):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**kwargs)
+
+
+def test_bad_requests_name_the_problem(llms):
+    engine = llms["plain"].engine
+    with pytest.raises(ValueError, match="empty"):
+        engine.add_request([], SamplingParams())
+    with pytest.raises(ValueError, match="max_model_len"):
+        engine.add_request([1] * 600, SamplingParams(max_tokens=10))
+    with pytest.raises(ValueError, match="outside the vocab"):
+        engine.add_request([VOCAB + 5], SamplingParams())
+    with pytest.raises(ValueError, match="tokenizer"):
+        engine.add_request("text without a tokenizer", SamplingParams())
+
+
+def test_bad_models_name_the_field(tiny, tmp_path):
+    with pytest.raises(ValueError, match="unsupported target architecture"):
+        Engine(EngineConfig(target=tiny["drafter"]))
+    with pytest.raises(ValueError, match="hidden_size"):
+        LLM(tiny["moe"], save_drafter(tmp_path / "h", hidden_size=32, head_dim=8))
+    with pytest.raises(ValueError, match="vocab_size"):
+        LLM(tiny["moe"], save_drafter(tmp_path / "v", vocab_size=VOCAB * 2))
+    with pytest.raises(ValueError, match="target_layer_ids"):
+        LLM(tiny["moe"], save_drafter(tmp_path / "l", layer_ids=(1, 9)))
+    with pytest.raises(ValueError, match="block_size"):
+        LLM(tiny["moe"], block_size=4)
+    with pytest.raises(ValueError, match="config.json"):
+        LLM(str(tmp_path / "nowhere"))

@@ -1,0 +1,114 @@
+"""Losslessness: greedy DFlash equals plain greedy token for token (alone and in staggered
+batches); sampled DFlash reproduces the target's distribution."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dflash_ray import SamplingParams
+from dflash_ray.spec_decode import processed_probs, rejection_accept
+
+PROMPTS = [[(7 * i + j) % 30 for j in range(1 + 3 * i)] for i in range(10)]  # lengths 1..28
+
+
+def run_staggered(engine, prompts, params, join_every=2):
+    """Add one request every `join_every` steps while the others decode; return outputs."""
+    pending = list(enumerate(prompts))
+    ids, final, step = {}, {}, 0
+    while pending or engine.has_unfinished():
+        if pending and step % join_every == 0:
+            i, p = pending.pop(0)
+            ids[engine.add_request(p, params)] = i
+        for out in engine.step():
+            if out.finished:
+                final[ids[out.request_id]] = out
+        step += 1
+    return [final[i] for i in range(len(prompts))]
+
+
+def test_greedy_dflash_equals_plain_single(llms):
+    params = SamplingParams(max_tokens=48)
+    for p in PROMPTS[:4]:
+        plain = llms["plain"].generate([p], params, use_tqdm=False)[0]
+        spec = llms["dflash"].generate([p], params, use_tqdm=False)[0]
+        assert spec.token_ids == plain.token_ids
+        assert len(plain.token_ids) == 48 and plain.finish_reason == "length"
+        assert sum(spec.acceptance_lengths) + 1 == len(spec.token_ids)
+
+
+def test_greedy_dflash_equals_plain_staggered_batch(llms):
+    params = SamplingParams(max_tokens=40)
+    alone = [llms["plain"].generate([p], params, use_tqdm=False)[0] for p in PROMPTS]
+    spec = run_staggered(llms["dflash"].engine, PROMPTS, params)
+    plain = run_staggered(llms["plain"].engine, PROMPTS, params, join_every=3)
+    assert [o.token_ids for o in spec] == [o.token_ids for o in alone]
+    assert [o.token_ids for o in plain] == [o.token_ids for o in alone]
+    assert llms["dflash"].engine.stats.max_batch_size >= 8
+    assert any(max(o.acceptance_lengths) > 1 for o in spec), "no draft was ever accepted"
+
+
+def exact_second_token_marginal(llm, prompt, temperature, top_k, top_p):
+    """P(t2) = sum_t1 P(t1 | prompt) P(t2 | prompt, t1), from the target's own logits."""
+    runner = llm.engine.executor.runner
+    from tests.test_models import Harness
+
+    h = Harness(runner.cfg.target)
+    first, _ = h.forward({0: prompt})
+    p1 = processed_probs(first[0][-1:], temperature, top_k, top_p)[0]
+    marginal = torch.zeros_like(p1)
+    for t1 in torch.nonzero(p1).flatten().tolist():
+        h2 = Harness(runner.cfg.target)
+        logits, _ = h2.forward({0: prompt + [t1]})
+        marginal += p1[t1] * processed_probs(logits[0][-1:], temperature, top_k, top_p)[0]
+    return p1, marginal
+
+
+@pytest.mark.parametrize("mode", ["plain", "dflash"])
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 8, 0.9)])
+def test_sampling_matches_target_distribution(llms, mode, temperature, top_k, top_p):
+    prompt = [4, 8, 15, 16, 23]
+    n = 3000
+    params = [
+        SamplingParams(
+            max_tokens=3, temperature=temperature, top_k=top_k, top_p=top_p, seed=1000 + i
+        )
+        for i in range(n)
+    ]
+    outs = llms[mode].generate([prompt] * n, params, use_tqdm=False)
+    p1, p2 = exact_second_token_marginal(llms[mode], prompt, temperature, top_k, top_p)
+    for position, exact in ((0, p1), (1, p2)):
+        counts = torch.bincount(
+            torch.tensor([o.token_ids[position] for o in outs]), minlength=exact.numel()
+        ).double()
+        assert counts[exact == 0].sum() == 0, "sampled a token the target gives zero mass"
+        tv = 0.5 * (counts / n - exact.double()).abs().sum().item()
+        # the TV distance of n samples from the truth concentrates around sqrt(V / (2 pi n))
+        assert tv < 2.5 * math.sqrt(exact.numel() / (2 * math.pi * n)), (position, tv)
+    if mode == "dflash":
+        assert sum(o.num_accepted_tokens for o in outs) > 0
+
+
+def test_rejection_sampling_is_exact_against_a_close_draft():
+    """Synthetic p and q: the first committed token is distributed as p[0], and the second
+    (given the first was the accepted draft) as p[1]."""
+    torch.manual_seed(0)
+    vocab, n = 6, 20000
+    p = torch.softmax(torch.randn(3, vocab), dim=-1)
+    q = torch.softmax(torch.log(p[:2]) + 0.5 * torch.randn(2, vocab), dim=-1)
+    gen = torch.Generator().manual_seed(1)
+    first = torch.zeros(vocab)
+    second = torch.zeros(vocab)
+    accepted = 0
+    for _ in range(n):
+        drafts = torch.multinomial(q, 1, generator=gen)[:, 0]
+        r = rejection_accept(drafts, q, p, gen)
+        first[r.tokens[0]] += 1
+        if r.num_accepted >= 1:
+            second[r.tokens[1]] += 1
+            accepted += 1
+    assert 0.5 * (first / n - p[0]).abs().sum() < 0.02
+    assert 0.5 * (second / second.sum() - p[1]).abs().sum() < 0.03
+    assert accepted > n / 3
