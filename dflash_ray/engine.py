@@ -9,7 +9,9 @@ executor's (in-process `LocalExecutor` or the Ray one); batching decisions are t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
+import logging
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -25,6 +27,8 @@ from .scheduler import Scheduler, SchedulerConfig, SchedulerOutput, prefill_len
 from .sequence import Sequence
 from .step_io import DecodeItem, PrefillItem, SamplingSpec, StepBatch, StepResult
 from .tokenizer import Tokenizer, decode_delta
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -97,6 +101,7 @@ class Engine:
         self._loop_thread: threading.Thread | None = None
         self._sync_waiting: set[str] = set()  # ids a blocking `run_until_finished` waits for
         self._done: dict[str, RequestOutput] = {}
+        self._errors: dict[str, Exception] = {}
         self._closed = False
 
     # ---- requests ----------------------------------------------------------------------------
@@ -175,7 +180,14 @@ class Engine:
             sched = self.scheduler.schedule()
             if sched.empty and not sched.preempted:
                 return []
-            result = self.executor.execute(self._batch(sched))
+            try:
+                result = self.executor.execute(self._batch(sched))
+            except Exception as exc:
+                # The executor's KV state for every live request is now unknown: fail them all
+                # with the cause (streams get it raised, blocking callers too); the executor
+                # recovers on its next call.
+                self._fail_all(exc)
+                raise
             return self._postprocess(sched, result)
 
     def _batch(self, sched: SchedulerOutput) -> StepBatch:
@@ -333,6 +345,8 @@ class Engine:
             while True:
                 with self._wake:
                     for rid in request_ids:
+                        if rid in self._errors:
+                            raise self._errors[rid]
                         if rid in self._done and rid not in seen:
                             seen.add(rid)
                             if on_finish is not None:
@@ -348,6 +362,7 @@ class Engine:
                 for rid in request_ids:
                     self._sync_waiting.discard(rid)
                     self._done.pop(rid, None)
+                    self._errors.pop(rid, None)
 
     # ---- async streaming -------------------------------------------------------------------
 
@@ -402,19 +417,26 @@ class Engine:
                     return
             try:
                 self.step()
-            except Exception as exc:  # fail every live request loudly rather than hang them
-                self._fail_all(exc)
+            except Exception:  # step() already failed every live request with the cause
+                log.exception("engine step failed")
 
     def _fail_all(self, exc: Exception) -> None:
         with self._lock:
             for rid, seq in list(self._seqs.items()):
                 if not seq.finished:
                     self.scheduler.finish(seq, "error")
-                    self.executor.release([seq.seq_id])
+                    self._release_quietly(seq.seq_id)
+                if rid in self._sync_waiting:
+                    self._errors[rid] = exc
+                    self._wake.notify_all()
                 target = self._queues.get(rid)
                 if target is not None:
                     target[0].call_soon_threadsafe(target[1].put_nowait, exc)
                 self._forget(rid)
+
+    def _release_quietly(self, seq_id: int) -> None:
+        with contextlib.suppress(Exception):  # a broken executor forgets everything anyway
+            self.executor.release([seq_id])
 
     def shutdown(self) -> None:
         with self._wake:
