@@ -22,7 +22,7 @@ from .config import EngineConfig
 from .executor import LocalExecutor
 from .metrics import EngineStats
 from .runner import RunnerConfig
-from .sampling_params import SamplingParams
+from .sampling_params import InvalidRequest, SamplingParams
 from .scheduler import Scheduler, SchedulerConfig, SchedulerOutput, prefill_len
 from .sequence import Sequence
 from .step_io import DecodeItem, PrefillItem, SamplingSpec, StepBatch, StepResult
@@ -109,19 +109,22 @@ class Engine:
     def encode(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise ValueError("prompt is text but the target directory has no tokenizer.json")
+                raise InvalidRequest(
+                    "prompt is text but the target directory has no tokenizer.json", "prompt"
+                )
             ids = self.tokenizer.encode(prompt)
         else:
             ids = list(prompt)
             if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
-                raise ValueError("prompt token ids must be integers")
+                raise InvalidRequest("prompt token ids must be integers", "prompt")
             bad = [t for t in ids if not 0 <= t < self.vocab_size]
             if bad:
-                raise ValueError(
-                    f"prompt token ids {bad[:5]} are outside the vocab (0..{self.vocab_size - 1})"
+                raise InvalidRequest(
+                    f"prompt token ids {bad[:5]} are outside the vocab (0..{self.vocab_size - 1})",
+                    "prompt",
                 )
         if not ids:
-            raise ValueError("prompt is empty")
+            raise InvalidRequest("prompt is empty", "prompt")
         return ids
 
     def add_request(
@@ -134,20 +137,22 @@ class Engine:
         params.validate()
         ids = self.encode(prompt)
         if len(ids) + params.max_tokens > self.max_model_len:
-            raise ValueError(
+            raise InvalidRequest(
                 f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
-                f"context length max_model_len={self.max_model_len}"
+                f"context length max_model_len={self.max_model_len}",
+                "prompt",
             )
         need = self.blocks.blocks_for(len(ids) + params.max_tokens + self.block_size)
         if need > self.blocks.num_blocks:
-            raise ValueError(
+            raise InvalidRequest(
                 f"prompt + max_tokens needs {need} KV blocks but the cache has "
-                f"{self.blocks.num_blocks}; lower max_tokens or raise num_kv_blocks"
+                f"{self.blocks.num_blocks}; lower max_tokens or raise num_kv_blocks",
+                "max_tokens",
             )
         with self._lock:
             rid = request_id or f"req-{next(self._ids)}"
             if rid in self._seqs:
-                raise ValueError(f"request_id {rid!r} is already in use")
+                raise InvalidRequest(f"request_id {rid!r} is already in use", "request_id")
             seq = Sequence(
                 seq_id=next(self._seq_ids), prompt_ids=ids, params=params, arrival=time.monotonic()
             )

@@ -6,6 +6,14 @@ import math
 from dataclasses import dataclass, field
 
 
+class InvalidRequest(ValueError):
+    """A request the server must refuse with 400; `field` names the offending input."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
+
+
 @dataclass(slots=True)
 class SamplingParams:
     """How to generate for one request (the vLLM field names, so users know them).
@@ -33,30 +41,37 @@ class SamplingParams:
         def number(name: str) -> float:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float):
-                raise ValueError(f"{name} must be a number, got {value!r}")
+                raise InvalidRequest(f"{name} must be a number, got {value!r}", name)
             if not math.isfinite(value):
-                raise ValueError(f"{name} must be finite, got {value!r}")
+                raise InvalidRequest(f"{name} must be finite, got {value!r}", name)
             return value
 
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int):
-            raise ValueError(f"max_tokens must be an integer, got {self.max_tokens!r}")
+            raise InvalidRequest(
+                f"max_tokens must be an integer, got {self.max_tokens!r}", "max_tokens"
+            )
         if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+            raise InvalidRequest(f"max_tokens must be >= 1, got {self.max_tokens}", "max_tokens")
         if number("temperature") < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+            raise InvalidRequest(f"temperature must be >= 0, got {self.temperature}", "temperature")
         if not 0 < number("top_p") <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p}", "top_p")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
+            raise InvalidRequest(
+                f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}", "top_k"
+            )
         if self.seed is not None and (
             isinstance(self.seed, bool) or not isinstance(self.seed, int)
         ):
-            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+            raise InvalidRequest(f"seed must be an integer or None, got {self.seed!r}", "seed")
         if not all(isinstance(s, str) and s for s in self.stop):
-            raise ValueError(f"stop must be a list of non-empty strings, got {self.stop!r}")
+            raise InvalidRequest(
+                f"stop must be a list of non-empty strings, got {self.stop!r}", "stop"
+            )
         if not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
-            raise ValueError(
-                f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}"
+            raise InvalidRequest(
+                f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}",
+                "stop_token_ids",
             )
 
     @property

@@ -1,0 +1,76 @@
+"""`build_app(args)`: the Serve application behind `serve run deployments/dflash.yaml`.
+
+Two deployments: `Ingress` (FastAPI, OpenAI routes) and `DFlashServer` (one Engine per replica).
+Engine construction is data (`engine` args -> EngineConfig), so tests and YAMLs pick the models.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from ray import serve
+
+from ..config import EngineConfig
+from .ingress import IngressSettings, make_api
+from .model_server import ModelServer
+
+
+class AppArgs(BaseModel):
+    """The `args:` block of a Serve config for this app."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model_name: str = Field("dflash-demo", description="the name clients send as `model`")
+    demo: bool = Field(False, description="serve the trained pair shipped with the package")
+    engine: dict[str, Any] = Field(default_factory=dict, description="EngineConfig fields")
+    max_pending: int = Field(256, ge=1, description="requests in flight before 503")
+    ingress: IngressSettings = Field(default_factory=IngressSettings)
+
+    @model_validator(mode="after")
+    def _models(self) -> AppArgs:
+        if self.demo:
+            from ..demo import demo_pair
+
+            target, drafter = demo_pair()
+            self.engine.setdefault("target", target)
+            self.engine.setdefault("drafter", drafter)
+        EngineConfig(**self.engine)  # fail at deploy time, naming the bad field
+        self.ingress.model_name = self.model_name
+        return self
+
+
+@serve.deployment(name="DFlashServer", max_ongoing_requests=512)
+class DFlashServer(ModelServer):
+    pass
+
+
+class HandleBackend:
+    """The ingress's view of the model server through a Serve deployment handle."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    def generate(self, prompt, messages, params: dict, request_id: str):
+        return self.handle.options(stream=True).generate.remote(prompt, messages, params,
+                                                                request_id)
+
+    async def call(self, method: str):
+        return await getattr(self.handle, method).remote()
+
+
+@serve.deployment(name="Ingress", max_ongoing_requests=1024)
+@serve.ingress()
+class Ingress:
+    def __init__(self, server, settings: dict):
+        self.backend = HandleBackend(server)
+        self.settings = IngressSettings(**settings)
+
+    def __serve_build_asgi_app__(self):
+        return make_api(lambda: self.backend, self.settings)
+
+
+def build_app(args: dict) -> serve.Application:
+    a = AppArgs(**args)
+    server = DFlashServer.bind(a.engine, a.model_name, a.max_pending)
+    return Ingress.bind(server, a.ingress.model_dump())

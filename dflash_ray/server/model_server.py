@@ -1,0 +1,94 @@
+"""The model-server deployment body: one `Engine` per replica, stepping in its own thread.
+
+Every request is a streaming call (`generate`) yielding plain dicts (RequestOutput fields), so
+many concurrent HTTP requests join the same engine steps. Closing the stream (client gone,
+timeout) aborts the request and frees its KV blocks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import AsyncIterator
+
+from ..config import EngineConfig
+from ..engine import Engine
+from ..sampling_params import InvalidRequest, SamplingParams
+from .chat import ChatTemplate
+from .protocol import APIError
+
+log = logging.getLogger(__name__)
+
+
+class ModelServer:
+    def __init__(self, engine_config: dict, model_name: str, max_pending: int = 256):
+        self.engine = Engine(EngineConfig(**engine_config))
+        self.model_name = model_name
+        self.max_pending = max_pending
+        self._pending = 0
+        tok = self.engine.tokenizer
+        self.chat = ChatTemplate(tok.config.get("chat_template") if tok else None)
+
+    def info(self) -> dict:
+        return {
+            "model": self.model_name,
+            "max_model_len": self.engine.max_model_len,
+            "block_size": self.engine.block_size,
+        }
+
+    def stats(self) -> dict:
+        s = self.engine.stats
+        return {
+            "num_steps": s.num_steps,
+            "max_batch_size": s.max_batch_size,
+            "kv_blocks_used": self.engine.blocks.num_used,
+            "kv_blocks_total": self.engine.blocks.num_blocks,
+            "running": len(self.engine.scheduler.running),
+            "waiting": len(self.engine.scheduler.waiting),
+            "mean_acceptance_length": s.spec.mean_acceptance_length,
+            "generation_tokens": s.generation_tokens,
+        }
+
+    async def generate(
+        self, prompt: str | list[int] | None, messages: list[dict] | None, params: dict,
+        request_id: str,
+    ) -> AsyncIterator[dict]:
+        """Stream RequestOutput dicts. A refused request yields one {"error": ...} item instead
+        of raising, so the ingress sees the status code intact across the Serve boundary."""
+        try:
+            if self._pending >= self.max_pending:
+                raise APIError(503, f"server overloaded: {self._pending} requests in flight",
+                               kind="overloaded", headers={"Retry-After": "1"})
+            if messages is not None:
+                prompt = self.chat.render(messages)
+            sampling = SamplingParams(**params)
+            stream = self.engine.stream(prompt, sampling, request_id)
+            first = await anext(stream)  # add_request validates before the first step
+        except InvalidRequest as exc:
+            yield _error(APIError(400, str(exc), exc.field))
+            return
+        except APIError as exc:
+            yield _error(exc)
+            return
+        self._pending += 1
+        try:
+            yield dataclasses.asdict(first)
+            async for out in stream:
+                yield dataclasses.asdict(out)
+        finally:
+            self._pending -= 1
+            await stream.aclose()
+
+    async def deep_health(self) -> dict:
+        """Two tokens through the whole path: prefill, one drafter pass, one verify."""
+        outs = [o async for o in self.engine.stream([0], SamplingParams(max_tokens=2,
+                                                                          ignore_eos=True))]
+        out = outs[-1] if outs else None
+        if out is None or len(out.token_ids) != 2:
+            raise RuntimeError(f"deep health check produced {out!r}")
+        return {"status": "ok", "tokens": out.token_ids, "drafted": out.num_draft_tokens > 0}
+
+
+def _error(err: APIError) -> dict:
+    return {"error": {"status": err.status, "message": err.message, "param": err.param,
+                      "type": err.kind, "headers": err.headers}}

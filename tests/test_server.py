@@ -1,0 +1,174 @@
+"""The Serve app over real HTTP: the unmodified openai client, bad input, overload, disconnect."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import socket
+import time
+
+import httpx
+import pytest
+
+from dflash_ray import LLM, SamplingParams
+
+from .test_engine import add_char_tokenizer
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def text_models(tiny, tmp_path_factory):
+    d = tmp_path_factory.mktemp("served") / "moe"
+    shutil.copytree(tiny["moe"], d)
+    add_char_tokenizer(d)
+    return str(d), tiny["drafter"]
+
+
+@pytest.fixture(scope="module")
+def served(ray_cluster, text_models):
+    from ray import serve
+
+    from dflash_ray.server.app import build_app
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    target, drafter = text_models
+    app = build_app({
+        "model_name": "tiny",
+        "engine": {"target": target, "drafter": drafter, "max_model_len": 512},
+        "ingress": {"max_body_bytes": 4096, "request_timeout_s": 30},
+    })
+    serve.run(app, name="dflash", route_prefix="/", blocking=False)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    yield base
+    serve.delete("dflash")
+
+
+def test_openai_client_completions_and_chat_equal_offline(served, text_models):
+    import openai
+
+    client = openai.OpenAI(base_url=f"{served}/v1", api_key="unused")
+    llm = LLM(*text_models)
+    want = llm.generate("hello world", SamplingParams(max_tokens=24), use_tqdm=False)[0]
+
+    got = client.completions.create(model="tiny", prompt="hello world", max_tokens=24,
+                                    temperature=0)
+    assert got.choices[0].text == want.text
+    assert got.usage.completion_tokens == 24
+    assert got.usage.model_extra["acceptance_length"] >= 1.0
+
+    stream = client.completions.create(model="tiny", prompt="hello world", max_tokens=24,
+                                       temperature=0, stream=True,
+                                       stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == want.text
+    assert chunks[-1].usage.completion_tokens == 24
+
+    chat = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=16,
+        temperature=0)
+    prompt = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    offline = llm.generate(prompt, SamplingParams(max_tokens=16), use_tqdm=False)[0]
+    assert chat.choices[0].message.content == offline.text
+    parts = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=16,
+        temperature=0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in parts) == offline.text
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+
+
+def test_concurrent_streams_share_engine_steps(served, text_models):
+    llm = LLM(*text_models)
+    prompts = [f"req {i} " + "ab" * i for i in range(16)]
+    want = [o.text for o in llm.generate(prompts, SamplingParams(max_tokens=20),
+                                          use_tqdm=False)]
+
+    async def one(client, prompt):
+        body = {"model": "tiny", "prompt": prompt, "max_tokens": 20, "temperature": 0,
+                "stream": True}
+        text = ""
+        async with client.stream("POST", f"{served}/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    text += json.loads(line[6:])["choices"][0]["text"]
+        return text
+
+    async def main():
+        async with httpx.AsyncClient(timeout=60) as client:
+            return await asyncio.gather(*(one(client, p) for p in prompts))
+
+    assert asyncio.run(main()) == want
+    assert httpx.get(f"{served}/stats").json()["max_batch_size"] > 1
+
+
+@pytest.mark.parametrize(
+    "body,status,field",
+    [
+        ('{"prompt": "hi", "max_tokens": ', 400, None),  # malformed JSON
+        ({"prompt": "hi", "max_tokens": "many"}, 400, "max_tokens"),
+        ({"prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
+        ({"prompt": "hi", "temperature": -1}, 400, "temperature"),
+        ({"prompt": "hi", "top_p": 2}, 400, "top_p"),
+        ({"prompt": "hi", "model": "gpt-9"}, 404, "model"),
+        ({"prompt": "x" * 600, "max_tokens": 4}, 400, "prompt"),
+        ({"prompt": ""}, 400, "prompt"),
+        ({"prompt": "hi", "logprobs": 3}, 400, "logprobs"),
+        ({"prompt": "y" * 5000}, 413, None),
+    ],
+)
+def test_bad_input_is_rejected_naming_the_field(served, body, status, field):
+    content = body if isinstance(body, str) else json.dumps(body)
+    r = httpx.post(f"{served}/v1/completions", content=content,
+                   headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["message"]
+    if field is not None:
+        assert err["param"] == field or field in err["message"]
+
+
+def test_nan_is_rejected(served):
+    r = httpx.post(f"{served}/v1/completions", content='{"prompt": "hi", "temperature": NaN}',
+                   headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 400 and "temperature" in r.text
+
+
+def test_disconnect_mid_stream_frees_kv_blocks(served):
+    body = {"model": "tiny", "prompt": "abc", "max_tokens": 400, "temperature": 0,
+            "stream": True}
+    with httpx.stream("POST", f"{served}/v1/completions", json=body, timeout=30) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                break  # leave after the first chunk
+    deadline = time.time() + 20
+    stats = {}
+    while time.time() < deadline:
+        stats = httpx.get(f"{served}/stats").json()
+        if stats["running"] == 0 and stats["kv_blocks_used"] == 0:
+            break
+        time.sleep(0.2)
+    assert stats["running"] == 0 and stats["kv_blocks_used"] == 0, stats
+    assert stats["generation_tokens"] < 10_000
+
+
+def test_health_and_deep_health(served):
+    assert httpx.get(f"{served}/health").json() == {"status": "ok"}
+    deep = httpx.get(f"{served}/health/deep", timeout=60).json()
+    assert deep["status"] == "ok" and deep["drafted"] is True
