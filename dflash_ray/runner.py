@@ -156,7 +156,7 @@ class ModelRunner:
         if gen is None:
             gen = torch.Generator(device=self.device)
             seed = spec.seed if spec.seed is not None else int.from_bytes(os.urandom(8), "little")
-            gen.manual_seed(seed)
+            gen.manual_seed(seed % (1 << 64))  # any int is a valid seed
             self._generators[seq_id] = gen
         return gen
 

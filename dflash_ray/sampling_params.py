@@ -6,6 +6,9 @@ import math
 from dataclasses import dataclass, field
 
 
+GREEDY_BELOW = 1e-5  # temperatures under this decode greedily (as vLLM does)
+
+
 class InvalidRequest(ValueError):
     """A request the server must refuse with 400; `field` names the offending input."""
 
@@ -36,6 +39,9 @@ class SamplingParams:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.validate()
+        if self.temperature < GREEDY_BELOW:
+            # logits / 1e-300 overflow to inf; a temperature this small is greedy in effect
+            self.temperature = 0.0
 
     def validate(self) -> None:
         def number(name: str) -> float:

@@ -41,6 +41,7 @@ def processed_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p:
         sorted_p, order = probs.sort(dim=-1, descending=True)
         # keep the smallest prefix whose mass reaches top_p (the first token always stays)
         drop = sorted_p.cumsum(dim=-1) - sorted_p >= top_p
+        drop[:, 0] = False  # a top_p below float32's resolution must still keep one token
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
         probs = probs / probs.sum(dim=-1, keepdim=True)

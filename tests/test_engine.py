@@ -164,3 +164,21 @@ def test_bad_models_name_the_field(tiny, tmp_path):
         LLM(tiny["moe"], block_size=4)
     with pytest.raises(ValueError, match="config.json"):
         LLM(str(tmp_path / "nowhere"))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(temperature=5e-324),  # logits / T would overflow: decodes greedily
+        dict(temperature=1e308, seed=2**80),
+        dict(temperature=0.5, top_p=1e-300, top_k=10**9, seed=-5),
+    ],
+)
+def test_extreme_sampling_params_still_generate(llms, kwargs):
+    out = llms["dflash"].generate([[1, 2, 3]], SamplingParams(max_tokens=12, **kwargs),
+                                  use_tqdm=False)[0]
+    assert len(out.token_ids) == 12 and all(0 <= t < VOCAB for t in out.token_ids)
+    if kwargs.get("temperature", 1) < 1e-5:
+        greedy = llms["dflash"].generate([[1, 2, 3]], SamplingParams(max_tokens=12),
+                                         use_tqdm=False)[0]
+        assert out.token_ids == greedy.token_ids

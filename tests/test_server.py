@@ -172,3 +172,26 @@ def test_health_and_deep_health(served):
     assert httpx.get(f"{served}/health").json() == {"status": "ok"}
     deep = httpx.get(f"{served}/health/deep", timeout=60).json()
     assert deep["status"] == "ok" and deep["drafted"] is True
+
+
+def test_generated_requests_never_get_a_server_error(served):
+    """Schemathesis draws requests from the app's own OpenAPI schema; none may cause a 5xx."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+
+    schema = schemathesis.openapi.from_dict(httpx.get(f"{served}/openapi.json").json())
+    seen = []
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        operation = schema[path]["POST"]
+
+        @settings(max_examples=150, deadline=None, database=None,
+                  suppress_health_check=list(HealthCheck))
+        @given(case=operation.as_strategy())
+        def check(case):
+            response = case.call(base_url=served, timeout=60)
+            seen.append(response.status_code)
+            assert response.status_code < 500, (case.body, response.text)
+
+        check()
+    assert len(seen) >= 200
+    assert any(code == 200 for code in seen) and any(code == 400 for code in seen)
