@@ -153,7 +153,7 @@ def make_api(backend_factory, settings: IngressSettings) -> FastAPI:
 def _params_dict(req: _SamplingFields, choice: int) -> dict:
     sp = req.sampling_params(choice)
     return {"max_tokens": sp.max_tokens, "temperature": sp.temperature, "top_p": sp.top_p,
-            "top_k": sp.top_k, "seed": sp.seed, "stop": sp.stop}
+            "top_k": sp.top_k, "seed": sp.seed, "stop": sp.stop, "ignore_eos": sp.ignore_eos}
 
 
 class _Stream:

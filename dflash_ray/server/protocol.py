@@ -61,6 +61,7 @@ class _SamplingFields(BaseModel):
     stream_options: StreamOptions | None = None
     logprobs: Any = None
     user: str | None = None
+    ignore_eos: bool = Field(False, description="vLLM extension: generate past EOS")
 
     @field_validator("temperature", "top_p")
     @classmethod
@@ -96,7 +97,7 @@ class _SamplingFields(BaseModel):
 
     def sampling_params(self, choice: int = 0) -> SamplingParams:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        kwargs: dict[str, Any] = {"stop": stops}
+        kwargs: dict[str, Any] = {"stop": stops, "ignore_eos": self.ignore_eos}
         for name in ("max_tokens", "temperature", "top_p", "top_k"):
             value = getattr(self, name)
             if value is not None:

@@ -1,0 +1,167 @@
+"""HTTP streaming through Ray Serve vs the same engine in-process, side by side in one run.
+
+Closed loop at each concurrency c: c clients each send streaming completions back to back.
+Reports output tok/s, TTFT and inter-token latency (p50/p99), and the Serve / in-process ratio.
+
+    python3 bench/serve_vs_engine.py --demo [--concurrency 1 8 32] [--requests 32]
+    python3 bench/serve_vs_engine.py --target DIR --drafter DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import time
+
+import httpx
+
+from dflash_ray import SamplingParams
+from dflash_ray.config import EngineConfig
+from dflash_ray.engine import Engine
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+class Recorder:
+    def __init__(self):
+        self.ttft: list[float] = []
+        self.itl: list[float] = []
+        self.tokens = 0
+
+    def request(self, start: float, arrivals: list[tuple[float, int]]) -> None:
+        """arrivals: (time, tokens in that chunk) of the non-empty chunks."""
+        if not arrivals:
+            return
+        self.ttft.append(arrivals[0][0] - start)
+        for (t0, _), (t1, n) in zip(arrivals, arrivals[1:], strict=False):
+            self.itl.extend([(t1 - t0) / n] * n)
+        self.tokens += sum(n for _, n in arrivals)
+
+    def summary(self, seconds: float) -> dict:
+        return {"tok_s": self.tokens / seconds, "ttft_p50_ms": 1000 * pct(self.ttft, 0.5),
+                "ttft_p99_ms": 1000 * pct(self.ttft, 0.99),
+                "itl_p50_ms": 1000 * pct(self.itl, 0.5), "itl_p99_ms": 1000 * pct(self.itl, 0.99)}
+
+
+async def closed_loop(one, prompts: list[str], concurrency: int) -> float:
+    queue = list(prompts)
+
+    async def client():
+        while queue:
+            await one(queue.pop())
+
+    start = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    return time.perf_counter() - start
+
+
+async def run_engine(engine: Engine, prompts, concurrency, max_tokens) -> dict:
+    rec = Recorder()
+
+    async def one(prompt):
+        start, arrivals = time.perf_counter(), []
+        async for out in engine.stream(prompt, SamplingParams(max_tokens=max_tokens,
+                                                              ignore_eos=True)):
+            if out.new_token_ids:
+                arrivals.append((time.perf_counter(), len(out.new_token_ids)))
+        rec.request(start, arrivals)
+
+    seconds = await closed_loop(one, prompts, concurrency)
+    return rec.summary(seconds)
+
+
+async def run_http(base: str, prompts, concurrency, max_tokens) -> dict:
+    rec = Recorder()
+    async with httpx.AsyncClient(timeout=600) as client:
+
+        async def one(prompt):
+            body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+                    "stream": True, "ignore_eos": True,
+                    "stream_options": {"include_usage": True}}
+            start, times, total = time.perf_counter(), [], 0
+            async with client.stream("POST", f"{base}/v1/completions", json=body) as r:
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: {"):
+                        continue
+                    chunk = json.loads(line[6:])
+                    if chunk.get("usage"):
+                        total = chunk["usage"]["completion_tokens"]
+                    elif chunk["choices"][0]["text"]:
+                        times.append(time.perf_counter())
+            # SSE chunks carry text, not token counts: spread the usage total over them
+            per = total / len(times) if times else 0
+            rec.request(start, [(t, per) for t in times])
+
+        seconds = await closed_loop(one, prompts, concurrency)
+    return rec.summary(seconds)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--target")
+    ap.add_argument("--drafter")
+    ap.add_argument("--demo", action="store_true")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    if args.demo:
+        from dflash_ray.demo import demo_pair
+
+        args.target, args.drafter = demo_pair()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    from dflash_ray.bench.prompts import bench_prompts
+
+    prompts = bench_prompts(args.target, args.requests)
+    engine_cfg = {"target": args.target, "drafter": args.drafter, "max_num_seqs": 64}
+
+    import ray
+    from ray import serve
+
+    from dflash_ray.server.app import build_app
+
+    ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR",
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app({"engine": engine_cfg}), name="bench", route_prefix="/")
+    base = f"http://127.0.0.1:{port}"
+    engine = Engine(EngineConfig(**engine_cfg))
+    rows = []
+    try:
+        for c in args.concurrency:
+            local = asyncio.run(run_engine(engine, prompts, c, args.max_tokens))
+            http = asyncio.run(run_http(base, prompts, c, args.max_tokens))
+            rows.append({"concurrency": c, "in_process": local, "serve": http,
+                         "ratio": http["tok_s"] / local["tok_s"]})
+            print(f"c={c:>2}: in-process {local['tok_s']:.0f} tok/s, Serve {http['tok_s']:.0f} "
+                  f"tok/s ({http['tok_s'] / local['tok_s']:.0%}); Serve TTFT p50/p99 "
+                  f"{http['ttft_p50_ms']:.0f}/{http['ttft_p99_ms']:.0f} ms, ITL p50/p99 "
+                  f"{http['itl_p50_ms']:.1f}/{http['itl_p99_ms']:.1f} ms; in-process TTFT p50 "
+                  f"{local['ttft_p50_ms']:.0f} ms, ITL p50 {local['itl_p50_ms']:.1f} ms",
+                  flush=True)
+    finally:
+        engine.shutdown()
+        serve.shutdown()
+        ray.shutdown()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "rows": rows}, f, indent=2)
+    print(statistics.mean(r["ratio"] for r in rows))
+
+
+if __name__ == "__main__":
+    main()
