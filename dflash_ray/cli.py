@@ -80,6 +80,12 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_drafter(argv: list[str]) -> int:
+    from .train.train_drafter import main
+
+    return main(argv)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dflash-ray", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -95,10 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--json", action="store_true", help="print one JSON object")
     g.set_defaults(func=_generate)
+    sub.add_parser("train-drafter", help="train a DFlash drafter for a target "
+                   "(dflash-ray train-drafter --help)", add_help=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train-drafter"]:  # its own parser: many training options
+        return _train_drafter(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-
 GREEDY_BELOW = 1e-5  # temperatures under this decode greedily (as vLLM does)
 
 

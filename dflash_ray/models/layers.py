@@ -73,6 +73,17 @@ class Attention(nn.Module):
         k = self._rope(rms_norm(kv[:, : self.num_kv_heads], self.k_norm.weight, self.eps), cos, sin)
         return k, kv[:, self.num_kv_heads :]
 
+    def qkv(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [T, H] -> q [T, nh, hd], k and v [T, nkv, hd]; q and k normed and rotated."""
+        nh, nkv = self.num_heads, self.num_kv_heads
+        qkv = self.qkv_proj(x).view(-1, nh + 2 * nkv, self.head_dim)
+        # q and k heads are normed and rotated together: one norm, one RoPE
+        w = torch.cat((self.q_norm.weight.expand(nh, -1), self.k_norm.weight.expand(nkv, -1)))
+        qk = self._rope(rms_norm(qkv[:, : nh + nkv], w, self.eps), cos, sin)
+        return qk[:, :nh], qk[:, nh:], qkv[:, nh + nkv :]
+
     def forward(
         self,
         x: torch.Tensor,  # [T, H]
@@ -82,15 +93,11 @@ class Attention(nn.Module):
         write_slots: torch.Tensor,  # [T]
         groups: list[AttentionGroup],
     ) -> torch.Tensor:
-        nh, nkv = self.num_heads, self.num_kv_heads
-        qkv = self.qkv_proj(x).view(-1, nh + 2 * nkv, self.head_dim)
-        # q and k heads are normed and rotated together: one norm, one RoPE
-        w = torch.cat((self.q_norm.weight.expand(nh, -1), self.k_norm.weight.expand(nkv, -1)))
-        qk = self._rope(rms_norm(qkv[:, : nh + nkv], w, self.eps), cos, sin)
+        q, k, v = self.qkv(x, cos, sin)
         k_cache, v_cache = kv
-        k_cache[write_slots] = qk[:, nh:]
-        v_cache[write_slots] = qkv[:, nh + nkv :]
-        out = self._attend(qk[:, :nh], k_cache, v_cache, groups, self.scale)
+        k_cache[write_slots] = k
+        v_cache[write_slots] = v
+        out = self._attend(q, k_cache, v_cache, groups, self.scale)
         return self.comm.all_reduce(self.o_proj(out.reshape(x.shape[0], -1)))
 
 

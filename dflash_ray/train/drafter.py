@@ -1,0 +1,119 @@
+"""Training a DFlash drafter for any supported target (the recipe of dflash-spec.md §5).
+
+Per sequence and step: random anchors a in the response; a block `[x_a, MASK x (B-1)]` per
+anchor, embedded with the target's frozen embedding; every block sees the target context
+strictly before its anchor and itself bidirectionally (no other block); block position k
+predicts x_{a+k} (same-position labels), weighted exp(-(k-1)/gamma). Only the drafter's own
+weights train; embedding and LM head stay the target's. The layer math is the inference
+drafter's own modules, so what trains is exactly what serves.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..models.dflash import DFlashDrafter
+from .drafter_data import TrainSequence
+
+
+def training_mask(anchors: list[int], seq_len: int, block: int) -> torch.Tensor:
+    """[N*B, S + N*B] bool: block j's queries see context keys k < a_j and their own block."""
+    n = len(anchors)
+    a = torch.tensor(anchors)
+    ctx = torch.arange(seq_len)[None, :] < a[:, None]  # [N, S]
+    ctx = ctx.repeat_interleave(block, dim=0)  # [N*B, S]
+    blk_of = torch.arange(n * block) // block
+    own = blk_of[:, None] == blk_of[None, :]  # [N*B, N*B]
+    return torch.cat((ctx, own), dim=1)
+
+
+def sample_anchors(seq: TrainSequence, block: int, num_anchors: int, rng: random.Random):
+    """Distinct anchors in the response with a whole block inside the sequence, sorted."""
+    lo, hi = seq.prompt_len, len(seq.token_ids) - block
+    if hi < lo:
+        return []
+    candidates = range(lo, hi + 1)
+    return sorted(rng.sample(candidates, min(num_anchors, len(candidates))))
+
+
+def block_logits(
+    drafter: DFlashDrafter,
+    embed: torch.Tensor,  # [V, H] target embedding (frozen)
+    head: torch.Tensor,  # [V, H] target LM head (frozen)
+    features: torch.Tensor,  # [S, K*H]
+    token_ids: torch.Tensor,  # [S]
+    anchors: list[int],
+    mask_token_id: int,
+    block: int,
+) -> torch.Tensor:
+    """Logits at block positions 1..B-1 of every anchor's block: [N, B-1, V]."""
+    n, s = len(anchors), token_ids.shape[0]
+    dtype = drafter.fc.weight.dtype
+    a = torch.tensor(anchors)
+    ids = torch.full((n, block), mask_token_id, dtype=torch.long)
+    ids[:, 0] = token_ids[a]
+    h = F.embedding(ids.reshape(-1), embed).to(dtype)  # [N*B, H]
+    ctx = drafter.project_context(features.to(dtype))  # [S, H]
+    cos_c, sin_c = drafter.rope(torch.arange(s), dtype)
+    blk_pos = (a[:, None] + torch.arange(block)[None, :]).reshape(-1)
+    cos_b, sin_b = drafter.rope(blk_pos, dtype)
+    mask = training_mask(anchors, s, block)[None, None]  # [1, 1, N*B, S+N*B]
+    for layer in drafter.layers:
+        attn = layer.self_attn
+        q, kb, vb = attn.qkv(layer.input_layernorm(h), cos_b, sin_b)
+        kc, vc = attn.project_kv(ctx, cos_c, sin_c)
+        k = torch.cat((kc, kb)).transpose(0, 1)[None]  # [1, nkv, S+N*B, hd]
+        v = torch.cat((vc, vb)).transpose(0, 1)[None]
+        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k, v, attn_mask=mask,
+                                             scale=attn.scale, enable_gqa=True)
+        h = h + attn.o_proj(out[0].transpose(0, 1).reshape(n * block, -1))
+        h = h + layer.mlp(layer.post_attention_layernorm(h))
+    h = drafter.norm(h).view(n, block, -1)[:, 1:]  # [N, B-1, H]
+    return F.linear(h, head.to(dtype)).float()
+
+
+@dataclass(slots=True)
+class BlockLoss:
+    loss: torch.Tensor
+    correct_first: int  # argmax hits at block position 1 (the first draft)
+    count_first: int
+
+
+def block_loss(
+    drafter: DFlashDrafter, embed: torch.Tensor, head: torch.Tensor, seq: TrainSequence,
+    anchors: list[int], mask_token_id: int, block: int, gamma: float,
+) -> BlockLoss:
+    ids = torch.tensor(seq.token_ids)
+    logits = block_logits(drafter, embed, head, seq.features, ids, anchors, mask_token_id, block)
+    a = torch.tensor(anchors)
+    k = torch.arange(1, block)
+    labels = ids[a[:, None] + k[None, :]]  # [N, B-1]; anchors <= S - B keep this in range
+    weights = torch.exp(-(k - 1).float() / gamma)[None, :].expand_as(labels)
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                         reduction="none").view_as(labels)
+    loss = (ce * weights).sum() / weights.sum()
+    correct = int((logits[:, 0].argmax(-1) == labels[:, 0]).sum())
+    return BlockLoss(loss, correct, len(anchors))
+
+
+def init_weights(drafter: nn.Module, std: float = 0.02) -> None:
+    """Qwen3's initialisation: normal(0, std) linears, unit norms."""
+    for name, p in drafter.named_parameters():
+        if name.endswith("norm.weight"):
+            nn.init.ones_(p)
+        else:
+            nn.init.normal_(p, std=std)
+
+
+def cosine_lr(step: int, total: int, peak: float, warmup_ratio: float = 0.04) -> float:
+    warmup = max(1, int(total * warmup_ratio))
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * 0.5 * (1 + math.cos(math.pi * progress))

@@ -1,0 +1,265 @@
+"""`dflash-ray train-drafter`: regenerate data with the target, then train a DFlash drafter.
+
+Resumable: the regenerated data and periodic checkpoints (weights, optimizer, step, RNG, log)
+live in `OUT/work/`; rerunning the same command continues. The result is a z-lab-format
+drafter directory in OUT plus `train_log.json` and `train_curves.png`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..models.config import DecoderConfig, DrafterConfig, TargetConfig
+from ..models.dflash import DFlashDrafter
+from ..models.qwen3 import Qwen3Target
+from .drafter import block_loss, cosine_lr, init_weights, sample_anchors
+from .drafter_data import TrainSequence, capture_features, prompt_windows, regenerate
+from .export import save_zlab
+
+
+@dataclass
+class DrafterTrainArgs:
+    target: str
+    out: str
+    num_layers: int = 2
+    block_size: int = 16
+    target_layer_ids: list[int] | None = None
+    num_seqs: int = 800
+    heldout_seqs: int = 48
+    prompt_tokens: tuple[int, int] = (32, 96)
+    response_tokens: int = 192
+    num_anchors: int = 24
+    batch_seqs: int = 8
+    lr: float = 1e-3
+    gamma: float = 7.0
+    minutes: float | None = 20.0
+    steps: int | None = None
+    eval_every: int = 100
+    checkpoint_minutes: float = 3.0
+    threads: int = 2
+    device: str = "cpu"
+    seed: int = 0
+    log: list[dict] = field(default_factory=list)
+
+
+def default_layer_ids(num_target_layers: int, k: int = 3) -> list[int]:
+    """Deep targets: z-lab's rule. Shallow ones (< 8 layers): spread over 0..N-2."""
+    from ..models.config import default_target_layer_ids
+
+    if num_target_layers >= 8:
+        return default_target_layer_ids(num_target_layers, 5)
+    k = min(k, num_target_layers - 1)
+    return sorted({round(i * (num_target_layers - 2) / max(1, k - 1)) for i in range(k)})
+
+
+def make_drafter(args: DrafterTrainArgs, tcfg: TargetConfig, mask_id: int) -> DFlashDrafter:
+    t = tcfg.decoder
+    decoder = DecoderConfig(
+        hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+        num_layers=args.num_layers, num_heads=t.num_heads, num_kv_heads=t.num_kv_heads,
+        head_dim=t.head_dim, rms_norm_eps=t.rms_norm_eps, rope_theta=t.rope_theta,
+        rope_scaling=1.0, max_position=t.max_position, attention_bias=False)
+    ids = args.target_layer_ids or default_layer_ids(t.num_layers)
+    cfg = DrafterConfig(decoder=decoder, vocab_size=tcfg.vocab_size, block_size=args.block_size,
+                        target_layer_ids=ids, mask_token_id=mask_id,
+                        target_hidden_size=t.hidden_size)
+    cfg.check_fits(tcfg)
+    drafter = DFlashDrafter(cfg).to(args.device)
+    init_weights(drafter)
+    drafter.rope.to(args.device)
+    return drafter
+
+
+def corpus_prompts(target_dir: str, n: int, lengths: tuple[int, int], heldout: bool, seed: int):
+    from ..tokenizer import Tokenizer
+    from .corpus import iter_texts, split_files
+
+    tok = Tokenizer(target_dir)
+    train_files, heldout_files = split_files()
+    files = heldout_files if heldout else train_files
+    rng = random.Random(seed)
+    files = rng.sample(files, min(len(files), max(8, n // 2)))  # plenty of text for n windows
+    stream: list[int] = []
+    for text in iter_texts(files):
+        stream += tok.encode(text)
+    return prompt_windows(stream, n, lengths[0], lengths[1], seed)
+
+
+def load_data(args: DrafterTrainArgs, work: Path, layer_ids: list[int], target: Qwen3Target):
+    path = work / "data.pt"
+    if path.is_file():
+        raw = torch.load(path)
+    else:
+        raw = {}
+        for split, n in (("train", args.num_seqs), ("heldout", args.heldout_seqs)):
+            prompts = corpus_prompts(args.target, n, args.prompt_tokens, split == "heldout",
+                                     args.seed)
+            seqs = regenerate(args.target, prompts, args.response_tokens)
+            raw[split] = [(s.token_ids, s.prompt_len) for s in seqs]
+        torch.save(raw, path)
+    data = {}
+    for split, items in raw.items():
+        seqs = [TrainSequence(ids, p) for ids, p in items
+                if len(ids) - p >= 2 * args.block_size]  # the recipe drops short responses
+        capture_features(target, seqs, layer_ids)
+        data[split] = seqs
+    return data["train"], data["heldout"]
+
+
+@torch.no_grad()
+def evaluate(drafter, embed, head, seqs, mask_id, args, rng) -> dict:
+    total, correct, count = 0.0, 0, 0
+    for s in seqs:
+        anchors = sample_anchors(s, args.block_size, args.num_anchors, rng)
+        if anchors:
+            r = block_loss(drafter, embed, head, s, anchors, mask_id, args.block_size,
+                           args.gamma)
+            total += float(r.loss)
+            correct += r.correct_first
+            count += r.count_first
+    return {"heldout_loss": total / max(1, len(seqs)),
+            "heldout_first_acc": correct / max(1, count)}
+
+
+def train(args: DrafterTrainArgs) -> Path:
+    torch.set_num_threads(args.threads)
+    out, work = Path(args.out), Path(args.out) / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    tcfg = TargetConfig.load(args.target)
+    target = Qwen3Target.from_pretrained(args.target, torch.float32, args.device)
+    from ..tokenizer import Tokenizer
+
+    tok = Tokenizer.maybe_load(args.target)
+    mask_id = (tok.token_id("<|MASK|>") if tok else None)
+    mask_id = tcfg.vocab_size - 1 if mask_id is None else mask_id
+    drafter = make_drafter(args, tcfg, mask_id)
+    embed = target.embed_tokens.weight.detach()
+    head = target.lm_head.weight.detach()
+    train_seqs, heldout = load_data(args, work, drafter.cfg.target_layer_ids, target)
+    opt = torch.optim.AdamW(drafter.parameters(), lr=args.lr, weight_decay=0.0)
+    step, elapsed = 0, 0.0
+    rng = random.Random(args.seed)
+    ckpt = work / "checkpoint.pt"
+    if ckpt.is_file():
+        state = torch.load(ckpt, weights_only=False)
+        drafter.load_state_dict(state["drafter"])
+        opt.load_state_dict(state["optimizer"])
+        step, elapsed, args.log = state["step"], state["elapsed"], state["log"]
+        rng.setstate(state["rng"])
+        torch.set_rng_state(state["torch_rng"])
+        print(f"resumed at step {step} ({elapsed / 60:.1f} min)")
+
+    def progress() -> float:
+        if args.minutes:
+            return elapsed / (60 * args.minutes)
+        return step / args.steps
+
+    def save_checkpoint() -> None:
+        tmp = ckpt.with_suffix(".tmp")
+        torch.save({"drafter": drafter.state_dict(), "optimizer": opt.state_dict(),
+                    "step": step, "elapsed": elapsed, "log": args.log, "rng": rng.getstate(),
+                    "torch_rng": torch.get_rng_state()}, tmp)
+        tmp.replace(ckpt)
+
+    bar = tqdm(total=100 if args.minutes else args.steps, desc="train drafter",
+               unit="%" if args.minutes else "step")
+    last_ckpt = time.monotonic()
+    order: list[int] = []
+    while progress() < 1.0:
+        t0 = time.monotonic()
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(int(1000 * progress()), 1000, args.lr)
+        if len(order) < args.batch_seqs:  # a new epoch: reshuffle (anchors are resampled too)
+            order = list(range(len(train_seqs)))
+            rng.shuffle(order)
+        batch = [train_seqs[order.pop()] for _ in range(args.batch_seqs)]
+        losses = []
+        for s in batch:
+            anchors = sample_anchors(s, args.block_size, args.num_anchors, rng)
+            r = block_loss(drafter, embed, head, s, anchors, mask_id, args.block_size, args.gamma)
+            losses.append(r.loss)
+        loss = torch.stack(losses).mean()
+        loss_value = float(loss.detach())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(drafter.parameters(), 1.0)
+        opt.step()
+        step += 1
+        elapsed += time.monotonic() - t0
+        bar.n = round(100 * progress()) if args.minutes else step
+        bar.set_postfix(loss=f"{loss_value:.3f}", step=step)
+        if step % args.eval_every == 0:
+            entry = {"step": step, "minutes": elapsed / 60, "train_loss": loss_value}
+            entry.update(evaluate(drafter, embed, head, heldout, mask_id, args, random.Random(0)))
+            args.log.append(entry)
+            tqdm.write(json.dumps(entry))
+        if time.monotonic() - last_ckpt > 60 * args.checkpoint_minutes:
+            save_checkpoint()
+            last_ckpt = time.monotonic()
+    bar.close()
+    save_checkpoint()
+    save_zlab(drafter, out, tcfg.decoder.num_layers)
+    summary = {k: v for k, v in asdict(args).items() if k != "log"}
+    (out / "train_log.json").write_text(json.dumps({"args": summary, "log": args.log}, indent=1))
+    plot_curves(args.log, out / "train_curves.png")
+    return out
+
+
+def plot_curves(log: list[dict], path: Path) -> None:
+    if not log:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [e["step"] for e in log]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    a.plot(steps, [e["train_loss"] for e in log], label="train")
+    a.plot(steps, [e["heldout_loss"] for e in log], label="held-out")
+    a.set(xlabel="step", ylabel="weighted block loss", title="drafter loss")
+    a.legend()
+    b.plot(steps, [e["heldout_first_acc"] for e in log])
+    b.set(xlabel="step", ylabel="accuracy", title="held-out first-position accuracy")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def parse_args(argv: list[str] | None = None) -> DrafterTrainArgs:
+    d = DrafterTrainArgs(target="", out="")
+    p = argparse.ArgumentParser(prog="dflash-ray train-drafter", description=__doc__)
+    p.add_argument("--target", required=True, help="target model directory")
+    p.add_argument("--out", required=True, help="output drafter directory (z-lab format)")
+    p.add_argument("--layers", type=int, default=d.num_layers, dest="num_layers")
+    p.add_argument("--block-size", type=int, default=d.block_size)
+    p.add_argument("--target-layer-ids", type=lambda s: [int(x) for x in s.split(",")])
+    p.add_argument("--num-seqs", type=int, default=d.num_seqs)
+    p.add_argument("--response-tokens", type=int, default=d.response_tokens)
+    p.add_argument("--num-anchors", type=int, default=d.num_anchors)
+    p.add_argument("--batch-seqs", type=int, default=d.batch_seqs)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--gamma", type=float, default=d.gamma)
+    p.add_argument("--minutes", type=float, default=d.minutes)
+    p.add_argument("--steps", type=int, default=None, help="train for N steps instead")
+    p.add_argument("--eval-every", type=int, default=d.eval_every)
+    p.add_argument("--threads", type=int, default=d.threads)
+    p.add_argument("--device", default=d.device)
+    p.add_argument("--seed", type=int, default=d.seed)
+    ns = vars(p.parse_args(argv))
+    if ns["steps"] is not None:
+        ns["minutes"] = None
+    return DrafterTrainArgs(**ns)
+
+
+def main(argv: list[str] | None = None) -> int:
+    print(train(parse_args(argv)))
+    return 0
