@@ -80,6 +80,20 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from .bench.offline import load_prompts, run_bench
+
+    target, drafter = _models(args)
+    if drafter is None:
+        raise SystemExit("error: bench compares plain decoding with DFlash: give --drafter")
+    prompts = load_prompts(args.prompts, target, args.num_prompts)
+    result = run_bench(target, drafter, prompts, args.concurrency, args.max_tokens, args.out,
+                       {"device": args.device, "dtype": args.dtype})
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
 def _train_drafter(argv: list[str]) -> int:
     from .train.train_drafter import main
 
@@ -101,6 +115,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--json", action="store_true", help="print one JSON object")
     g.set_defaults(func=_generate)
+    b = sub.add_parser("bench", help="plain vs DFlash throughput, tau and speedup")
+    _add_model_args(b)
+    b.add_argument("--prompts", help="JSONL file with a 'prompt' field (default: held-out set)")
+    b.add_argument("--num-prompts", type=int, default=32)
+    b.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16, 32])
+    b.add_argument("--max-tokens", type=int, default=128)
+    b.add_argument("--out", default="bench_results", help="directory for bench.json and PNGs")
+    b.add_argument("--json", action="store_true", help="also print the result JSON")
+    b.set_defaults(func=_bench)
     sub.add_parser("train-drafter", help="train a DFlash drafter for a target "
                    "(dflash-ray train-drafter --help)", add_help=False)
     return parser

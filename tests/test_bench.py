@@ -1,0 +1,38 @@
+"""`dflash-ray bench` and `generate` from the command line on tiny models."""
+
+from __future__ import annotations
+
+import json
+
+from dflash_ray.cli import main
+
+
+def test_bench_writes_json_fields_and_plots(tiny, tmp_path, capsys):
+    out = tmp_path / "bench"
+    code = main(["bench", "--target", tiny["moe"], "--drafter", tiny["drafter"],
+                 "--num-prompts", "4", "--concurrency", "1", "4", "--max-tokens", "16",
+                 "--out", str(out)])
+    assert code == 0
+    result = json.loads((out / "bench.json").read_text())
+    assert [r["concurrency"] for r in result["rows"]] == [1, 4]
+    for row in result["rows"]:
+        assert row["outputs_identical"] is True
+        assert row["plain"]["tokens"] == row["dflash"]["tokens"] == 4 * 16
+        assert row["speedup"] > 0 and row["dflash"]["mean_tau"] >= 1.0
+        assert len(row["dflash"]["acceptance_rate_per_position"]) == 7  # B = 8
+        assert sum(row["dflash"]["tau_histogram"].values()) > 0
+    for name in ("speedup.png", "tau_histogram.png"):
+        assert (out / name).stat().st_size > 1000
+
+
+def test_generate_json(tiny, capsys):
+    assert main(["generate", "--target", tiny["moe"], "--drafter", tiny["drafter"],
+                 "--prompt-ids", "1,2,3", "--max-tokens", "9", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["token_ids"]) == 9 and out["finish_reason"] == "length"
+    assert sum(out["acceptance_lengths"]) == 8  # the first token comes from prefill
+
+
+def test_bad_values_exit_with_a_message(tiny, capsys):
+    assert main(["generate", "--target", tiny["moe"], "--prompt-ids", "1", "--top-p", "0"]) == 2
+    assert "top_p" in capsys.readouterr().err
