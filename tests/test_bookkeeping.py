@@ -77,3 +77,10 @@ def test_scheduler_shortens_the_last_block_to_max_tokens():
     a.num_cached = 4
     out = s.schedule()
     assert out.decodes[0].num_queries == 3  # 2 tokens left: bonus + 2 drafts
+
+
+def test_importing_the_package_loads_no_ray_fastapi_or_triton():
+    code = ("import sys, dflash_ray; "
+            "print([m for m in ('ray', 'fastapi', 'triton') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
