@@ -16,6 +16,7 @@ from dflash_ray import LLM, SamplingParams
 from .test_engine import add_char_tokenizer
 
 pytestmark = pytest.mark.timeout(240)
+AUTH = {"Authorization": "Bearer sekret"}
 
 
 def free_port() -> int:
@@ -166,6 +167,65 @@ def test_disconnect_mid_stream_frees_kv_blocks(served):
         time.sleep(0.2)
     assert stats["running"] == 0 and stats["kv_blocks_used"] == 0, stats
     assert stats["generation_tokens"] < 10_000
+
+
+@pytest.fixture(scope="module")
+def tight(served, text_models):
+    """A second app on the same Serve instance: one request in flight, a 0.3 s deadline, an
+    API key."""
+    from ray import serve
+
+    from dflash_ray.server.app import build_app
+
+    target, drafter = text_models
+    app = build_app({"model_name": "tiny", "max_pending": 1,
+                     "engine": {"target": target, "drafter": drafter, "max_model_len": 512},
+                     "ingress": {"request_timeout_s": 0.3, "api_key": "sekret"}})
+    serve.run(app, name="tight", route_prefix="/tight", blocking=False)
+    base = f"{served}/tight"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    yield base
+    serve.delete("tight")
+
+
+def test_server_side_timeout_is_408(tight):
+    r = httpx.post(f"{tight}/v1/completions", timeout=30, headers=AUTH,
+                   json={"prompt": "a", "max_tokens": 480, "temperature": 0})
+    assert r.status_code == 408 and r.json()["error"]["type"] == "timeout"
+
+
+def test_api_key_is_required_when_configured(tight):
+    body = {"prompt": "a", "max_tokens": 2}
+    assert httpx.post(f"{tight}/v1/completions", json=body).status_code == 401
+    wrong = {"Authorization": "Bearer sekreT"}
+    assert httpx.post(f"{tight}/v1/completions", json=body, headers=wrong).status_code == 401
+    assert httpx.get(f"{tight}/health").status_code == 200  # probes need no key
+    ok = httpx.post(f"{tight}/v1/completions", json=body, headers=AUTH, timeout=30)
+    assert ok.status_code in (200, 408)  # authorised (the 0.3 s deadline may still hit)
+
+
+def test_overload_is_503_with_retry_after(tight):
+    async def one(client):
+        body = {"prompt": "a", "max_tokens": 200, "temperature": 0, "stream": True}
+        async with client.stream("POST", f"{tight}/v1/completions", json=body,
+                                 headers=AUTH) as r:
+            await r.aread()
+            return r.status_code, r.headers.get("retry-after")
+
+    async def main():
+        async with httpx.AsyncClient(timeout=30) as client:
+            return await asyncio.gather(*(one(client) for _ in range(6)))
+
+    results = asyncio.run(main())
+    refused = [h for code, h in results if code == 503]
+    assert refused and all(h == "1" for h in refused), results
 
 
 def test_health_and_deep_health(served):

@@ -20,6 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
+from ray.serve.exceptions import BackPressureError
 
 from .protocol import (
     APIError,
@@ -64,7 +65,8 @@ def make_api(backend_factory, settings: IngressSettings) -> FastAPI:
         if size is not None and size.isdigit() and int(size) > settings.max_body_bytes:
             return _error_response(APIError(413, f"request body of {size} bytes exceeds "
                                                  f"{settings.max_body_bytes}", kind="too_large"))
-        if api_key and request.url.path.startswith("/v1/"):
+        path = request.url.path.removeprefix(request.scope.get("root_path", ""))
+        if api_key and path.startswith("/v1/"):
             auth = request.headers.get("authorization", "")
             given = auth[7:] if auth.lower().startswith("bearer ") else ""
             if not hmac.compare_digest(given.encode(), api_key.encode()):
@@ -140,6 +142,10 @@ def make_api(backend_factory, settings: IngressSettings) -> FastAPI:
             await _close_all(streams)
             raise APIError(408, f"request timed out after {settings.request_timeout_s}s",
                            kind="timeout") from exc
+        except BackPressureError as exc:  # Serve's own queue (max_queued_requests) is full
+            await _close_all(streams)
+            raise APIError(503, f"server overloaded: {exc}", kind="overloaded",
+                           headers={"Retry-After": "1"}) from exc
         except BaseException:
             await _close_all(streams)
             raise
