@@ -135,11 +135,7 @@ class Qwen3Target(nn.Module):
             key = key.removeprefix("model.")
             if cfg.tie_word_embeddings and key == "lm_head.weight":
                 return None
-            if key.endswith("mlp.experts.gate_up_proj") or key.endswith("mlp.experts.down_proj"):
-                return key
-            if key.startswith("mtp."):
-                return None
-            return key
+            return None if key.startswith("mtp.") else key  # multi-token-prediction heads
 
         def select(name: str, lazy) -> torch.Tensor:
             # Only this rank's rows/columns are read from disk.
