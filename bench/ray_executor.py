@@ -1,0 +1,198 @@
+"""In-process engine vs the Ray executor (drafter actor + 1 target shard, and + 2 shards).
+
+Closed loop at each concurrency c (c requests in flight, a new one joins when one finishes),
+greedy, same prompts for every setup. Reports output tok/s, the Ray / in-process ratio, and the
+mean per-step time split into draft, verify, transfer (drafts to the target + features back) and
+Ray overhead (actor-call dispatch, pickling, waiting on results, skew between actors).
+
+    python3 bench/ray_executor.py                 # the demo pair, or random models of its shape
+    python3 bench/ray_executor.py --target DIR --drafter DIR --concurrency 1 8 --shards 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from dflash_ray.bench.offline import closed_loop  # noqa: E402
+from dflash_ray.bench.prompts import bench_prompts  # noqa: E402
+from dflash_ray.config import EngineConfig  # noqa: E402
+from dflash_ray.engine import Engine  # noqa: E402
+from dflash_ray.sampling_params import SamplingParams  # noqa: E402
+
+
+def random_pair(root: Path) -> tuple[str, str]:
+    """Random checkpoints of the demo pair's shape (4-layer Qwen3-MoE, hidden 192, 8 experts
+    top-2, vocab 4096; 2-layer drafter, B = 16): the compute and the transfers are the demo's,
+    acceptance is not (a random drafter is almost never accepted)."""
+    from dflash import DFlashDraftModel
+    from transformers import Qwen3Config, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    target, drafter = root / "target", root / "drafter"
+    shape = dict(
+        vocab_size=4096,
+        hidden_size=192,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=48,
+        max_position_embeddings=2048,
+    )
+    torch.manual_seed(0)
+    Qwen3MoeForCausalLM(
+        Qwen3MoeConfig(
+            **shape,
+            num_hidden_layers=4,
+            intermediate_size=640,
+            moe_intermediate_size=320,
+            num_experts=8,
+            num_experts_per_tok=2,
+            norm_topk_prob=True,
+        )
+    ).save_pretrained(target)
+    cfg = Qwen3Config(**shape, num_hidden_layers=2, intermediate_size=640)
+    cfg.architectures = ["DFlashDraftModel"]
+    cfg.block_size = 16
+    cfg.num_target_layers = 4
+    cfg.dflash_config = {"target_layer_ids": [1, 2], "mask_token_id": 4095}
+    DFlashDraftModel(cfg).save_pretrained(drafter)
+    return str(target), str(drafter)
+
+
+def per_step_ms(engine: Engine, steps0: int, seconds: float, timing0) -> dict:
+    """Mean milliseconds per engine step over the last closed loop."""
+    steps = engine.stats.num_steps - steps0
+    row = {"steps": steps, "step_wall": 1e3 * seconds / steps}
+    t = getattr(engine.executor, "timing", None)
+    if t is None:
+        row["draft"] = 1e3 * (engine.stats.draft_seconds - timing0[0]) / steps
+        row["verify"] = 1e3 * (engine.stats.verify_seconds - timing0[1]) / steps
+        return row
+    n = t.steps - timing0.steps
+    for key in ("draft", "verify", "transfer"):
+        row[key] = 1e3 * (getattr(t, key) - getattr(timing0, key)) / n
+    row["ray_overhead"] = 1e3 * (t.ray_overhead - timing0.ray_overhead) / n
+    row["execute_wall"] = 1e3 * (t.wall - timing0.wall) / n
+    return row
+
+
+def snapshot(engine: Engine):
+    t = getattr(engine.executor, "timing", None)
+    if t is None:
+        return (engine.stats.draft_seconds, engine.stats.verify_seconds)
+    from dataclasses import replace
+
+    return replace(t)
+
+
+def run(args) -> dict:
+    import ray
+
+    if args.target:
+        target, drafter = args.target, args.drafter
+    else:
+        try:
+            from dflash_ray.demo import demo_pair
+
+            target, drafter = demo_pair()
+        except ValueError:
+            target, drafter = random_pair(Path(tempfile.mkdtemp(prefix="dflash-bench-")))
+    torch.set_num_threads(1)  # each actor gets one thread too: the comparison is per process
+    ray.init(
+        num_cpus=8,
+        include_dashboard=False,
+        logging_level="ERROR",
+        runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}},
+    )
+    prompts = bench_prompts(target, args.requests)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
+    setups = [("in-process", {})] + [
+        (f"ray {n} shard{'s' * (n > 1)}", {"executor": "ray", "num_target_shards": n})
+        for n in args.shards
+    ]
+    result = {
+        "target": target,
+        "drafter": drafter,
+        "max_tokens": args.max_tokens,
+        "requests": args.requests,
+        "rows": [],
+    }
+    outputs = {}
+    bar = tqdm(total=len(setups) * len(args.concurrency) * len(prompts), unit="req")
+    for name, kw in setups:
+        engine = Engine(
+            EngineConfig(
+                target=target,
+                drafter=drafter,
+                max_num_seqs=max(args.concurrency),
+                num_kv_blocks=512,
+                **kw,
+            )
+        )
+        closed_loop(engine, prompts[: max(args.concurrency)], max(args.concurrency), params, bar)
+        for c in args.concurrency:
+            steps0, timing0 = engine.stats.num_steps, snapshot(engine)
+            row = closed_loop(engine, prompts, c, params, bar)
+            outputs.setdefault(c, {})[name] = sorted(row.pop("outputs"))
+            row.pop("tau_histogram"), row.pop("acceptance_rate_per_position")
+            row.update(
+                setup=name,
+                concurrency=c,
+                ms_per_step=per_step_ms(engine, steps0, row["seconds"], timing0),
+            )
+            result["rows"].append(row)
+            tqdm.write(
+                f"{name:>13} c={c}: {row['tok_s']:7.1f} tok/s, tau {row['mean_tau']:.2f}, "
+                + ", ".join(f"{k} {v:.2f}" for k, v in row["ms_per_step"].items() if k != "steps")
+                + " ms/step"
+            )
+        engine.shutdown()
+    bar.close()
+    base = {r["concurrency"]: r["tok_s"] for r in result["rows"] if r["setup"] == "in-process"}
+    for r in result["rows"]:
+        r["vs_in_process"] = r["tok_s"] / base[r["concurrency"]]
+        r["outputs_identical"] = (
+            outputs[r["concurrency"]][r["setup"]] == (outputs[r["concurrency"]]["in-process"])
+        )
+    ray.shutdown()
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--target")
+    ap.add_argument("--drafter")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--shards", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--requests", type=int, default=16)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--json", action="store_true", help="print the result as JSON")
+    args = ap.parse_args()
+    if bool(args.target) != bool(args.drafter):
+        ap.error("--target and --drafter go together")
+    result = run(args)
+    print()
+    print(f"{'setup':>13} {'c':>2} {'tok/s':>8} {'vs in-proc':>10} {'same':>5}  ms/step")
+    for r in result["rows"]:
+        ms = r["ms_per_step"]
+        print(
+            f"{r['setup']:>13} {r['concurrency']:>2} {r['tok_s']:8.1f} "
+            f"{r['vs_in_process']:10.2f} {str(r['outputs_identical']):>5}  "
+            + " ".join(f"{k}={v:.2f}" for k, v in ms.items() if k != "steps")
+        )
+    if args.json:
+        print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

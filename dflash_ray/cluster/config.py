@@ -1,0 +1,75 @@
+"""How the Ray executor lays the model out over actors (pydantic: Serve YAML and Python)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ..models.config import TargetConfig
+from ..parallel.plan import ShardingConfig
+
+
+class ClusterConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    num_target_shards: int = Field(1, ge=1, description="target shard actors (TP x EP ranks)")
+    tp_size: int | None = Field(
+        None, ge=1, description="ranks splitting attention heads; default num_target_shards"
+    )
+    ep_size: int | None = Field(
+        None, ge=1, description="ranks splitting MoE experts; default num_target_shards"
+    )
+    transport: Literal["auto", "gloo", "nccl"] = Field(
+        "auto",
+        description="target group and drafter channel backend; auto: nccl when every actor has "
+        "a GPU of its own, else gloo (GPU tensors staged through host memory)",
+    )
+    placement_strategy: Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"] = Field(
+        "STRICT_PACK", description="placement group strategy over drafter + shard bundles"
+    )
+    num_cpus_per_actor: float = Field(0.5, gt=0, description="CPUs reserved per actor")
+    num_gpus_per_actor: float = Field(
+        1.0, gt=0, le=1, description="GPUs per actor on cuda (0.5 puts two on one GPU)"
+    )
+    start_timeout_s: float = Field(
+        180.0, gt=0, description="placement + model load + group formation, per (re)start"
+    )
+    step_timeout_s: float = Field(
+        30.0, gt=0, description="one engine step; past it the step fails and shards rebuild"
+    )
+    collective_timeout_s: float = Field(
+        30.0, gt=0, description="one collective of the target shard group"
+    )
+
+    @model_validator(mode="after")
+    def _sizes(self) -> ClusterConfig:
+        n = self.num_target_shards
+        for name in ("tp_size", "ep_size"):
+            value = getattr(self, name)
+            if value is not None and value != n:
+                raise ValueError(
+                    f"{name} {value} != num_target_shards {n}: heads and experts are split over "
+                    f"all target shards; leave {name} unset or set it to {n}"
+                )
+        return self
+
+    def sharding(self, target: TargetConfig) -> ShardingConfig:
+        """The TP x EP plan, validated against the target (errors name the fix)."""
+        n = self.num_target_shards
+        return ShardingConfig.for_target(target, self.tp_size or n, self.ep_size or n)
+
+    def backend(self, device: str) -> str:
+        on_gpu = device.startswith("cuda")
+        if self.transport == "nccl" and not on_gpu:
+            raise ValueError(
+                f"transport 'nccl' needs device='cuda' (device is {device!r}); use 'gloo' or 'auto'"
+            )
+        if self.transport == "nccl" and self.num_gpus_per_actor < 1:
+            raise ValueError(
+                f"transport 'nccl' with num_gpus_per_actor {self.num_gpus_per_actor:g}: NCCL "
+                "refuses two ranks on one GPU; give each actor a whole GPU or use 'gloo'"
+            )
+        if self.transport == "auto":
+            return "nccl" if on_gpu and self.num_gpus_per_actor == 1 else "gloo"
+        return self.transport

@@ -1,0 +1,179 @@
+"""The drafter side of a step: the DFlash drafter, its paged KV cache and the target's embedding
+and LM head, on one device.
+
+Owns the target features of committed tokens that are not yet in the drafter cache (`absorb`
+stores them, the next `draft` materializes them), and the drafter's sampling streams. Knows
+nothing of the target's weights beyond the two tensors it borrows, so it runs beside the target
+(`ModelRunner`) or alone in a Ray actor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .kv_cache import PagedKVCache, SeqSpan, build_layout, slot_mapping
+from .models.config import TargetConfig
+from .models.dflash import DFlashDrafter
+from .models.loader import load_weights
+from .runner_config import ModelSpec, RunnerConfig, seeded_generator
+from .spec_decode import processed_probs, sample
+from .step_io import DecodeItem, SamplingSpec
+
+
+@dataclass(slots=True)
+class Drafts:
+    """One drafter pass: a row per decode of the batch, in batch order."""
+
+    tokens: torch.Tensor  # [N, B-1] proposed tokens; entries past q-1 are padding
+    # per decode: the distribution [q-1, V] its drafts were sampled from; None when greedy
+    probs: list[torch.Tensor | None]
+
+
+class TargetHead(nn.Module):
+    """The target's token embedding and LM head: all a drafter needs of the target. Loaded alone
+    (two tensors read from the target checkpoint) where the target lives in another process."""
+
+    def __init__(self, cfg: TargetConfig):
+        super().__init__()
+        hidden = cfg.decoder.hidden_size
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, hidden)
+        self.lm_head = nn.Linear(hidden, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [T, H] -> [T, V] in fp32, as the target computes them."""
+        return self.lm_head(hidden).float()
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str, dtype: torch.dtype, device) -> TargetHead:
+        cfg = TargetConfig.load(model_dir)
+        with torch.device("meta"):
+            head = cls(cfg)
+        head = head.to_empty(device=device).to(dtype)
+        if cfg.tie_word_embeddings:
+            head.lm_head.weight = head.embed_tokens.weight
+        wanted = {"embed_tokens.weight"} | (
+            set() if cfg.tie_word_embeddings else {"lm_head.weight"}
+        )
+
+        def rename(key: str) -> str | None:
+            key = key.removeprefix("model.")
+            return key if key in wanted else None
+
+        load_weights(head, model_dir, rename)
+        return head.eval()
+
+
+class DraftWorker:
+    def __init__(self, cfg: RunnerConfig, spec: ModelSpec, head: nn.Module | None = None):
+        """`head` provides `embed` and `logits` (the in-process target itself); None loads the
+        target's embedding and LM head from `cfg.target`."""
+        self.cfg, self.spec = cfg, spec
+        self.device = torch.device(cfg.device)
+        self.dtype = cfg.torch_dtype
+        self.drafter = DFlashDrafter.from_pretrained(cfg.drafter, self.dtype, self.device)
+        self.head = head or TargetHead.from_pretrained(cfg.target, self.dtype, self.device)
+        self.cache: PagedKVCache | None = None
+        self._pending: dict[int, torch.Tensor] = {}  # seq_id -> [c, K*H] features not yet drafted
+        self._generators: dict[int, torch.Generator] = {}
+
+    def kv_bytes_per_token(self) -> int:
+        d = self.drafter.cfg.decoder
+        return PagedKVCache.bytes_per_token(d.num_layers, d.num_kv_heads, d.head_dim, self.dtype)
+
+    def allocate(self, num_blocks: int) -> None:
+        d = self.drafter.cfg.decoder
+        self.cache = PagedKVCache(
+            d.num_layers,
+            num_blocks,
+            self.cfg.kv_block_len,
+            d.num_kv_heads,
+            d.head_dim,
+            self.dtype,
+            self.device,
+        )
+
+    def absorb(self, features: dict[int, torch.Tensor]) -> None:
+        """Target features [c, K*H] of each sequence's newly committed tokens, drafted next."""
+        self._pending.update(features)
+
+    def forget(self, seq_ids: list[int]) -> None:
+        """Preempted sequences: their features are recomputed by their next prefill."""
+        for sid in seq_ids:
+            self._pending.pop(sid, None)
+
+    def release(self, seq_ids: list[int]) -> None:
+        for sid in seq_ids:
+            self._pending.pop(sid, None)
+            self._generators.pop(sid, None)
+
+    def _generator(self, seq_id: int, spec: SamplingSpec) -> torch.Generator:
+        gen = self._generators.get(seq_id)
+        if gen is None:
+            gen = self._generators[seq_id] = seeded_generator(spec, self.device, "drafter")
+        return gen
+
+    @torch.inference_mode()
+    def draft(self, decodes: list[DecodeItem]) -> Drafts:
+        """Drafts for the decoding sequences, all of which must have pending features."""
+        dev, blen = self.device, self.cfg.kv_block_len
+        # 1. Context K/V of the tokens committed since the last draft pass, written once.
+        ctx_spans = [
+            SeqSpan(d.block_table, d.drafted_ctx, d.start - d.drafted_ctx, 0) for d in decodes
+        ]
+        features = []
+        for d in decodes:
+            pending = self._pending.pop(d.seq_id)
+            if pending.shape[0] != d.start - d.drafted_ctx:
+                raise RuntimeError(
+                    f"seq {d.seq_id}: {pending.shape[0]} pending feature rows, expected "
+                    f"{d.start - d.drafted_ctx}"
+                )
+            features.append(pending)
+        ctx_pos = torch.tensor(
+            [p for s in ctx_spans for p in range(s.num_cached, s.num_cached + s.num_new)],
+            dtype=torch.long,
+            device=dev,
+        )
+        self.drafter.materialize_context(
+            torch.cat(features), ctx_pos, slot_mapping(ctx_spans, blen, dev), self.cache
+        )
+        # 2. One non-causal pass over every block [bonus, MASK, ...].
+        spans = [SeqSpan(d.block_table, d.start, d.num_queries, d.num_queries) for d in decodes]
+        write_slots, groups = build_layout(spans, blen, causal=False, device=dev)
+        ids, pos = [], []
+        for d in decodes:
+            ids += [d.bonus] + [self.spec.mask_token_id] * (d.num_queries - 1)
+            pos += range(d.start, d.start + d.num_queries)
+        ids_t = torch.tensor(ids, dtype=torch.long, device=dev)
+        pos_t = torch.tensor(pos, dtype=torch.long, device=dev)
+        hidden = self.drafter(self.head.embed(ids_t), pos_t, self.cache, write_slots, groups)
+        # 3. Logits at block positions 1..q-1 only, through the target's LM head.
+        rows, offset = [], 0
+        for d in decodes:
+            rows += range(offset + 1, offset + d.num_queries)
+            offset += d.num_queries
+        logits = self.head.logits(hidden[torch.tensor(rows, dtype=torch.long, device=dev)])
+        tokens = torch.zeros(len(decodes), self.spec.block_size - 1, dtype=torch.long, device=dev)
+        probs: list[torch.Tensor | None] = []
+        start = 0
+        for i, d in enumerate(decodes):
+            n = d.num_queries - 1
+            seq_logits = logits[start : start + n]
+            start += n
+            s = d.sampling
+            if s.temperature == 0:
+                tokens[i, :n] = seq_logits.argmax(dim=-1)
+                probs.append(None)
+            else:
+                q = processed_probs(seq_logits, s.temperature, s.top_k, s.top_p)
+                tokens[i, :n] = sample(q, self._generator(d.seq_id, s)) if n else tokens[i, :0]
+                probs.append(q)
+        return Drafts(tokens, probs)

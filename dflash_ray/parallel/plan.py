@@ -1,0 +1,107 @@
+"""Sharding plans: which slice of the target each rank holds.
+
+Tensor parallelism (TP) splits every attention layer's query heads, and the dense-MLP
+intermediate dimension, across ranks; expert parallelism (EP) gives each rank a contiguous run of
+experts (uneven runs allowed: 8 experts on 3 ranks hold 3, 3, 2). Both run over the same ranks,
+because the model sums every row-parallel output with one all-reduce over the whole group (see
+`models/layers.py`). The plan is a `ShardSpec`; the model loads only that slice from disk.
+
+KV heads follow the query heads: split when TP divides them; when there are fewer KV heads than
+ranks (TP a multiple of them) each rank keeps the one KV head its query heads read, so that head
+is replicated on TP / num_kv_heads ranks.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
+
+from ..models.config import TargetConfig
+from ..models.qwen3 import ShardSpec
+
+
+def split(n: int, parts: int, index: int) -> tuple[int, int]:
+    """[lo, hi) of piece `index` when n items are cut into `parts` contiguous pieces, the first
+    n % parts pieces one item larger."""
+    base, extra = divmod(n, parts)
+    lo = index * base + min(index, extra)
+    return lo, lo + base + (1 if index < extra else 0)
+
+
+def _divisors(n: int) -> list[int]:
+    return [k for k in range(1, n + 1) if n % k == 0]
+
+
+class ShardingConfig(BaseModel):
+    """How the target is split over its ranks; validated against a target with `for_target`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    tp_size: int = Field(1, ge=1, description="ranks that split attention heads and dense MLPs")
+    ep_size: int = Field(1, ge=1, description="ranks that split the MoE experts (= tp_size)")
+
+    @classmethod
+    def for_target(cls, cfg: TargetConfig, tp_size: int, ep_size: int) -> ShardingConfig:
+        return cls.model_validate({"tp_size": tp_size, "ep_size": ep_size}, context={"target": cfg})
+
+    @model_validator(mode="after")
+    def _fits(self, info: ValidationInfo) -> ShardingConfig:
+        tp, ep = self.tp_size, self.ep_size
+        if tp != ep:
+            raise ValueError(
+                f"tp_size {tp} != ep_size {ep}: heads and experts are split over the same ranks "
+                "(one all-reduce sums both); set tp_size = ep_size = num_target_shards"
+            )
+        cfg: TargetConfig | None = (info.context or {}).get("target")
+        if cfg is None:
+            return self
+        d = cfg.decoder
+        if d.num_heads % tp:
+            raise ValueError(
+                f"num_attention_heads {d.num_heads} is not divisible by tp_size {tp}; "
+                f"use a tp_size in {_divisors(d.num_heads)}"
+            )
+        if d.num_kv_heads % tp and tp % d.num_kv_heads:
+            ok = [
+                k
+                for k in _divisors(d.num_heads)
+                if d.num_kv_heads % k == 0 or k % d.num_kv_heads == 0
+            ]
+            raise ValueError(
+                f"num_key_value_heads {d.num_kv_heads} and tp_size {tp}: one must divide the "
+                "other (KV heads are split when tp_size divides them, replicated when they "
+                f"divide tp_size); use a tp_size in {ok}"
+            )
+        has_dense = any(not cfg.is_moe_layer(i) for i in range(d.num_layers))
+        if has_dense and d.intermediate_size < tp:
+            raise ValueError(
+                f"intermediate_size {d.intermediate_size} < tp_size {tp}: every rank needs a "
+                f"share of the dense MLP; use tp_size <= {d.intermediate_size}"
+            )
+        if cfg.num_experts and ep > cfg.num_experts:
+            raise ValueError(
+                f"ep_size {ep} exceeds num_experts {cfg.num_experts}: every rank needs at least "
+                f"one expert; use ep_size <= {cfg.num_experts}"
+            )
+        return self
+
+    def shard(self, cfg: TargetConfig, rank: int) -> ShardSpec:
+        """Rank `rank`'s slice (call on a config returned by `for_target`)."""
+        if not 0 <= rank < self.tp_size:
+            raise ValueError(f"rank {rank} is outside 0..{self.tp_size - 1}")
+        d, tp = cfg.decoder, self.tp_size
+        if d.num_kv_heads % tp == 0:
+            kv = split(d.num_kv_heads, tp, rank)
+        else:
+            head = rank * d.num_kv_heads // tp
+            kv = (head, head + 1)
+        return ShardSpec(
+            head_range=split(d.num_heads, tp, rank),
+            kv_range=kv,
+            expert_range=split(cfg.num_experts, self.ep_size, rank),
+            mlp_range=split(d.intermediate_size, tp, rank),
+        )
+
+
+def shard_spec(cfg: TargetConfig, rank: int, tp_size: int, ep_size: int) -> ShardSpec:
+    """The slice of `cfg`'s target that rank `rank` of a TP x EP plan holds."""
+    return ShardingConfig.for_target(cfg, tp_size, ep_size).shard(cfg, rank)

@@ -1,0 +1,107 @@
+"""What a runner is built from (`RunnerConfig`) and what follows from the checkpoints
+(`ModelSpec`), shared by the in-process runner, the drafter and target workers and the Ray
+executor, so every process resolves block size, captured layers and KV sizing the same way."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .models.config import DrafterConfig, TargetConfig
+from .step_io import SamplingSpec
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(slots=True)
+class RunnerConfig:
+    target: str
+    drafter: str | None = None
+    device: str = "cpu"
+    dtype: str = "float32"
+    block_size: int | None = None  # verify block B; None = the drafter's own
+    kv_block_len: int = 16
+    num_kv_blocks: int | None = None  # None: sized from kv_cache_gb
+    kv_cache_gb: float | None = None  # None: 85% of free GPU memory, or 1 GiB on CPU
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+@dataclass(slots=True)
+class ModelSpec:
+    """The checkpoint facts every worker and the engine agree on."""
+
+    block_size: int  # verify block B (1 = plain decoding)
+    capture: list[int] | None  # target layers whose outputs feed the drafter; None = no drafter
+    mask_token_id: int | None
+    feature_dim: int  # width of the captured features, K * target hidden (0 without drafter)
+    eos_token_ids: list[int]
+    vocab_size: int
+    max_position: int
+
+    @classmethod
+    def resolve(cls, cfg: RunnerConfig) -> ModelSpec:
+        """Validate the configs against each other; raise ValueError naming the bad field."""
+        if cfg.dtype not in DTYPES:
+            raise ValueError(f"dtype {cfg.dtype!r} is not one of {sorted(DTYPES)}")
+        target = TargetConfig.load(cfg.target)
+        drafter = None
+        block_size = 1
+        if cfg.drafter is not None:
+            drafter = DrafterConfig.load(cfg.drafter)
+            drafter.check_fits(target)
+            block_size = cfg.block_size or drafter.block_size
+            if block_size < 2:
+                raise ValueError(f"block_size {block_size} must be >= 2 with a drafter")
+        elif cfg.block_size not in (None, 1):
+            raise ValueError(f"block_size {cfg.block_size} needs a drafter (plain decoding is 1)")
+        capture = drafter.target_layer_ids if drafter else None
+        return cls(
+            block_size=block_size,
+            capture=capture,
+            mask_token_id=drafter.mask_token_id if drafter else None,
+            feature_dim=len(capture) * target.decoder.hidden_size if capture else 0,
+            eos_token_ids=target.eos_token_ids,
+            vocab_size=target.vocab_size,
+            max_position=target.decoder.max_position,
+        )
+
+    def info(self, num_kv_blocks: int, kv_block_len: int, kv_bytes_per_token: int) -> dict:
+        """What an executor's `info()` tells the engine."""
+        return {
+            "num_kv_blocks": num_kv_blocks,
+            "kv_block_len": kv_block_len,
+            "block_size": self.block_size,
+            "eos_token_ids": self.eos_token_ids,
+            "vocab_size": self.vocab_size,
+            "max_position": self.max_position,
+            "kv_bytes_per_token": kv_bytes_per_token,
+        }
+
+
+def kv_blocks_that_fit(cfg: RunnerConfig, bytes_per_token: int) -> int:
+    """KV blocks of `bytes_per_token` per position that this process's device budget holds."""
+    device = torch.device(cfg.device)
+    gb = cfg.kv_cache_gb
+    if gb is None and device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = int(free * 0.85)
+    else:
+        budget = int((gb or 1.0) * (1 << 30))
+    return max(1, budget // (bytes_per_token * cfg.kv_block_len))
+
+
+# The drafter and the target draw from different streams of one seed, so a seeded request is
+# reproducible whether both run in one process or in two.
+_STREAM_SALT = {"target": 0, "drafter": 0x9E3779B97F4A7C15}
+
+
+def seeded_generator(spec: SamplingSpec, device: torch.device, stream: str) -> torch.Generator:
+    gen = torch.Generator(device=device)
+    seed = spec.seed if spec.seed is not None else int.from_bytes(os.urandom(8), "little")
+    gen.manual_seed((seed ^ _STREAM_SALT[stream]) & ((1 << 63) - 1))
+    return gen

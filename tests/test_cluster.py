@@ -1,0 +1,204 @@
+"""The Ray executor on the shared session cluster (gloo): 1 drafter actor + 2 target shard actors
+(TP=2, EP=2) must reproduce the single-process engine exactly, and survive its actors dying."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import threading
+import time
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from dflash_ray import SamplingParams
+from dflash_ray.config import EngineConfig
+from dflash_ray.engine import Engine
+from dflash_ray.runner_config import RunnerConfig
+
+ray = pytest.importorskip("ray")
+
+from dflash_ray.cluster import ActorStartError, RayExecutor, StepError  # noqa: E402
+
+pytestmark = pytest.mark.timeout(120)
+
+PROMPTS = [[(5 * i + j) % 30 for j in range(1 + 4 * i)] for i in range(6)]  # lengths 1..21
+GREEDY = SamplingParams(max_tokens=40)
+
+
+def ray_engine(target: str, drafter: str | None, shards: int) -> Engine:
+    rc = RunnerConfig(target=target, drafter=drafter, num_kv_blocks=96)
+    return Engine(
+        EngineConfig(target=target, drafter=drafter, executor="ray", num_target_shards=shards),
+        executor=RayExecutor(rc, shards),
+    )
+
+
+@pytest.fixture(scope="module")
+def sharded(ray_cluster, tiny):
+    engine = ray_engine(tiny["moe"], tiny["drafter"], 2)
+    yield engine
+    engine.shutdown()
+
+
+def generate(engine: Engine, prompts, params) -> list:
+    params = params if isinstance(params, list) else [params] * len(prompts)
+    ids = [engine.add_request(p, sp) for p, sp in zip(prompts, params, strict=True)]
+    return engine.run_until_finished(ids)
+
+
+def test_sharded_ray_equals_single_process(sharded, llms):
+    # seeded sampled requests too: rejection sampling on the target side needs the draft
+    # distributions that crossed the channel to be exactly the drafter's
+    sampled = [
+        SamplingParams(max_tokens=30, temperature=0.8, top_k=12, seed=7 + i) for i in range(2)
+    ]
+    params = [GREEDY] * len(PROMPTS) + sampled
+    prompts = PROMPTS + PROMPTS[2:4]
+    got = generate(sharded, prompts, params)
+    want = llms["dflash"].generate(prompts, params, use_tqdm=False)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert [o.acceptance_lengths for o in got] == [o.acceptance_lengths for o in want]
+    assert any(max(o.acceptance_lengths) > 1 for o in got), "no draft was ever accepted"
+    plain = llms["plain"].generate(PROMPTS, GREEDY, use_tqdm=False)
+    assert [o.token_ids for o in got[: len(PROMPTS)]] == [o.token_ids for o in plain]
+    t = sharded.executor.timing
+    assert t.steps > 0 and t.draft > 0 and t.verify > 0 and t.transfer > 0
+
+
+def test_killed_drafter_falls_back_to_plain_then_speculates_again(sharded, llms):
+    plain = llms["plain"].generate(PROMPTS, GREEDY, use_tqdm=False)
+    ex = sharded.executor
+    ids = [sharded.add_request(p, GREEDY) for p in PROMPTS[:3]]
+    for _ in range(3):
+        sharded.step()
+    ray.kill(ex.actors()["drafter"])
+    ids += [sharded.add_request(p, GREEDY) for p in PROMPTS[3:]]  # admitted while it is down
+    outs = sharded.run_until_finished(ids)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in plain]
+    # speculation stopped with the kill, and never started for requests admitted after it
+    assert all(max(o.acceptance_lengths[2:]) == 1 for o in outs[:3])
+    assert all(max(o.acceptance_lengths) == 1 for o in outs[3:])
+    assert ex.wait_for_drafter(60)
+    again = generate(sharded, PROMPTS, GREEDY)
+    assert [o.token_ids for o in again] == [o.token_ids for o in plain]
+    want = llms["dflash"].generate(PROMPTS, GREEDY, use_tqdm=False)
+    assert [o.acceptance_lengths for o in again] == [o.acceptance_lengths for o in want]
+
+
+def test_drafter_killed_during_a_step(sharded, llms):
+    plain = llms["plain"].generate(PROMPTS, GREEDY, use_tqdm=False)
+    ex = sharded.executor
+    assert ex.wait_for_drafter(60)
+    drafter = ex.actors()["drafter"]
+    ids = [sharded.add_request(p, GREEDY) for p in PROMPTS]
+    sharded.step()
+    killer = threading.Timer(0.05, ray.kill, args=(drafter,))
+    killer.start()
+    outs = sharded.run_until_finished(ids)
+    killer.join()
+    assert [o.token_ids for o in outs] == [o.token_ids for o in plain]
+    assert ex.wait_for_drafter(60)
+
+
+def test_killed_target_shard_fails_the_step_fast_then_rebuilds(sharded, llms):
+    ex = sharded.executor
+    ids = [sharded.add_request(p, GREEDY) for p in PROMPTS]
+    sharded.step()
+    sharded.step()
+    ray.kill(ex.actors()["target shard 1"])
+    start = time.monotonic()
+    with pytest.raises(StepError, match="target shard 1 failed"):
+        sharded.run_until_finished(ids)
+    assert time.monotonic() - start < 30
+    assert sharded.blocks.num_free == sharded.blocks.num_blocks
+    # the next requests rebuild the group and succeed
+    again = generate(sharded, PROMPTS[:3], GREEDY)
+    want = llms["dflash"].generate(PROMPTS[:3], GREEDY, use_tqdm=False)
+    assert [o.token_ids for o in again] == [o.token_ids for o in want]
+    assert [o.acceptance_lengths for o in again] == [o.acceptance_lengths for o in want]
+
+
+def test_hung_target_shard_times_out_then_rebuilds(sharded, llms):
+    """A shard that stops answering (SIGSTOP) fails the step at the step deadline."""
+    ex = sharded.executor
+    shard = ex.actors()["target shard 1"]
+    pid = ray.get(shard.ready.remote())["pid"]
+    ids = [sharded.add_request(p, GREEDY) for p in PROMPTS[:2]]
+    sharded.step()
+    ex.cfg.step_timeout_s = 3.0
+    os.kill(pid, signal.SIGSTOP)  # the executor's teardown SIGKILLs it
+    start = time.monotonic()
+    try:
+        with pytest.raises(StepError, match=r"timed out after 3 s waiting for .*target shard 1"):
+            sharded.run_until_finished(ids)
+    finally:
+        ex.cfg.step_timeout_s = 30.0
+    assert time.monotonic() - start < 10
+    again = generate(sharded, PROMPTS[:2], GREEDY)
+    want = llms["dflash"].generate(PROMPTS[:2], GREEDY, use_tqdm=False)
+    assert [o.token_ids for o in again] == [o.token_ids for o in want]
+
+
+def test_plain_decoding_one_shard(ray_cluster, tiny, llms):
+    engine = ray_engine(tiny["moe"], None, 1)
+    try:
+        got = generate(engine, PROMPTS[:3], GREEDY)
+    finally:
+        engine.shutdown()
+    want = llms["plain"].generate(PROMPTS[:3], GREEDY, use_tqdm=False)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+
+
+def test_unplaceable_actors_time_out_naming_the_placement(ray_cluster, tiny):
+    rc = RunnerConfig(target=tiny["moe"], drafter=tiny["drafter"], num_kv_blocks=8)
+    with pytest.raises(ActorStartError, match=r"placement group .* not placed within 1 s"):
+        RayExecutor(rc, 2, num_cpus_per_actor=64, start_timeout_s=1)
+
+
+def test_actor_start_timeout_and_failure_name_the_actor(ray_cluster, tiny, tmp_path):
+    rc = RunnerConfig(target=tiny["moe"], drafter=tiny["drafter"], num_kv_blocks=8)
+    with pytest.raises(ActorStartError, match=r"drafter, target shard 0 did not start within"):
+        RayExecutor(rc, 1, start_timeout_s=0.5)
+    broken = tmp_path / "drafter"
+    broken.mkdir()
+    shutil.copy(f"{tiny['drafter']}/config.json", broken)  # config only: weights missing
+    rc = RunnerConfig(target=tiny["moe"], drafter=str(broken), num_kv_blocks=8)
+    with pytest.raises(ActorStartError, match=r"drafter failed to start: .*no \*\.safetensors"):
+        RayExecutor(rc, 1)
+
+
+def test_plan_errors_fail_before_any_actor_starts(tiny):
+    rc = RunnerConfig(target=tiny["moe"], drafter=tiny["drafter"])
+    with pytest.raises(
+        ValidationError, match="num_attention_heads 4 is not divisible by tp_size 3"
+    ):
+        RayExecutor(rc, 3)
+    with pytest.raises(ValidationError, match="tp_size 1 != num_target_shards 2"):
+        RayExecutor(rc, 2, tp_size=1)
+    with pytest.raises(ValueError, match="transport 'nccl' needs device='cuda'"):
+        RayExecutor(rc, 1, transport="nccl")
+
+
+@pytest.mark.parametrize("gpus_per_actor", [0.5, 1.0])
+def test_gpu_drafter_and_shard_match_cpu(ray_cluster, tiny, llms, gpus_per_actor):
+    """On one GPU the two actors share it and talk gloo through host memory (NCCL refuses two
+    ranks on one device); with a GPU each, the channel is NCCL."""
+    if torch.cuda.device_count() < 2 * gpus_per_actor:
+        pytest.skip(f"needs {2 * gpus_per_actor:g} GPUs")
+    rc = RunnerConfig(target=tiny["moe"], drafter=tiny["drafter"], device="cuda", num_kv_blocks=96)
+    executor = RayExecutor(rc, 1, num_gpus_per_actor=gpus_per_actor)
+    assert executor.backend == ("nccl" if gpus_per_actor == 1 else "gloo")
+    engine = Engine(
+        EngineConfig(target=tiny["moe"], drafter=tiny["drafter"], device="cuda"), executor=executor
+    )
+    try:
+        got = generate(engine, PROMPTS, GREEDY)
+        timing = executor.timing
+    finally:
+        engine.shutdown()
+    want = llms["dflash"].generate(PROMPTS, GREEDY, use_tqdm=False)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    print(f"transfer {1e3 * timing.transfer / timing.steps:.3f} ms/step over {timing.steps} steps")
