@@ -29,6 +29,11 @@ class EngineConfig(BaseModel):
     )
     executor: Literal["local", "ray"] = "local"
     num_target_shards: int = Field(1, ge=1, description="target shard actors (executor=ray)")
+    cluster: dict = Field(
+        default_factory=dict,
+        description="other RayExecutor options (dflash_ray.cluster.config.ClusterConfig): "
+        "transport, placement_strategy, num_cpus_per_actor, timeouts, ...",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> EngineConfig:
@@ -36,6 +41,9 @@ class EngineConfig(BaseModel):
             raise ValueError(f"block_size={self.block_size} needs a drafter; plain decoding is 1")
         if self.block_size is not None and self.drafter is not None and self.block_size < 2:
             raise ValueError(f"block_size={self.block_size} must be >= 2 with a drafter")
-        if self.executor == "local" and self.num_target_shards != 1:
-            raise ValueError(f"num_target_shards={self.num_target_shards} needs executor='ray'")
+        if self.executor == "local" and (self.num_target_shards != 1 or self.cluster):
+            raise ValueError(
+                f"num_target_shards={self.num_target_shards} and cluster options need "
+                "executor='ray'"
+            )
         return self

@@ -66,7 +66,7 @@ def make_executor(config: EngineConfig):
     if config.executor == "ray":
         from .cluster.executor import RayExecutor  # imports ray only when asked for
 
-        return RayExecutor(rc, num_target_shards=config.num_target_shards)
+        return RayExecutor(rc, num_target_shards=config.num_target_shards, **config.cluster)
     return LocalExecutor(rc)
 
 
