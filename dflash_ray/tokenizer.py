@@ -23,8 +23,8 @@ class Tokenizer:
     def maybe_load(cls, model_dir: str | Path) -> Tokenizer | None:
         return cls(model_dir) if (Path(model_dir) / "tokenizer.json").is_file() else None
 
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=True).ids
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)

@@ -1,0 +1,41 @@
+"""The trained pair that ships in the package: loads with our loader and transformers, stays
+lossless, and its drafter is really accepted on held-out prompts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dflash_ray import LLM, SamplingParams, demo_pair
+from dflash_ray.bench.prompts import bench_prompts
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return demo_pair()
+
+
+def test_target_loads_with_transformers_and_matches_our_logits(pair):
+    from transformers import AutoModelForCausalLM
+
+    from .test_models import Harness, rel_err
+
+    target, _ = pair
+    ref = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).eval()
+    ids = bench_prompts(target, 1, prompt_tokens=40)[0]
+    got, _ = Harness(target).forward({0: ids})
+    with torch.no_grad():
+        want = ref(torch.tensor([ids])).logits[0]
+    assert rel_err(got[0], want) < 1e-5
+
+
+def test_greedy_dflash_equals_plain_and_drafts_are_accepted(pair):
+    target, drafter = pair
+    prompts = bench_prompts(target, 6)
+    params = SamplingParams(max_tokens=48)
+    spec = LLM(target, drafter).generate(prompts, params, use_tqdm=False)
+    plain = LLM(target).generate(prompts, params, use_tqdm=False)
+    assert [o.token_ids for o in spec] == [o.token_ids for o in plain]
+    taus = [t for o in spec for t in o.acceptance_lengths]
+    assert sum(taus) / len(taus) > 2.0, taus  # guards against a broken or untrained drafter
+    assert spec[0].text and spec[0].text == plain[0].text
