@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 WORK=${WORK:-build/demo_pair}
 VOCAB_SIZE=${VOCAB_SIZE:-4096}
 TARGET_MINUTES=${TARGET_MINUTES:-55}
-DRAFTER_MINUTES=${DRAFTER_MINUTES:-14}
+DRAFTER_MINUTES=${DRAFTER_MINUTES:-22}
 THREADS=${THREADS:-2}
 PYTHON=${PYTHON:-python3}
 export OMP_NUM_THREADS=$THREADS
@@ -36,14 +36,15 @@ fi
     --experts 8 --top-k 2 --moe-intermediate 320 \
     --seq-len 384 --batch 8 --lr 2e-3 --warmup 200
 
-# Stage 2: the DFlash drafter (B = 16, 2 layers), trained on 3000 sequences the target
-# regenerates greedily from training-split prompts; exported in z-lab's format. DRAFTER_MINUTES
-# counts training steps only (regeneration and feature capture come first, ~6 min). With 800
-# sequences the drafter overfit (train loss 1.2, held-out 3.4, tau 1.7): data, not steps, limits.
+# Stage 2: the DFlash drafter (B = 16, 2 layers), trained on 800 sequences the target regenerates
+# greedily from training-split prompts; exported in z-lab's format. DRAFTER_MINUTES counts
+# training steps only (regeneration and feature capture come first, ~2 min). This is what ships;
+# it overfits (train loss ~1.2, held-out 3.4). A 3000-sequence, 14-minute run fit better but
+# reached only held-out first-position accuracy 0.39 vs 0.44 here: the CPU budget limits tau.
 "$PYTHON" -m dflash_ray.cli train-drafter \
     --target "$WORK/target/model" --out "$WORK/drafter" \
     --minutes "$DRAFTER_MINUTES" --threads "$THREADS" \
-    --layers 2 --block-size 16 --num-seqs 3000 --response-tokens 160 --num-anchors 32
+    --layers 2 --block-size 16 --num-seqs 800 --response-tokens 192
 
 # Stage 3: ship the pair inside the package (bf16 safetensors + configs + tokenizer).
 DEST=dflash_ray/demo_models
