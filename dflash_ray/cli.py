@@ -87,8 +87,9 @@ def _bench(args: argparse.Namespace) -> int:
     if drafter is None:
         raise SystemExit("error: bench compares plain decoding with DFlash: give --drafter")
     prompts = load_prompts(args.prompts, target, args.num_prompts)
+    engine = {"device": args.device, "dtype": args.dtype, "block_size": args.block_size}
     result = run_bench(target, drafter, prompts, args.concurrency, args.max_tokens, args.out,
-                       {"device": args.device, "dtype": args.dtype})
+                       engine)
     if args.json:
         print(json.dumps(result))
     return 0

@@ -71,7 +71,8 @@ def run_bench(target: str, drafter: str, prompts: list, concurrency: list[int],
               max_tokens: int, out_dir: str | None, engine_kwargs: dict | None = None) -> dict:
     kw = dict(engine_kwargs or {})
     kw.setdefault("max_num_seqs", max(concurrency))
-    plain = Engine(EngineConfig(target=target, **kw))
+    plain_kw = {k: v for k, v in kw.items() if k != "block_size"}  # plain decoding is B = 1
+    plain = Engine(EngineConfig(target=target, **plain_kw))
     spec = Engine(EngineConfig(target=target, drafter=drafter, **kw))
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
     rows = []
