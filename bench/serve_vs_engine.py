@@ -164,7 +164,9 @@ def main() -> None:
         ray.shutdown()
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "rows": rows}, f, indent=2)
+            shown = {k: (os.path.relpath(v) if k in ("target", "drafter") and v else v)
+                     for k, v in vars(args).items()}
+            json.dump({"args": shown, "rows": rows}, f, indent=2)
     print(f"mean Serve / in-process ratio: {statistics.mean(r['ratio'] for r in rows):.2f}")
 
 

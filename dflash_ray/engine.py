@@ -15,12 +15,12 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 
 from .block_manager import BlockManager
 from .config import EngineConfig
 from .executor import LocalExecutor
 from .metrics import EngineStats
+from .outputs import RequestOutput
 from .runner import RunnerConfig
 from .sampling_params import InvalidRequest, SamplingParams
 from .scheduler import Scheduler, SchedulerConfig, SchedulerOutput, prefill_len
@@ -29,27 +29,6 @@ from .step_io import DecodeItem, PrefillItem, SamplingSpec, StepBatch, StepResul
 from .tokenizer import Tokenizer, decode_delta
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class RequestOutput:
-    request_id: str
-    prompt_token_ids: list[int]
-    token_ids: list[int]  # all generated so far
-    text: str
-    new_token_ids: list[int]  # generated this step
-    new_text: str
-    finished: bool
-    finish_reason: str | None
-    acceptance_lengths: list[int] = field(default_factory=list)
-    num_draft_tokens: int = 0
-    num_accepted_tokens: int = 0
-
-    @property
-    def acceptance_length(self) -> float:
-        """Mean tokens committed per verify step (bonus included)."""
-        a = self.acceptance_lengths
-        return sum(a) / len(a) if a else 0.0
 
 
 def make_executor(config: EngineConfig):

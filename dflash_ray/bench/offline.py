@@ -87,7 +87,7 @@ def run_bench(target: str, drafter: str, prompts: list, concurrency: list[int],
             tqdm.write(f"c={c:>2}: plain {base['tok_s']:7.1f} tok/s, dflash "
                        f"{fast['tok_s']:7.1f} tok/s, speedup {fast['tok_s'] / base['tok_s']:.2f}x"
                        f", tau {fast['mean_tau']:.2f}, identical={same}")
-    result = {"target": target, "drafter": drafter, "block_size": spec.block_size,
+    result = {"target": _shown(target), "drafter": _shown(drafter), "block_size": spec.block_size,
               "max_tokens": max_tokens, "num_prompts": len(prompts), "rows": rows}
     if out_dir:
         out = Path(out_dir)
@@ -95,6 +95,12 @@ def run_bench(target: str, drafter: str, prompts: list, concurrency: list[int],
         (out / "bench.json").write_text(json.dumps(result, indent=1))
         plot(result, out)
     return result
+
+
+def _shown(path: str) -> str:
+    """A path as results should record it: relative when under the working directory."""
+    p = Path(path).resolve()
+    return str(p.relative_to(Path.cwd())) if p.is_relative_to(Path.cwd()) else str(p)
 
 
 def plot(result: dict, out: Path) -> None:

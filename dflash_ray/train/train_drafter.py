@@ -1,8 +1,8 @@
 """`dflash-ray train-drafter`: regenerate data with the target, then train a DFlash drafter.
 
 Resumable: the regenerated data and periodic checkpoints (weights, optimizer, step, RNG, log)
-live in `OUT/work/`; rerunning the same command continues. The result is a z-lab-format
-drafter directory in OUT plus `train_log.json` and `train_curves.png`.
+live in the `work` folder inside OUT; rerunning the same command continues. The result is a
+z-lab-format drafter directory in OUT plus `train_log.json` and `train_curves.png`.
 """
 
 from __future__ import annotations
