@@ -15,6 +15,18 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         "--demo", action="store_true", help="use the small trained pair that ships with the package"
     )
     p.add_argument("--block-size", type=int, default=None, help="verify block B")
+    p.add_argument(
+        "--spec-min-confidence",
+        type=float,
+        default=None,
+        help="verify drafts while the drafter's probability of the prefix stays >= this",
+    )
+    p.add_argument(
+        "--spec-max-batch",
+        type=int,
+        default=None,
+        help="speculate only while at most this many sequences run",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
 
@@ -30,11 +42,20 @@ def _models(args: argparse.Namespace) -> tuple[str, str | None]:
     return args.target, args.drafter
 
 
+def _engine_kwargs(args: argparse.Namespace, drafter: str | None) -> dict:
+    """EngineConfig fields given on the command line (unset ones keep the config's defaults)."""
+    kw = {"device": args.device, "dtype": args.dtype, "block_size": args.block_size}
+    if drafter is not None:
+        kw["spec_min_confidence"] = args.spec_min_confidence
+        kw["spec_max_batch"] = args.spec_max_batch
+    return {k: v for k, v in kw.items() if v is not None}
+
+
 def _generate(args: argparse.Namespace) -> int:
     from . import LLM, SamplingParams
 
     target, drafter = _models(args)
-    llm = LLM(target, drafter, block_size=args.block_size, device=args.device, dtype=args.dtype)
+    llm = LLM(target, drafter, **_engine_kwargs(args, drafter))
     prompt: str | list[int]
     if args.prompt_ids:
         prompt = [int(t) for t in args.prompt_ids.split(",")]
@@ -87,7 +108,7 @@ def _bench(args: argparse.Namespace) -> int:
     if drafter is None:
         raise SystemExit("error: bench compares plain decoding with DFlash: give --drafter")
     prompts = load_prompts(args.prompts, target, args.num_prompts)
-    engine = {"device": args.device, "dtype": args.dtype, "block_size": args.block_size}
+    engine = _engine_kwargs(args, drafter)
     result = run_bench(target, drafter, prompts, args.concurrency, args.max_tokens, args.out,
                        engine)
     if args.json:

@@ -13,6 +13,20 @@ class EngineConfig(BaseModel):
     target: str = Field(description="Hugging Face directory of the target (Qwen3 / Qwen3-MoE)")
     drafter: str | None = Field(None, description="z-lab DFlash drafter directory; None = plain")
     block_size: int | None = Field(None, description="verify block B; default: the drafter's")
+    spec_min_confidence: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="verify drafts only while the drafter's probability of the draft prefix "
+        "stays >= this (0: verify the whole block); > 0 saves verify compute where each "
+        "verified token costs time (CPU); lossless either way",
+    )
+    spec_max_batch: int | None = Field(
+        None,
+        ge=0,
+        description="speculate only while at most this many sequences run; above it decode "
+        "plain (where verify is compute-bound, large batches gain nothing from drafts)",
+    )
     device: str = Field("cpu", description="torch device of the in-process runner")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     max_num_seqs: int = Field(64, ge=1, description="sequences decoding together")
@@ -39,6 +53,8 @@ class EngineConfig(BaseModel):
     def _check(self) -> EngineConfig:
         if self.block_size is not None and self.drafter is None and self.block_size != 1:
             raise ValueError(f"block_size={self.block_size} needs a drafter; plain decoding is 1")
+        if self.drafter is None and (self.spec_min_confidence or self.spec_max_batch is not None):
+            raise ValueError("spec_min_confidence and spec_max_batch need a drafter")
         if self.block_size is not None and self.drafter is not None and self.block_size < 2:
             raise ValueError(f"block_size={self.block_size} must be >= 2 with a drafter")
         if self.executor == "local" and (self.num_target_shards != 1 or self.cluster):

@@ -22,14 +22,29 @@ from .runner_config import ModelSpec, RunnerConfig, seeded_generator
 from .spec_decode import processed_probs, sample
 from .step_io import DecodeItem, SamplingSpec
 
+NO_DRAFT = -1  # a `Drafts.tokens` entry the target should not verify
+
 
 @dataclass(slots=True)
 class Drafts:
     """One drafter pass: a row per decode of the batch, in batch order."""
 
-    tokens: torch.Tensor  # [N, B-1] proposed tokens; entries past q-1 are padding
-    # per decode: the distribution [q-1, V] its drafts were sampled from; None when greedy
+    # [N, B-1]: row i verifies its leading entries up to the first NO_DRAFT (at most q-1 of
+    # them); the rest are not proposed (the drafter's confidence ran out, or q = 1)
+    tokens: torch.Tensor
+    # per decode: the distribution [>= proposed, V] its drafts were sampled from; None: greedy
     probs: list[torch.Tensor | None]
+
+
+PROPOSE_CHUNK = 4  # block positions whose logits are computed together under a threshold
+
+
+def proposed_lengths(tokens: torch.Tensor, num_queries: list[int]) -> list[int]:
+    """Drafts each row proposes for verification: the leading non-NO_DRAFT entries, <= q-1."""
+    lead = (tokens != NO_DRAFT).to(torch.int32).cumprod(dim=1).sum(dim=1).tolist()
+    return [min(n, q - 1) for n, q in zip(lead, num_queries, strict=True)]
+
+
 
 
 class TargetHead(nn.Module):
@@ -145,35 +160,88 @@ class DraftWorker:
         self.drafter.materialize_context(
             torch.cat(features), ctx_pos, slot_mapping(ctx_spans, blen, dev), self.cache
         )
-        # 2. One non-causal pass over every block [bonus, MASK, ...].
-        spans = [SeqSpan(d.block_table, d.start, d.num_queries, d.num_queries) for d in decodes]
+        # 2. One non-causal pass over every block [bonus, MASK, ...] of the decodes with q > 1
+        # (q = 1: speculation is off for this step; the context above still advanced).
+        tokens = torch.full(
+            (len(decodes), self.spec.block_size - 1), NO_DRAFT, dtype=torch.long, device=dev
+        )
+        probs: list[torch.Tensor | None] = [None] * len(decodes)
+        drafting = [i for i, d in enumerate(decodes) if d.num_queries > 1]
+        if not drafting:
+            return Drafts(tokens, probs)
+        spans = [
+            SeqSpan(decodes[i].block_table, decodes[i].start, decodes[i].num_queries,
+                    decodes[i].num_queries)
+            for i in drafting
+        ]
         write_slots, groups = build_layout(spans, blen, causal=False, device=dev)
         ids, pos = [], []
-        for d in decodes:
+        for i in drafting:
+            d = decodes[i]
             ids += [d.bonus] + [self.spec.mask_token_id] * (d.num_queries - 1)
             pos += range(d.start, d.start + d.num_queries)
         ids_t = torch.tensor(ids, dtype=torch.long, device=dev)
         pos_t = torch.tensor(pos, dtype=torch.long, device=dev)
         hidden = self.drafter(self.head.embed(ids_t), pos_t, self.cache, write_slots, groups)
-        # 3. Logits at block positions 1..q-1 only, through the target's LM head.
-        rows, offset = [], 0
-        for d in decodes:
-            rows += range(offset + 1, offset + d.num_queries)
-            offset += d.num_queries
-        logits = self.head.logits(hidden[torch.tensor(rows, dtype=torch.long, device=dev)])
-        tokens = torch.zeros(len(decodes), self.spec.block_size - 1, dtype=torch.long, device=dev)
-        probs: list[torch.Tensor | None] = []
-        start = 0
-        for i, d in enumerate(decodes):
-            n = d.num_queries - 1
-            seq_logits = logits[start : start + n]
-            start += n
-            s = d.sampling
-            if s.temperature == 0:
-                tokens[i, :n] = seq_logits.argmax(dim=-1)
-                probs.append(None)
-            else:
-                q = processed_probs(seq_logits, s.temperature, s.top_k, s.top_p)
-                tokens[i, :n] = sample(q, self._generator(d.seq_id, s)) if n else tokens[i, :0]
-                probs.append(q)
+        # 3. Drafts at block positions 1..q-1 from the target's LM head.
+        self._propose(decodes, drafting, hidden, tokens, probs)
         return Drafts(tokens, probs)
+
+    def _propose(
+        self,
+        decodes: list[DecodeItem],
+        drafting: list[int],
+        hidden: torch.Tensor,  # [sum of q over drafting, H] the drafter's block rows
+        tokens: torch.Tensor,  # out: [N, B-1]
+        probs: list[torch.Tensor | None],  # out
+    ) -> None:
+        """Draft tokens and how many of them to propose.
+
+        With `spec_min_confidence` > 0 a sequence proposes its drafts while the drafter's own
+        probability of the whole draft prefix (the product of its per-draft probabilities) stays
+        >= the threshold. The rule looks only at the drafter, so verification stays lossless; it
+        skips verifying drafts the target would likely reject, which pays where every verified
+        token costs time (CPU). Logits are then computed PROPOSE_CHUNK positions at a time and
+        only for sequences still confident: most of a block is never verified, so most of its
+        LM-head rows are not worth computing.
+        """
+        dev, threshold = self.device, self.cfg.spec_min_confidence
+        first, offset = {}, 0  # decode index -> its hidden row at block position 0
+        for i in drafting:
+            first[i] = offset
+            offset += decodes[i].num_queries
+        width = max(decodes[i].num_queries - 1 for i in drafting)
+        chunk = PROPOSE_CHUNK if threshold > 0 else width
+        prefix_prob = dict.fromkeys(drafting, 1.0)
+        live = drafting
+        for lo in range(0, width, chunk):
+            spans = [(i, min(lo + chunk, decodes[i].num_queries - 1)) for i in live]
+            spans = [(i, hi) for i, hi in spans if hi > lo]
+            if not spans:
+                break
+            rows = [first[i] + 1 + p for i, hi in spans for p in range(lo, hi)]
+            logits = self.head.logits(hidden[torch.tensor(rows, dtype=torch.long, device=dev)])
+            live, at = [], 0
+            for i, hi in spans:
+                seq_logits = logits[at : at + hi - lo]
+                at += hi - lo
+                s = decodes[i].sampling
+                if s.temperature == 0:
+                    drafted = seq_logits.argmax(dim=-1)
+                    conf = None
+                    if threshold > 0:
+                        conf = torch.softmax(seq_logits, dim=-1).gather(1, drafted[:, None])[:, 0]
+                else:
+                    q = processed_probs(seq_logits, s.temperature, s.top_k, s.top_p)
+                    drafted = sample(q, self._generator(decodes[i].seq_id, s))
+                    conf = q.gather(1, drafted[:, None])[:, 0]
+                    probs[i] = q if probs[i] is None else torch.cat((probs[i], q))
+                n = hi - lo
+                if threshold > 0:
+                    prefix = prefix_prob[i] * conf.cumprod(dim=0)  # non-increasing
+                    n = int((prefix >= threshold).sum())
+                    if n:
+                        prefix_prob[i] = float(prefix[n - 1])
+                tokens[i, lo : lo + n] = drafted[:n]
+                if n == hi - lo and hi < decodes[i].num_queries - 1:
+                    live.append(i)

@@ -41,6 +41,7 @@ def make_executor(config: EngineConfig):
         kv_block_len=config.kv_block_len,
         num_kv_blocks=config.num_kv_blocks,
         kv_cache_gb=config.kv_cache_gb,
+        spec_min_confidence=config.spec_min_confidence,
     )
     if config.executor == "ray":
         from .cluster.executor import RayExecutor  # imports ray only when asked for
@@ -65,6 +66,7 @@ class Engine:
                 max_num_batched_tokens=config.max_num_batched_tokens or self.max_model_len,
                 max_model_len=self.max_model_len,
                 block_size=self.block_size,
+                spec_max_batch=config.spec_max_batch,
             ),
             self.blocks,
         )

@@ -25,6 +25,9 @@ class RunnerConfig:
     kv_block_len: int = 16
     num_kv_blocks: int | None = None  # None: sized from kv_cache_gb
     kv_cache_gb: float | None = None  # None: 85% of free GPU memory, or 1 GiB on CPU
+    # propose drafts while the drafter's probability of the draft prefix stays >= this
+    # (0: always verify the whole block, as z-lab and SGLang do)
+    spec_min_confidence: float = 0.0
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -21,6 +21,9 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 4096
     max_model_len: int = 2048
     block_size: int = 1  # verify block B (1 = plain decoding)
+    # speculate only while at most this many sequences run; above, every block is q = 1
+    # (plain decoding; the drafter's context still follows). None: always speculate.
+    spec_max_batch: int | None = None
 
 
 @dataclass(slots=True)
@@ -60,6 +63,9 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def block_len_for(self, seq: Sequence) -> int:
+        limit = self.config.spec_max_batch
+        if limit is not None and len(self.running) > limit:
+            return 1
         return min(self.config.block_size, seq.remaining + 1)
 
     def schedule(self) -> SchedulerOutput:

@@ -8,11 +8,12 @@ Other ranks of a sharded target run `forward` only: they hold no sampling state.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
-from .draft_worker import Drafts
+from .draft_worker import Drafts, proposed_lengths
 from .kv_cache import PagedKVCache, SeqSpan, build_layout
 from .models.qwen3 import Qwen3Target, ShardSpec
 from .parallel.communicator import LOCAL, Communicator
@@ -26,6 +27,21 @@ class Verified:
     results: list[SeqResult]  # prefills first, then decodes, in batch order
     # seq_id -> [committed rows, K*H] target features for the drafter (empty without a drafter)
     features: dict[int, torch.Tensor]
+
+
+def verified_blocks(batch: StepBatch, drafts: Drafts | None) -> StepBatch:
+    """The batch with every block cut to [bonus, proposed drafts]: q = 1 + proposed."""
+    if drafts is None or not batch.decodes:
+        return batch
+    q = [d.num_queries for d in batch.decodes]
+    lengths = proposed_lengths(drafts.tokens, q)
+    if all(n == qi - 1 for n, qi in zip(lengths, q, strict=True)):
+        return batch
+    decodes = [
+        d if d.num_queries == n + 1 else dataclasses.replace(d, num_queries=n + 1)
+        for d, n in zip(batch.decodes, lengths, strict=True)
+    ]
+    return StepBatch(batch.prefills, decodes, batch.dropped)
 
 
 class TargetWorker:
@@ -78,6 +94,7 @@ class TargetWorker:
         """The target pass: (final hidden [T, H], captured features [T, K*H] or None) over the
         prefill tokens then the blocks `[bonus, drafts...]`; None for an empty batch."""
         dev = self.device
+        batch = verified_blocks(batch, drafts)
         spans, ids, pos = [], [], []
         for p in batch.prefills:
             n = len(p.token_ids)
@@ -104,6 +121,7 @@ class TargetWorker:
     @torch.inference_mode()
     def verify(self, batch: StepBatch, drafts: Drafts | None) -> Verified:
         """Forward, then accept per sequence. Without drafts every decode must be q = 1."""
+        batch = verified_blocks(batch, drafts)
         out = self.forward(batch, drafts)
         if out is None:
             return Verified([], {})
@@ -195,7 +213,9 @@ class TargetWorker:
             if tokens is None or q == 1:
                 committed[i] = sample(target_probs[:1], gen).tolist()
             else:
-                res = rejection_accept(tokens[i, : q - 1], drafts.probs[i], target_probs, gen)
+                res = rejection_accept(
+                    tokens[i, : q - 1], drafts.probs[i][: q - 1], target_probs, gen
+                )
                 committed[i], accepted[i] = res.tokens, res.num_accepted
         return [
             SeqResult(d.seq_id, committed[i], d.num_queries - 1, accepted[i])

@@ -101,6 +101,8 @@ def llms(tiny):
     return {
         "plain": LLM(tiny["moe"]),
         "dflash": LLM(tiny["moe"], tiny["drafter"]),
+        # proposes only the drafts the (random) drafter is confident in: mostly 0-2 of 7
+        "dflash_cut": LLM(tiny["moe"], tiny["drafter"], spec_min_confidence=0.02),
     }
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from dflash_ray import SamplingParams
+from dflash_ray import LLM, SamplingParams
 from dflash_ray.config import EngineConfig
 from dflash_ray.engine import Engine
 from dflash_ray.runner_config import RunnerConfig
@@ -28,10 +28,17 @@ PROMPTS = [[(5 * i + j) % 30 for j in range(1 + 4 * i)] for i in range(6)]  # le
 GREEDY = SamplingParams(max_tokens=40)
 
 
-def ray_engine(target: str, drafter: str | None, shards: int) -> Engine:
-    rc = RunnerConfig(target=target, drafter=drafter, num_kv_blocks=96)
+def ray_engine(target: str, drafter: str | None, shards: int, **spec) -> Engine:
+    rc = RunnerConfig(
+        target=target,
+        drafter=drafter,
+        num_kv_blocks=96,
+        spec_min_confidence=spec.get("spec_min_confidence", 0.0),
+    )
     return Engine(
-        EngineConfig(target=target, drafter=drafter, executor="ray", num_target_shards=shards),
+        EngineConfig(
+            target=target, drafter=drafter, executor="ray", num_target_shards=shards, **spec
+        ),
         executor=RayExecutor(rc, shards),
     )
 
@@ -66,6 +73,29 @@ def test_sharded_ray_equals_single_process(sharded, llms):
     assert [o.token_ids for o in got[: len(PROMPTS)]] == [o.token_ids for o in plain]
     t = sharded.executor.timing
     assert t.steps > 0 and t.draft > 0 and t.verify > 0 and t.transfer > 0
+
+
+def test_cut_blocks_and_plain_steps_cross_the_actors_like_in_process(ray_cluster, tiny):
+    """Blocks cut by drafter confidence (NO_DRAFT entries over the channel) and steps above
+    spec_max_batch (q = 1: the drafter actor only follows the context) give the in-process
+    engine's tokens and acceptance lengths, greedy and seeded sampling."""
+    spec = {"spec_min_confidence": 0.02, "spec_max_batch": 3}
+    sampled = [
+        SamplingParams(max_tokens=30, temperature=0.8, top_k=12, seed=3 + i) for i in range(2)
+    ]
+    # staggered lengths: the batch shrinks below the limit while requests still run
+    params = [SamplingParams(max_tokens=16 + 6 * i) for i in range(len(PROMPTS))] + sampled
+    prompts = PROMPTS + PROMPTS[1:3]
+    engine = ray_engine(tiny["moe"], tiny["drafter"], 1, **spec)
+    try:
+        got = generate(engine, prompts, params)
+    finally:
+        engine.shutdown()
+    want = LLM(tiny["moe"], tiny["drafter"], **spec).generate(prompts, params, use_tqdm=False)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert [o.acceptance_lengths for o in got] == [o.acceptance_lengths for o in want]
+    assert engine.stats.spec.num_drafts > 0
+    assert engine.stats.spec.num_draft_tokens < engine.stats.spec.num_drafts * 7
 
 
 def test_killed_drafter_falls_back_to_plain_then_speculates_again(sharded, llms):

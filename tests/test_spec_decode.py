@@ -3,12 +3,13 @@ batches); sampled DFlash reproduces the target's distribution."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 
-from dflash_ray import SamplingParams
+from dflash_ray import LLM, SamplingParams
 from dflash_ray.spec_decode import processed_probs, rejection_accept
 
 PROMPTS = [[(7 * i + j) % 30 for j in range(1 + 3 * i)] for i in range(10)]  # lengths 1..28
@@ -50,6 +51,45 @@ def test_greedy_dflash_equals_plain_staggered_batch(llms):
     assert any(max(o.acceptance_lengths) > 1 for o in spec), "no draft was ever accepted"
 
 
+def test_confidence_cut_blocks_stay_lossless(llms):
+    """Blocks cut to the drafts the drafter is confident in: same tokens as plain, and the cut
+    really happens (fewer drafts verified than the block holds, but some)."""
+    params = SamplingParams(max_tokens=40)
+    engine = llms["dflash_cut"].engine
+    before = dataclasses.replace(engine.stats.spec, accepted_per_pos=[])
+    plain = llms["plain"].generate(PROMPTS, params, use_tqdm=False)
+    cut = run_staggered(engine, PROMPTS, params)
+    assert [o.token_ids for o in cut] == [o.token_ids for o in plain]
+    s = engine.stats.spec
+    drafts = s.num_drafts - before.num_drafts
+    proposed = s.num_draft_tokens - before.num_draft_tokens
+    assert drafts > 0
+    assert proposed < drafts * (engine.block_size - 1)
+
+
+def test_spec_max_batch_decodes_plain_above_the_limit_and_resumes(tiny, llms):
+    """Above `spec_max_batch` running sequences every block is q = 1 (no drafts), below it
+    speculation resumes with the drafter's context intact: output stays equal to plain."""
+    params = SamplingParams(max_tokens=40)
+    engine = LLM(tiny["moe"], tiny["drafter"], spec_max_batch=3).engine
+    seen = []  # (decodes in the step, any block with drafts)
+    execute = engine.executor.execute
+
+    def spy(batch):
+        seen.append((len(batch.decodes), any(d.num_queries > 1 for d in batch.decodes)))
+        return execute(batch)
+
+    engine.executor.execute = spy
+    out = run_staggered(engine, PROMPTS, params)
+    plain = llms["plain"].generate(PROMPTS, params, use_tqdm=False)
+    assert [o.token_ids for o in out] == [o.token_ids for o in plain]
+    assert not any(spec for n, spec in seen if n > 3)
+    first_big = next(i for i, (n, _) in enumerate(seen) if n > 3)
+    assert any(spec for _, spec in seen[:first_big])
+    assert any(spec for _, spec in seen[first_big:]), "speculation never resumed"
+    assert engine.stats.spec.num_accepted_tokens > 0
+
+
 def exact_second_token_marginal(llm, prompt, temperature, top_k, top_p):
     """P(t2) = sum_t1 P(t1 | prompt) P(t2 | prompt, t1), from the target's own logits."""
     runner = llm.engine.executor.runner
@@ -66,7 +106,7 @@ def exact_second_token_marginal(llm, prompt, temperature, top_k, top_p):
     return p1, marginal
 
 
-@pytest.mark.parametrize("mode", ["plain", "dflash"])
+@pytest.mark.parametrize("mode", ["plain", "dflash", "dflash_cut"])
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 8, 0.9)])
 def test_sampling_matches_target_distribution(llms, mode, temperature, top_k, top_p):
     prompt = [4, 8, 15, 16, 23]
@@ -87,7 +127,7 @@ def test_sampling_matches_target_distribution(llms, mode, temperature, top_k, to
         tv = 0.5 * (counts / n - exact.double()).abs().sum().item()
         # the TV distance of n samples from the truth concentrates around sqrt(V / (2 pi n))
         assert tv < 2.5 * math.sqrt(exact.numel() / (2 * math.pi * n)), (position, tv)
-    if mode == "dflash":
+    if mode != "plain":
         assert sum(o.num_accepted_tokens for o in outs) > 0
 
 

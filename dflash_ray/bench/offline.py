@@ -39,6 +39,7 @@ def closed_loop(engine: Engine, prompts: list, concurrency: int, params: Samplin
                 bar: tqdm) -> dict:
     before = engine.stats.spec
     drafts0, accepted0 = before.num_drafts, list(before.accepted_per_pos)
+    proposed0 = before.num_draft_tokens
     queue = list(reversed(prompts))
     live, finished = 0, []
     start = time.perf_counter()
@@ -63,6 +64,8 @@ def closed_loop(engine: Engine, prompts: list, concurrency: int, params: Samplin
         "mean_tau": sum(taus) / len(taus) if taus else 0.0,
         "tau_histogram": dict(sorted(Counter(taus).items())),
         "acceptance_rate_per_position": [a / drafts for a in per_pos] if drafts else [],
+        # drafts verified per verify step that carried any (< B-1 when blocks are cut)
+        "mean_proposed": (spec.num_draft_tokens - proposed0) / drafts if drafts else 0.0,
         "outputs": [o.token_ids for o in finished],
     }
 
@@ -71,7 +74,8 @@ def run_bench(target: str, drafter: str, prompts: list, concurrency: list[int],
               max_tokens: int, out_dir: str | None, engine_kwargs: dict | None = None) -> dict:
     kw = dict(engine_kwargs or {})
     kw.setdefault("max_num_seqs", max(concurrency))
-    plain_kw = {k: v for k, v in kw.items() if k != "block_size"}  # plain decoding is B = 1
+    # plain decoding is B = 1 and has no speculation settings
+    plain_kw = {k: v for k, v in kw.items() if k != "block_size" and not k.startswith("spec_")}
     plain = Engine(EngineConfig(target=target, **plain_kw))
     spec = Engine(EngineConfig(target=target, drafter=drafter, **kw))
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
@@ -88,6 +92,8 @@ def run_bench(target: str, drafter: str, prompts: list, concurrency: list[int],
                        f"{fast['tok_s']:7.1f} tok/s, speedup {fast['tok_s'] / base['tok_s']:.2f}x"
                        f", tau {fast['mean_tau']:.2f}, identical={same}")
     result = {"target": _shown(target), "drafter": _shown(drafter), "block_size": spec.block_size,
+              "spec_min_confidence": spec.config.spec_min_confidence,
+              "spec_max_batch": spec.config.spec_max_batch,
               "max_tokens": max_tokens, "num_prompts": len(prompts), "rows": rows}
     if out_dir:
         out = Path(out_dir)

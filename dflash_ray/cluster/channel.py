@@ -102,9 +102,11 @@ def send_drafts(ch: Channel, decodes: list[DecodeItem], drafts: Drafts, vocab: i
     packed[: n * width] = drafts.tokens.flatten()
     probs = packed[n * width :].view(len(rows), width, vocab)
     for j, i in enumerate(rows):
-        q = drafts.probs[i]
-        probs[j, : q.shape[0]] = q
-        probs[j, q.shape[0] :] = 0
+        q = drafts.probs[i]  # None: no block pass for this sequence this step (q = 1)
+        m = 0 if q is None else q.shape[0]
+        if m:
+            probs[j, :m] = q
+        probs[j, m:] = 0
     ch.send(packed)
 
 

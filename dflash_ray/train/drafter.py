@@ -83,6 +83,9 @@ class BlockLoss:
     loss: torch.Tensor
     correct_first: int  # argmax hits at block position 1 (the first draft)
     count_first: int
+    # sum over anchors of 1 + the run of argmax hits from position 1: the acceptance length
+    # greedy verification would give this block (its context is the target's own output)
+    tau_sum: int
 
 
 def block_loss(
@@ -98,8 +101,9 @@ def block_loss(
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
                          reduction="none").view_as(labels)
     loss = (ce * weights).sum() / weights.sum()
-    correct = int((logits[:, 0].argmax(-1) == labels[:, 0]).sum())
-    return BlockLoss(loss, correct, len(anchors))
+    hits = logits.detach().argmax(-1) == labels  # [N, B-1]
+    run = hits.long().cumprod(dim=1).sum(dim=1)  # leading hits per block
+    return BlockLoss(loss, int(hits[:, 0].sum()), len(anchors), int(run.sum()) + len(anchors))
 
 
 def init_weights(drafter: nn.Module, std: float = 0.02) -> None:

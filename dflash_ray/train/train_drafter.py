@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -46,6 +48,8 @@ class DrafterTrainArgs:
     checkpoint_minutes: float = 3.0
     threads: int = 2
     device: str = "cpu"
+    # bf16 autocast (fp32 master weights): ~1.9x faster steps on a bf16-capable CPU, as on GPU
+    precision: str = "bf16"
     seed: int = 0
     log: list[dict] = field(default_factory=list)
 
@@ -116,7 +120,7 @@ def load_data(args: DrafterTrainArgs, work: Path, layer_ids: list[int], target: 
 
 @torch.no_grad()
 def evaluate(drafter, embed, head, seqs, mask_id, args, rng) -> dict:
-    total, correct, count = 0.0, 0, 0
+    total, correct, count, tau = 0.0, 0, 0, 0
     for s in seqs:
         anchors = sample_anchors(s, args.block_size, args.num_anchors, rng)
         if anchors:
@@ -125,8 +129,10 @@ def evaluate(drafter, embed, head, seqs, mask_id, args, rng) -> dict:
             total += float(r.loss)
             correct += r.correct_first
             count += r.count_first
+            tau += r.tau_sum
     return {"heldout_loss": total / max(1, len(seqs)),
-            "heldout_first_acc": correct / max(1, count)}
+            "heldout_first_acc": correct / max(1, count),
+            "heldout_tau": tau / max(1, count)}
 
 
 def train(args: DrafterTrainArgs) -> Path:
@@ -173,7 +179,8 @@ def train(args: DrafterTrainArgs) -> Path:
                unit="%" if args.minutes else "step")
     last_ckpt = time.monotonic()
     order: list[int] = []
-    while progress() < 1.0:
+    stop = _StopOnSignal()
+    while progress() < 1.0 and not stop.requested:
         t0 = time.monotonic()
         for group in opt.param_groups:
             group["lr"] = cosine_lr(int(1000 * progress()), 1000, args.lr)
@@ -182,11 +189,13 @@ def train(args: DrafterTrainArgs) -> Path:
             rng.shuffle(order)
         batch = [train_seqs[order.pop()] for _ in range(args.batch_seqs)]
         losses = []
-        for s in batch:
-            anchors = sample_anchors(s, args.block_size, args.num_anchors, rng)
-            r = block_loss(drafter, embed, head, s, anchors, mask_id, args.block_size, args.gamma)
-            losses.append(r.loss)
-        loss = torch.stack(losses).mean()
+        with autocast(args):
+            for s in batch:
+                anchors = sample_anchors(s, args.block_size, args.num_anchors, rng)
+                r = block_loss(drafter, embed, head, s, anchors, mask_id, args.block_size,
+                               args.gamma)
+                losses.append(r.loss)
+            loss = torch.stack(losses).mean()
         loss_value = float(loss.detach())
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -206,11 +215,39 @@ def train(args: DrafterTrainArgs) -> Path:
             last_ckpt = time.monotonic()
     bar.close()
     save_checkpoint()
+    stop.restore()
+    if stop.requested:  # interrupted: the checkpoint holds the progress; rerun to continue
+        raise SystemExit(f"stopped by signal at step {step}; rerun the same command to resume")
     save_zlab(drafter, out, tcfg.decoder.num_layers)
     summary = {k: v for k, v in asdict(args).items() if k != "log"}
     (out / "train_log.json").write_text(json.dumps({"args": summary, "log": args.log}, indent=1))
     plot_curves(args.log, out / "train_curves.png")
     return out
+
+
+class _StopOnSignal:
+    """SIGINT/SIGTERM end the training loop after the current step (then a checkpoint is saved)
+    instead of killing it mid-step, so an interrupted run loses nothing."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = {}
+        if threading.current_thread() is threading.main_thread():  # signals reach only main
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def restore(self) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def autocast(args: DrafterTrainArgs):
+    """Mixed precision for the forward (weights and optimizer state stay fp32)."""
+    device_type = torch.device(args.device).type
+    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
 
 
 def plot_curves(log: list[dict], path: Path) -> None:
@@ -222,13 +259,15 @@ def plot_curves(log: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     steps = [e["step"] for e in log]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(14, 4))
     a.plot(steps, [e["train_loss"] for e in log], label="train")
     a.plot(steps, [e["heldout_loss"] for e in log], label="held-out")
     a.set(xlabel="step", ylabel="weighted block loss", title="drafter loss")
     a.legend()
     b.plot(steps, [e["heldout_first_acc"] for e in log])
     b.set(xlabel="step", ylabel="accuracy", title="held-out first-position accuracy")
+    c.plot(steps, [e.get("heldout_tau", float("nan")) for e in log])
+    c.set(xlabel="step", ylabel="tokens per block", title="held-out greedy acceptance length")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -253,6 +292,8 @@ def parse_args(argv: list[str] | None = None) -> DrafterTrainArgs:
     p.add_argument("--eval-every", type=int, default=d.eval_every)
     p.add_argument("--threads", type=int, default=d.threads)
     p.add_argument("--device", default=d.device)
+    p.add_argument("--precision", choices=("bf16", "fp32"), default=d.precision,
+                   help="bf16: autocast forward, fp32 master weights")
     p.add_argument("--seed", type=int, default=d.seed)
     ns = vars(p.parse_args(argv))
     if ns["steps"] is not None:
