@@ -33,6 +33,37 @@ def training_mask(anchors: list[int], seq_len: int, block: int) -> torch.Tensor:
     return torch.cat((ctx, own), dim=1)
 
 
+def block_attention(
+    q: torch.Tensor,  # [N*B, nh, hd] block queries
+    kc: torch.Tensor,  # [S, nkv, hd] context keys / values
+    vc: torch.Tensor,
+    kb: torch.Tensor,  # [N*B, nkv, hd] block keys / values
+    vb: torch.Tensor,
+    sees_ctx: torch.Tensor,  # [N, S] bool: block j sees context key k (k < anchor_j)
+    block: int,
+    scale: float,
+) -> torch.Tensor:
+    """Attention under `training_mask` without scoring the keys it masks: each block's scores
+    are [its context | its own block], one softmax over both (2.7x fewer scores than the dense
+    mask at 32 anchors). Returns [N*B, nh, hd]."""
+    nb, nh, hd = q.shape
+    n, rep = nb // block, nh // kc.shape[1]
+    qh = q.view(n, block, nh, hd).permute(2, 0, 1, 3)  # [nh, N, B, hd]
+    kc, vc = (t.repeat_interleave(rep, dim=1).transpose(0, 1) for t in (kc, vc))  # [nh, S, hd]
+    kb, vb = (
+        t.view(n, block, -1, hd).repeat_interleave(rep, dim=2).permute(2, 0, 1, 3)
+        for t in (kb, vb)
+    )  # [nh, N, B, hd]
+    s_ctx = torch.matmul(qh.reshape(nh, nb, hd), kc.transpose(1, 2)).view(nh, n, block, -1)
+    s_ctx = s_ctx.masked_fill(~sees_ctx[None, :, None, :], float("-inf"))
+    s_blk = torch.matmul(qh, kb.transpose(-1, -2))  # [nh, N, B, B]
+    p = torch.softmax(torch.cat((s_ctx, s_blk), dim=-1).float() * scale, dim=-1).to(q.dtype)
+    ctx_len = kc.shape[1]
+    out = torch.matmul(p[..., :ctx_len].reshape(nh, nb, ctx_len), vc).view(nh, n, block, hd)
+    out = out + torch.matmul(p[..., ctx_len:], vb)
+    return out.permute(1, 2, 0, 3).reshape(nb, nh, hd)
+
+
 def sample_anchors(seq: TrainSequence, block: int, num_anchors: int, rng: random.Random):
     """Distinct anchors in the response with a whole block inside the sequence, sorted."""
     lo, hi = seq.prompt_len, len(seq.token_ids) - block
@@ -63,16 +94,13 @@ def block_logits(
     cos_c, sin_c = drafter.rope(torch.arange(s), dtype)
     blk_pos = (a[:, None] + torch.arange(block)[None, :]).reshape(-1)
     cos_b, sin_b = drafter.rope(blk_pos, dtype)
-    mask = training_mask(anchors, s, block)[None, None]  # [1, 1, N*B, S+N*B]
+    sees_ctx = torch.arange(s)[None, :] < a[:, None]  # [N, S]
     for layer in drafter.layers:
         attn = layer.self_attn
         q, kb, vb = attn.qkv(layer.input_layernorm(h), cos_b, sin_b)
         kc, vc = attn.project_kv(ctx, cos_c, sin_c)
-        k = torch.cat((kc, kb)).transpose(0, 1)[None]  # [1, nkv, S+N*B, hd]
-        v = torch.cat((vc, vb)).transpose(0, 1)[None]
-        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k, v, attn_mask=mask,
-                                             scale=attn.scale, enable_gqa=True)
-        h = h + attn.o_proj(out[0].transpose(0, 1).reshape(n * block, -1))
+        out = block_attention(q, kc, vc, kb, vb, sees_ctx, block, attn.scale)
+        h = h + attn.o_proj(out.reshape(n * block, -1))
         h = h + layer.mlp(layer.post_attention_layernorm(h))
     h = drafter.norm(h).view(n, block, -1)[:, 1:]  # [N, B-1, H]
     return F.linear(h, head.to(dtype)).float()
