@@ -55,29 +55,34 @@ class ModelServer:
     ) -> AsyncIterator[dict]:
         """Stream RequestOutput dicts. A refused request yields one {"error": ...} item instead
         of raising, so the ingress sees the status code intact across the Serve boundary."""
-        try:
-            if self._pending >= self.max_pending:
-                raise APIError(503, f"server overloaded: {self._pending} requests in flight",
-                               kind="overloaded", headers={"Retry-After": "1"})
-            if messages is not None:
-                prompt = self.chat.render(messages)
-            sampling = SamplingParams(**params)
-            stream = self.engine.stream(prompt, sampling, request_id)
-            first = await anext(stream)  # add_request validates before the first step
-        except InvalidRequest as exc:
-            yield _error(APIError(400, str(exc), exc.field))
+        if self._pending >= self.max_pending:
+            yield _error(APIError(503, f"server overloaded: {self._pending} requests in flight",
+                                  kind="overloaded", headers={"Retry-After": "1"}))
             return
-        except APIError as exc:
-            yield _error(exc)
-            return
+        # The slot is taken on admission, not at the first output: a burst that arrives while
+        # the first request is still prefilling must not all get in.
         self._pending += 1
+        stream = None
         try:
+            try:
+                if messages is not None:
+                    prompt = self.chat.render(messages)
+                sampling = SamplingParams(**params)
+                stream = self.engine.stream(prompt, sampling, request_id)
+                first = await anext(stream)  # add_request validates before the first step
+            except InvalidRequest as exc:
+                yield _error(APIError(400, str(exc), exc.field))
+                return
+            except APIError as exc:
+                yield _error(exc)
+                return
             yield dataclasses.asdict(first)
             async for out in stream:
                 yield dataclasses.asdict(out)
         finally:
             self._pending -= 1
-            await stream.aclose()
+            if stream is not None:
+                await stream.aclose()
 
     async def deep_health(self) -> dict:
         """Two tokens through the whole path: prefill, one drafter pass, one verify."""
