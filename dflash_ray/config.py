@@ -18,8 +18,9 @@ class EngineConfig(BaseModel):
         ge=0.0,
         le=1.0,
         description="verify drafts only while the drafter's probability of the draft prefix "
-        "stays >= this (0: verify the whole block); > 0 saves verify compute where each "
-        "verified token costs time (CPU); lossless either way",
+        "stays >= this (lossless at any value); 0 verifies the whole block, right on GPUs where "
+        "a longer verify costs next to nothing; on CPU every verified token costs compute and "
+        "~0.1 pays (the demo config)",
     )
     spec_max_batch: int | None = Field(
         None,
