@@ -134,32 +134,34 @@ def moe_experts(
     """SwiGLU experts: x [T, H], gate_up [E, 2I, H], down [E, H, I], weights/ids [T, k].
 
     Only experts `expert_offset .. expert_offset+E-1` live here (expert parallelism); routes to
-    other experts contribute nothing on this rank. The (token, expert) pairs are grouped on the
-    host and each hit expert runs two GEMMs over its tokens: the fewest ops for decode-sized
-    batches, and each expert's weights are read once. (A grouped-GEMM kernel replaces this on GPU.)
+    other experts contribute nothing on this rank. The (token, expert) pairs are sorted by expert
+    on the host, their tokens gathered once, and each hit expert runs two GEMMs over its
+    contiguous slice; one weighting and one scatter-add finish. Each expert's weights are read
+    once, and the op count per expert is the GEMMs and the activation only (a grouped-GEMM
+    kernel replaces this on GPU). A token's expert outputs are summed in expert order whatever
+    the batch, so a token gets the same result decoded alone or inside a verify block.
     """
-    num_local = gate_up.shape[0]
-    k = ids.shape[1]
-    by_expert: dict[int, list[int]] = {}
-    for pair, e in enumerate(ids.reshape(-1).tolist()):
-        e -= expert_offset
-        if 0 <= e < num_local:
-            by_expert.setdefault(e, []).append(pair)
+    num_local, k = gate_up.shape[0], ids.shape[1]
     out = torch.zeros_like(x)
-    flat_w = weights.reshape(-1, 1)
-    for e, pairs in by_expert.items():
-        if len(pairs) == 1:
-            tokens = pairs[0] // k
-            h = silu_and_mul(F.linear(x[tokens : tokens + 1], gate_up[e]))
-            y = F.linear(h, down[e]) * flat_w[pairs[0]]
-            out[tokens : tokens + 1] += y
-            continue
-        pair_t = torch.tensor(pairs, device=x.device)
-        tokens_t = pair_t // k
-        h = silu_and_mul(F.linear(x.index_select(0, tokens_t), gate_up[e]))
-        y = F.linear(h, down[e]) * flat_w.index_select(0, pair_t)
-        out.index_add_(0, tokens_t, y)
-    return out
+    pairs = sorted(
+        (e - expert_offset, pair)
+        for pair, e in enumerate(ids.reshape(-1).tolist())
+        if 0 <= e - expert_offset < num_local
+    )
+    if not pairs:
+        return out
+    pair_t = torch.tensor([pair for _, pair in pairs], device=x.device)
+    tokens_t = pair_t // k
+    xs = x.index_select(0, tokens_t)  # [P, H], grouped by expert
+    ys, lo = [], 0
+    while lo < len(pairs):
+        e, hi = pairs[lo][0], lo
+        while hi < len(pairs) and pairs[hi][0] == e:
+            hi += 1
+        ys.append(F.linear(silu_and_mul(F.linear(xs[lo:hi], gate_up[e])), down[e]))
+        lo = hi
+    y = torch.cat(ys) * weights.reshape(-1, 1).index_select(0, pair_t)
+    return out.index_add_(0, tokens_t, y)
 
 
 # ---- registry ---------------------------------------------------------------------------------
