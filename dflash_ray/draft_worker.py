@@ -47,6 +47,32 @@ def proposed_lengths(tokens: torch.Tensor, num_queries: list[int]) -> list[int]:
 
 
 
+class PendingFeatures:
+    """Target features [rows, K*H] of committed tokens a drafter has not taken in yet, per
+    sequence. Steps without a drafter pass add rows; the next pass takes them all at once."""
+
+    def __init__(self):
+        self._parts: dict[int, list[torch.Tensor]] = {}
+
+    def add(self, features: dict[int, torch.Tensor]) -> None:
+        for sid, rows in features.items():
+            self._parts.setdefault(sid, []).append(rows)
+
+    def take(self, seq_id: int, rows: int) -> torch.Tensor:
+        """All of a sequence's waiting rows, which must be `rows` many."""
+        parts = self._parts.pop(seq_id, [])
+        got = sum(p.shape[0] for p in parts)
+        if got != rows or not parts:
+            raise RuntimeError(
+                f"seq {seq_id}: {got} pending feature rows, the drafter needs {rows}"
+            )
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def drop(self, seq_ids: list[int]) -> None:
+        for sid in seq_ids:
+            self._parts.pop(sid, None)
+
+
 class TargetHead(nn.Module):
     """The target's token embedding and LM head: all a drafter needs of the target. Loaded alone
     (two tensors read from the target checkpoint) where the target lives in another process."""
@@ -96,7 +122,7 @@ class DraftWorker:
         self.drafter = DFlashDrafter.from_pretrained(cfg.drafter, self.dtype, self.device)
         self.head = head or TargetHead.from_pretrained(cfg.target, self.dtype, self.device)
         self.cache: PagedKVCache | None = None
-        self._pending: dict[int, torch.Tensor] = {}  # seq_id -> [c, K*H] features not yet drafted
+        self._pending = PendingFeatures()
         self._generators: dict[int, torch.Generator] = {}
 
     def kv_bytes_per_token(self) -> int:
@@ -116,17 +142,17 @@ class DraftWorker:
         )
 
     def absorb(self, features: dict[int, torch.Tensor]) -> None:
-        """Target features [c, K*H] of each sequence's newly committed tokens, drafted next."""
-        self._pending.update(features)
+        """Target features [c, K*H] of each sequence's newly committed tokens, taken in by the
+        next drafter pass."""
+        self._pending.add(features)
 
     def forget(self, seq_ids: list[int]) -> None:
         """Preempted sequences: their features are recomputed by their next prefill."""
-        for sid in seq_ids:
-            self._pending.pop(sid, None)
+        self._pending.drop(seq_ids)
 
     def release(self, seq_ids: list[int]) -> None:
+        self._pending.drop(seq_ids)
         for sid in seq_ids:
-            self._pending.pop(sid, None)
             self._generators.pop(sid, None)
 
     def _generator(self, seq_id: int, spec: SamplingSpec) -> torch.Generator:
@@ -143,15 +169,7 @@ class DraftWorker:
         ctx_spans = [
             SeqSpan(d.block_table, d.drafted_ctx, d.start - d.drafted_ctx, 0) for d in decodes
         ]
-        features = []
-        for d in decodes:
-            pending = self._pending.pop(d.seq_id)
-            if pending.shape[0] != d.start - d.drafted_ctx:
-                raise RuntimeError(
-                    f"seq {d.seq_id}: {pending.shape[0]} pending feature rows, expected "
-                    f"{d.start - d.drafted_ctx}"
-                )
-            features.append(pending)
+        features = [self._pending.take(d.seq_id, d.start - d.drafted_ctx) for d in decodes]
         ctx_pos = torch.tensor(
             [p for s in ctx_spans for p in range(s.num_cached, s.num_cached + s.num_new)],
             dtype=torch.long,
@@ -161,7 +179,7 @@ class DraftWorker:
             torch.cat(features), ctx_pos, slot_mapping(ctx_spans, blen, dev), self.cache
         )
         # 2. One non-causal pass over every block [bonus, MASK, ...] of the decodes with q > 1
-        # (q = 1: speculation is off for this step; the context above still advanced).
+        # (q = 1: this pass only takes in the context; see step_io.drafter_runs).
         tokens = torch.full(
             (len(decodes), self.spec.block_size - 1), NO_DRAFT, dtype=torch.long, device=dev
         )

@@ -25,7 +25,14 @@ from .runner import RunnerConfig
 from .sampling_params import InvalidRequest, SamplingParams
 from .scheduler import Scheduler, SchedulerConfig, SchedulerOutput, prefill_len
 from .sequence import Sequence
-from .step_io import DecodeItem, PrefillItem, SamplingSpec, StepBatch, StepResult
+from .step_io import (
+    DecodeItem,
+    PrefillItem,
+    SamplingSpec,
+    StepBatch,
+    StepResult,
+    drafter_runs,
+)
 from .tokenizer import Tokenizer, decode_delta
 
 log = logging.getLogger(__name__)
@@ -166,15 +173,16 @@ class Engine:
             sched = self.scheduler.schedule()
             if sched.empty and not sched.preempted:
                 return []
+            batch = self._batch(sched)
             try:
-                result = self.executor.execute(self._batch(sched))
+                result = self.executor.execute(batch)
             except Exception as exc:
                 # The executor's KV state for every live request is now unknown: fail them all
                 # with the cause (streams get it raised, blocking callers too); the executor
                 # recovers on its next call.
                 self._fail_all(exc)
                 raise
-            return self._postprocess(sched, result)
+            return self._postprocess(sched, result, drafter_runs(batch.decodes))
 
     def _batch(self, sched: SchedulerOutput) -> StepBatch:
         def spec(seq: Sequence) -> SamplingSpec:
@@ -208,7 +216,10 @@ class Engine:
             )
         return batch
 
-    def _postprocess(self, sched: SchedulerOutput, result: StepResult) -> list[RequestOutput]:
+    def _postprocess(
+        self, sched: SchedulerOutput, result: StepResult, drafted: bool
+    ) -> list[RequestOutput]:
+        """`drafted`: the step had a drafter pass, which took in every decode's context."""
         st = self.stats
         st.num_steps += 1
         st.num_preemptions += len(sched.preempted)
@@ -227,7 +238,8 @@ class Engine:
             st.spec.observe(r.num_proposed, r.num_accepted)
             seq.num_draft_tokens += r.num_proposed
             seq.num_accepted_tokens += r.num_accepted
-            seq.num_drafted_ctx = seq.num_cached
+            if drafted:
+                seq.num_drafted_ctx = seq.num_cached
             seq.num_cached += len(r.tokens)  # = start + accepted + 1: rejected rows rolled back
             outputs.append(self._commit(seq, r.tokens, r, now))
             if not seq.finished:

@@ -90,6 +90,30 @@ def test_spec_max_batch_decodes_plain_above_the_limit_and_resumes(tiny, llms):
     assert engine.stats.spec.num_accepted_tokens > 0
 
 
+def test_plain_stretch_skips_the_drafter_until_context_waits_long(tiny, llms):
+    """With speculation off (spec_max_batch=0) a step runs no drafter pass until some sequence
+    has FOLLOW_ROWS rows of context waiting; then one pass takes them in. Output stays plain's."""
+    from dflash_ray.step_io import FOLLOW_ROWS
+
+    params = SamplingParams(max_tokens=150)
+    engine = LLM(tiny["moe"], tiny["drafter"], spec_max_batch=0).engine
+    worker = engine.executor.runner.draft_worker
+    passes = []
+    draft = worker.draft
+
+    def spy(decodes):
+        passes.append([d.start - d.drafted_ctx for d in decodes])
+        return draft(decodes)
+
+    worker.draft = spy
+    out = run_staggered(engine, PROMPTS[:3], params)
+    plain = llms["plain"].generate(PROMPTS[:3], params, use_tqdm=False)
+    assert [o.token_ids for o in out] == [o.token_ids for o in plain]
+    assert engine.stats.spec.num_drafts == 0
+    assert 2 <= len(passes) <= 3 * 150 // FOLLOW_ROWS + 3  # a few context-only passes
+    assert all(max(rows) >= FOLLOW_ROWS for rows in passes)
+
+
 def exact_second_token_marginal(llm, prompt, temperature, top_k, top_p):
     """P(t2) = sum_t1 P(t1 | prompt) P(t2 | prompt, t1), from the target's own logits."""
     runner = llm.engine.executor.runner

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import ray
 import torch
 
-from ..draft_worker import Drafts, DraftWorker
+from ..draft_worker import Drafts, DraftWorker, PendingFeatures
 from ..models.config import TargetConfig
 from ..parallel.communicator import LOCAL, GroupCommunicator, connect_store, open_store
 from ..parallel.plan import shard_spec
@@ -128,8 +128,8 @@ class TargetShardActor:
         self.worker = TargetWorker(rc, self.spec, shard, self.comm)
         self.channel: Channel | None = None
         self._store = None
-        # seq_id -> [rows, K*H] features of committed tokens the drafter has not received yet
-        self._pending: dict[int, torch.Tensor] = {}
+        # features of committed tokens the drafter has not received yet
+        self._pending = PendingFeatures()
 
     def ready(self) -> dict:
         return _started(self.rc, self.worker.kv_bytes_per_token())
@@ -160,10 +160,11 @@ class TargetShardActor:
             self.channel = None
 
     def step(
-        self, batch: StepBatch, drafted: list[int], feed: bool, released: list[int]
+        self, batch: StepBatch, drafted: list[int], feed: list[int] | None, released: list[int]
     ) -> TargetStepOut | None:
-        """`drafted`: indices of the decodes the drafter drafts this step (all others come with
-        q = 1); `feed`: keep this step's features for the drafter. Rank 0 returns the results."""
+        """`drafted`: indices of the decodes the drafter takes this step (all others come with
+        q = 1); `feed`: indices of the decodes whose committed features the drafter will need
+        (with every prefill's), None without a drafter. Rank 0 returns the results."""
         w = self.worker
         self._forget(released + batch.dropped)
         w.release(released)
@@ -202,15 +203,14 @@ class TargetShardActor:
             return None
         t1 = time.monotonic()
         verified = w.verify(batch, drafts)
-        if feed and ok:
-            keep = [p.seq_id for p in batch.prefills] + [d.seq_id for d in decodes]
-            self._pending.update((sid, verified.features[sid]) for sid in keep)
+        if feed is not None and ok:
+            keep = [p.seq_id for p in batch.prefills] + [batch.decodes[i].seq_id for i in feed]
+            self._pending.add({sid: verified.features[sid] for sid in keep})
         t2 = _sync(w.device)
         return TargetStepOut(verified.results, ok, t2 - t1, sending, received)
 
     def _forget(self, seq_ids: list[int]) -> None:
-        for sid in seq_ids:
-            self._pending.pop(sid, None)
+        self._pending.drop(seq_ids)
 
     def _full_drafts(self, n: int, drafted: list[int], got: Drafts) -> Drafts:
         """The drafted rows placed among all n decodes (the others are q = 1: no drafts)."""

@@ -24,7 +24,7 @@ import math
 import ray.util.collective as col
 import torch
 
-from ..draft_worker import Drafts
+from ..draft_worker import Drafts, PendingFeatures
 from ..parallel.communicator import release_default_group
 from ..step_io import DecodeItem
 
@@ -75,15 +75,10 @@ def context_rows(decodes: list[DecodeItem]) -> list[int]:
     return [d.start - d.drafted_ctx for d in decodes]
 
 
-def send_features(ch: Channel, decodes: list[DecodeItem], pending: dict[int, torch.Tensor]) -> None:
+def send_features(ch: Channel, decodes: list[DecodeItem], pending: PendingFeatures) -> None:
     """Target side: the pending features of the drafted sequences, taken out of `pending`."""
-    parts = [pending.pop(d.seq_id) for d in decodes]
-    for d, rows, part in zip(decodes, context_rows(decodes), parts, strict=True):
-        if part.shape[0] != rows:
-            raise RuntimeError(
-                f"seq {d.seq_id}: {part.shape[0]} pending feature rows, the drafter needs {rows}"
-            )
-    ch.send(torch.cat(parts))
+    ch.send(torch.cat([pending.take(d.seq_id, rows)
+                       for d, rows in zip(decodes, context_rows(decodes), strict=True)]))
 
 
 def recv_features(

@@ -24,7 +24,7 @@ from ray.util.placement_group import remove_placement_group
 
 from ..models.config import TargetConfig
 from ..runner_config import ModelSpec, RunnerConfig
-from ..step_io import StepBatch, StepResult
+from ..step_io import StepBatch, StepResult, drafter_runs
 from .actors import DrafterActor, TargetShardActor
 from .config import ClusterConfig
 from .launch import Deadline, cause, enclosing_group, place, spawn, wait_all
@@ -101,8 +101,7 @@ class RayExecutor:
             self._start_all()
         self._poll_drafter()
         t0 = time.perf_counter()
-        target_batch, draft_batch, drafted = self._split(batch)
-        feed = self._drafter is not None  # rank 0 keeps this step's features for the drafter
+        target_batch, draft_batch, drafted, feed = self._split(batch)
         refs = {}
         for rank, shard in enumerate(self._shards):
             released = self._released_target if rank == 0 else []
@@ -159,28 +158,34 @@ class RayExecutor:
 
     # ---- one step ---------------------------------------------------------------------------
 
-    def _split(self, batch: StepBatch) -> tuple[StepBatch, StepBatch | None, list[int]]:
-        """(target batch, drafter batch or None, indices of the drafted decodes). Sequences
-        admitted while no drafter was connected go to the target as plain blocks (q = 1): the
-        drafter has no context for them."""
+    def _split(
+        self, batch: StepBatch
+    ) -> tuple[StepBatch, StepBatch | None, list[int], list[int] | None]:
+        """(target batch, drafter batch or None, indices of the decodes the drafter takes,
+        indices of the decodes whose features it needs or None). Sequences admitted while no
+        drafter was connected go to the target as plain blocks (q = 1): the drafter has no
+        context for them. A step with no drafter pass (`drafter_runs`) leaves their features
+        waiting on target rank 0."""
         self._speculating.difference_update(batch.dropped)
         if self._drafter is None:
             plain = [
                 d if d.num_queries == 1 else dataclasses.replace(d, num_queries=1)
                 for d in batch.decodes
             ]
-            return StepBatch(batch.prefills, plain, batch.dropped), None, []
+            return StepBatch(batch.prefills, plain, batch.dropped), None, [], None
         self._speculating.update(p.seq_id for p in batch.prefills)
-        drafted = [i for i, d in enumerate(batch.decodes) if d.seq_id in self._speculating]
+        feed = [i for i, d in enumerate(batch.decodes) if d.seq_id in self._speculating]
         decodes = [
             d if d.seq_id in self._speculating else dataclasses.replace(d, num_queries=1)
             for d in batch.decodes
         ]
         target_batch = StepBatch(batch.prefills, decodes, batch.dropped)
-        if not drafted:
-            return target_batch, None, []
-        draft_batch = StepBatch([], [batch.decodes[i] for i in drafted])
-        return target_batch, draft_batch, drafted
+        # the engine's rule over the engine's batch: when it says the drafter ran, the drafter
+        # must have taken every speculating sequence's context
+        if not feed or not drafter_runs(batch.decodes):
+            return target_batch, None, [], feed
+        draft_batch = StepBatch([], [batch.decodes[i] for i in feed])
+        return target_batch, draft_batch, feed, feed
 
     def _collect(self, refs: dict) -> dict:
         """Every actor's result by name. A failed drafter is replaced (the target side falls back

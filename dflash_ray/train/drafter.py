@@ -111,9 +111,10 @@ class BlockLoss:
     loss: torch.Tensor
     correct_first: int  # argmax hits at block position 1 (the first draft)
     count_first: int
-    # sum over anchors of 1 + the run of argmax hits from position 1: the acceptance length
-    # greedy verification would give this block (its context is the target's own output)
-    tau_sum: int
+    # sum over anchors of 1 / (1 + the run of argmax hits from position 1), i.e. of the inverse
+    # acceptance length greedy verification would give each block (its context is the target's
+    # own output); count / this sum estimates tau per verify step (see `evaluate`)
+    inv_tau_sum: float
 
 
 def block_loss(
@@ -131,7 +132,8 @@ def block_loss(
     loss = (ce * weights).sum() / weights.sum()
     hits = logits.detach().argmax(-1) == labels  # [N, B-1]
     run = hits.long().cumprod(dim=1).sum(dim=1)  # leading hits per block
-    return BlockLoss(loss, int(hits[:, 0].sum()), len(anchors), int(run.sum()) + len(anchors))
+    inv_tau = float((1.0 / (run + 1).double()).sum())
+    return BlockLoss(loss, int(hits[:, 0].sum()), len(anchors), inv_tau)
 
 
 def init_weights(drafter: nn.Module, std: float = 0.02) -> None:
