@@ -179,7 +179,7 @@ class DraftWorker:
             torch.cat(features), ctx_pos, slot_mapping(ctx_spans, blen, dev), self.cache
         )
         # 2. One non-causal pass over every block [bonus, MASK, ...] of the decodes with q > 1
-        # (q = 1: this pass only takes in the context; see step_io.drafter_runs).
+        # (q = 1: this pass only takes in the context; see StepBatch.drafter_pass).
         tokens = torch.full(
             (len(decodes), self.spec.block_size - 1), NO_DRAFT, dtype=torch.long, device=dev
         )

@@ -22,7 +22,7 @@ import torch
 from .draft_worker import DraftWorker
 from .kv_cache import PagedKVCache
 from .runner_config import DTYPES, ModelSpec, RunnerConfig, kv_blocks_that_fit
-from .step_io import StepBatch, StepResult, drafter_runs
+from .step_io import StepBatch, StepResult
 from .target_worker import TargetWorker
 
 __all__ = ["DTYPES", "ModelRunner", "RunnerConfig"]
@@ -68,7 +68,7 @@ class ModelRunner:
         drafts = None
         if self.draft_worker is not None:
             self.draft_worker.forget(batch.dropped)
-            if drafter_runs(batch.decodes):
+            if batch.drafter_pass:
                 drafts = self.draft_worker.draft(batch.decodes)
         t1 = self._sync_time()
         verified = self.target_worker.verify(batch, drafts)

@@ -39,6 +39,9 @@ class StepBatch:
     prefills: list[PrefillItem] = field(default_factory=list)
     decodes: list[DecodeItem] = field(default_factory=list)
     dropped: list[int] = field(default_factory=list)  # preempted: forget their pending features
+    # the drafter takes in every decode's waiting context this step and drafts the q > 1 blocks;
+    # False: it sits out, the features of committed tokens wait for its next pass
+    drafter_pass: bool = False
 
 
 @dataclass(slots=True)
@@ -55,14 +58,3 @@ class StepResult:
     draft_seconds: float = 0.0
     verify_seconds: float = 0.0
 
-
-# A step without drafts (all q = 1, e.g. above spec_max_batch) skips the drafter; the features of
-# its committed tokens wait, and a drafter pass takes them in once any sequence has this many.
-FOLLOW_ROWS = 64
-
-
-def drafter_runs(decodes: list[DecodeItem]) -> bool:
-    """Whether this step has a drafter pass over `decodes`: some block drafts (q > 1), or some
-    sequence's context waiting for the drafter reached FOLLOW_ROWS. The engine (bookkeeping)
-    and the executors (work) decide with this one rule."""
-    return any(d.num_queries > 1 or d.start - d.drafted_ctx >= FOLLOW_ROWS for d in decodes)

@@ -41,7 +41,7 @@ def verified_blocks(batch: StepBatch, drafts: Drafts | None) -> StepBatch:
         d if d.num_queries == n + 1 else dataclasses.replace(d, num_queries=n + 1)
         for d, n in zip(batch.decodes, lengths, strict=True)
     ]
-    return StepBatch(batch.prefills, decodes, batch.dropped)
+    return dataclasses.replace(batch, decodes=decodes)
 
 
 class TargetWorker:

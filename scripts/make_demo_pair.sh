@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 WORK=${WORK:-build/demo_pair}
 VOCAB_SIZE=${VOCAB_SIZE:-4096}
 TARGET_MINUTES=${TARGET_MINUTES:-55}
-DRAFTER_STEPS=${DRAFTER_STEPS:-DRAFTER_STEPS_TBD}
+DRAFTER_STEPS=${DRAFTER_STEPS:-8124}
 THREADS=${THREADS:-2}
 PYTHON=${PYTHON:-python3}
 export OMP_NUM_THREADS=$THREADS
@@ -39,8 +39,8 @@ fi
 # Stage 2: the DFlash drafter (B = 16, 2 layers, conditioned on target layers 1-3), trained on
 # 6000 sequences the target regenerates greedily from training-split prompts (~10 min of
 # regeneration and feature capture come first), exported in z-lab's format. The shipped drafter
-# ran on a time budget (60 min of step time, see README); DRAFTER_STEPS reproduces its number of
-# optimizer steps (the cosine schedule then follows steps instead of minutes).
+# trained on a time budget (`--minutes 60` of step time, 1-2 threads, resumed twice; README);
+# DRAFTER_STEPS reproduces its 8124 optimizer steps (the cosine schedule then follows steps).
 "$PYTHON" -m dflash_ray.cli train-drafter \
     --target "$WORK/target/model" --out "$WORK/drafter" \
     --steps "$DRAFTER_STEPS" --threads "$THREADS" \

@@ -90,10 +90,10 @@ def test_spec_max_batch_decodes_plain_above_the_limit_and_resumes(tiny, llms):
     assert engine.stats.spec.num_accepted_tokens > 0
 
 
-def test_plain_stretch_skips_the_drafter_until_context_waits_long(tiny, llms):
-    """With speculation off (spec_max_batch=0) a step runs no drafter pass until some sequence
-    has FOLLOW_ROWS rows of context waiting; then one pass takes them in. Output stays plain's."""
-    from dflash_ray.step_io import FOLLOW_ROWS
+def test_plain_stretch_skips_the_drafter_but_for_a_pass_every_follow_steps(tiny, llms):
+    """With speculation off (spec_max_batch=0) the drafter sits out, but for one context-only
+    pass every FOLLOW_STEPS steps that takes in what waited meanwhile. Output stays plain's."""
+    from dflash_ray.engine import FOLLOW_STEPS
 
     params = SamplingParams(max_tokens=150)
     engine = LLM(tiny["moe"], tiny["drafter"], spec_max_batch=0).engine
@@ -102,7 +102,7 @@ def test_plain_stretch_skips_the_drafter_until_context_waits_long(tiny, llms):
     draft = worker.draft
 
     def spy(decodes):
-        passes.append([d.start - d.drafted_ctx for d in decodes])
+        passes.append((engine.stats.num_steps, [d.start - d.drafted_ctx for d in decodes]))
         return draft(decodes)
 
     worker.draft = spy
@@ -110,8 +110,9 @@ def test_plain_stretch_skips_the_drafter_until_context_waits_long(tiny, llms):
     plain = llms["plain"].generate(PROMPTS[:3], params, use_tqdm=False)
     assert [o.token_ids for o in out] == [o.token_ids for o in plain]
     assert engine.stats.spec.num_drafts == 0
-    assert 2 <= len(passes) <= 3 * 150 // FOLLOW_ROWS + 3  # a few context-only passes
-    assert all(max(rows) >= FOLLOW_ROWS for rows in passes)
+    steps = [step for step, _ in passes]
+    assert len(passes) >= 2 and all(b - a == FOLLOW_STEPS for a, b in zip(steps, steps[1:]))
+    assert all(min(rows) >= FOLLOW_STEPS for _, rows in passes[1:])  # a stretch's context
 
 
 def exact_second_token_marginal(llm, prompt, temperature, top_k, top_p):

@@ -24,7 +24,7 @@ from ray.util.placement_group import remove_placement_group
 
 from ..models.config import TargetConfig
 from ..runner_config import ModelSpec, RunnerConfig
-from ..step_io import StepBatch, StepResult, drafter_runs
+from ..step_io import StepBatch, StepResult
 from .actors import DrafterActor, TargetShardActor
 from .config import ClusterConfig
 from .launch import Deadline, cause, enclosing_group, place, spawn, wait_all
@@ -164,8 +164,8 @@ class RayExecutor:
         """(target batch, drafter batch or None, indices of the decodes the drafter takes,
         indices of the decodes whose features it needs or None). Sequences admitted while no
         drafter was connected go to the target as plain blocks (q = 1): the drafter has no
-        context for them. A step with no drafter pass (`drafter_runs`) leaves their features
-        waiting on target rank 0."""
+        context for them. A step without a drafter pass (`StepBatch.drafter_pass`) leaves their
+        features waiting on target rank 0."""
         self._speculating.difference_update(batch.dropped)
         if self._drafter is None:
             plain = [
@@ -180,9 +180,7 @@ class RayExecutor:
             for d in batch.decodes
         ]
         target_batch = StepBatch(batch.prefills, decodes, batch.dropped)
-        # the engine's rule over the engine's batch: when it says the drafter ran, the drafter
-        # must have taken every speculating sequence's context
-        if not feed or not drafter_runs(batch.decodes):
+        if not feed or not batch.drafter_pass:
             return target_batch, None, [], feed
         draft_batch = StepBatch([], [batch.decodes[i] for i in feed])
         return target_batch, draft_batch, feed, feed
