@@ -18,20 +18,13 @@ from collections.abc import AsyncIterator
 
 from .block_manager import BlockManager
 from .config import EngineConfig
-from .executor import LocalExecutor
+from .executor import make_executor
 from .metrics import EngineStats
 from .outputs import RequestOutput
-from .runner import RunnerConfig
 from .sampling_params import InvalidRequest, SamplingParams
 from .scheduler import Scheduler, SchedulerConfig, SchedulerOutput, prefill_len
 from .sequence import Sequence
-from .step_io import (
-    DecodeItem,
-    PrefillItem,
-    SamplingSpec,
-    StepBatch,
-    StepResult,
-)
+from .step_io import DecodeItem, PrefillItem, SamplingSpec, StepBatch, StepResult
 from .tokenizer import Tokenizer, decode_delta
 
 log = logging.getLogger(__name__)
@@ -40,25 +33,6 @@ log = logging.getLogger(__name__)
 # (concurrency 16 on the demo pair, speculation off: 8 steps ran at 0.985x plain, 16 at 0.967x,
 # 64 at 0.94-0.97x with one slow round in every run; the cause of that round is not pinned down).
 FOLLOW_STEPS = 8
-
-
-def make_executor(config: EngineConfig):
-    rc = RunnerConfig(
-        target=config.target,
-        drafter=config.drafter,
-        device=config.device,
-        dtype=config.dtype,
-        block_size=config.block_size,
-        kv_block_len=config.kv_block_len,
-        num_kv_blocks=config.num_kv_blocks,
-        kv_cache_gb=config.kv_cache_gb,
-        spec_min_confidence=config.spec_min_confidence,
-    )
-    if config.executor == "ray":
-        from .cluster.executor import RayExecutor  # imports ray only when asked for
-
-        return RayExecutor(rc, num_target_shards=config.num_target_shards, **config.cluster)
-    return LocalExecutor(rc)
 
 
 class Engine:

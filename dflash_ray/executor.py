@@ -3,8 +3,29 @@
 
 from __future__ import annotations
 
+from .config import EngineConfig
 from .runner import ModelRunner, RunnerConfig
 from .step_io import StepBatch, StepResult
+
+
+def make_executor(config: EngineConfig):
+    """The executor `config` asks for: in-process, or Ray actors (imports ray only then)."""
+    rc = RunnerConfig(
+        target=config.target,
+        drafter=config.drafter,
+        device=config.device,
+        dtype=config.dtype,
+        block_size=config.block_size,
+        kv_block_len=config.kv_block_len,
+        num_kv_blocks=config.num_kv_blocks,
+        kv_cache_gb=config.kv_cache_gb,
+        spec_min_confidence=config.spec_min_confidence,
+    )
+    if config.executor == "ray":
+        from .cluster.executor import RayExecutor
+
+        return RayExecutor(rc, num_target_shards=config.num_target_shards, **config.cluster)
+    return LocalExecutor(rc)
 
 
 class LocalExecutor:
