@@ -45,8 +45,6 @@ def proposed_lengths(tokens: torch.Tensor, num_queries: list[int]) -> list[int]:
     return [min(n, q - 1) for n, q in zip(lead, num_queries, strict=True)]
 
 
-
-
 class PendingFeatures:
     """Target features [rows, K*H] of committed tokens a drafter has not taken in yet, per
     sequence. Steps without a drafter pass add rows; the next pass takes them all at once."""
