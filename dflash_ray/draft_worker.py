@@ -45,6 +45,24 @@ def proposed_lengths(tokens: torch.Tensor, num_queries: list[int]) -> list[int]:
     return [min(n, q - 1) for n, q in zip(lead, num_queries, strict=True)]
 
 
+def proposal_length(
+    own: torch.Tensor, top: torch.Tensor, prefix: float, threshold: float
+) -> tuple[int, float]:
+    """How many of a run of drafts to propose, and the drafter's probability of the proposed
+    prefix afterwards. `own` [n]: the drafter's probability of each draft; `top` [n]: its largest
+    probability at each position; `prefix`: the probability of the drafts proposed before.
+
+    Draft k is proposed while prefix * prod_{j<k} own_j * top_k >= threshold: the drafts before
+    it (which matter for k only if verification accepted them) times the drafter's best guess at
+    k, never the probability of draft k's own sampled value. So whether k is verified does not
+    depend on what was sampled at k, which rejection sampling needs to stay exact. Greedy drafts
+    are the top tokens (own == top): the rule is then the probability of the prefix up to k.
+    """
+    before = prefix * torch.cat((own.new_ones(1), own[:-1])).cumprod(dim=0)
+    n = int(((before * top) >= threshold).to(torch.int32).cumprod(dim=0).sum())
+    return n, (prefix * float(own[:n].prod()) if n else prefix)
+
+
 class PendingFeatures:
     """Target features [rows, K*H] of committed tokens a drafter has not taken in yet, per
     sequence. Steps without a drafter pass add rows; the next pass takes them all at once."""
@@ -213,13 +231,12 @@ class DraftWorker:
     ) -> None:
         """Draft tokens and how many of them to propose.
 
-        With `spec_min_confidence` > 0 a sequence proposes its drafts while the drafter's own
-        probability of the whole draft prefix (the product of its per-draft probabilities) stays
-        >= the threshold. The rule looks only at the drafter, so verification stays lossless; it
-        skips verifying drafts the target would likely reject, which pays where every verified
-        token costs time (CPU). Logits are then computed PROPOSE_CHUNK positions at a time and
-        only for sequences still confident: most of a block is never verified, so most of its
-        LM-head rows are not worth computing.
+        With `spec_min_confidence` > 0 a sequence proposes its drafts while the drafter's
+        probability of the draft prefix stays >= the threshold (`proposal_length`, which keeps
+        sampling exact); it skips verifying drafts the target would likely reject, which pays
+        where every verified token costs time (CPU). Logits are then computed PROPOSE_CHUNK
+        positions at a time and only for sequences still confident: most of a block is never
+        verified, so most of its LM-head rows are not worth computing.
         """
         dev, threshold = self.device, self.cfg.spec_min_confidence
         first, offset = {}, 0  # decode index -> its hidden row at block position 0
@@ -242,22 +259,21 @@ class DraftWorker:
                 seq_logits = logits[at : at + hi - lo]
                 at += hi - lo
                 s = decodes[i].sampling
+                n = hi - lo
                 if s.temperature == 0:
                     drafted = seq_logits.argmax(dim=-1)
-                    conf = None
                     if threshold > 0:
-                        conf = torch.softmax(seq_logits, dim=-1).gather(1, drafted[:, None])[:, 0]
+                        top = torch.softmax(seq_logits, dim=-1).amax(dim=-1)
+                        n, prefix_prob[i] = proposal_length(top, top, prefix_prob[i], threshold)
                 else:
                     q = processed_probs(seq_logits, s.temperature, s.top_k, s.top_p)
                     drafted = sample(q, self._generator(decodes[i].seq_id, s))
-                    conf = q.gather(1, drafted[:, None])[:, 0]
                     probs[i] = q if probs[i] is None else torch.cat((probs[i], q))
-                n = hi - lo
-                if threshold > 0:
-                    prefix = prefix_prob[i] * conf.cumprod(dim=0)  # non-increasing
-                    n = int((prefix >= threshold).sum())
-                    if n:
-                        prefix_prob[i] = float(prefix[n - 1])
+                    if threshold > 0:
+                        own = q.gather(1, drafted[:, None])[:, 0]
+                        n, prefix_prob[i] = proposal_length(
+                            own, q.amax(dim=-1), prefix_prob[i], threshold
+                        )
                 tokens[i, lo : lo + n] = drafted[:n]
                 if n == hi - lo and hi < decodes[i].num_queries - 1:
                     live.append(i)

@@ -136,32 +136,31 @@ def moe_experts(
     Only experts `expert_offset .. expert_offset+E-1` live here (expert parallelism); routes to
     other experts contribute nothing on this rank. The (token, expert) pairs are sorted by expert
     on the host, their tokens gathered once, and each hit expert runs two GEMMs over its
-    contiguous slice; one weighting and one scatter-add finish. Each expert's weights are read
-    once, and the op count per expert is the GEMMs and the activation only (a grouped-GEMM
-    kernel replaces this on GPU). A token's expert outputs are summed in expert order whatever
-    the batch, so a token gets the same result decoded alone or inside a verify block.
+    contiguous slice; the weighted outputs go back to (token, slot) order and each token sums
+    its k slots in slot order. Each expert's weights are read once, and the op count per expert
+    is the GEMMs and the activation only (a grouped-GEMM kernel replaces this on GPU). The sum
+    order is fixed (no atomics, whatever the device) and the same for a token decoded alone or
+    inside a verify block.
     """
     num_local, k = gate_up.shape[0], ids.shape[1]
-    out = torch.zeros_like(x)
+    per_slot = x.new_zeros(ids.numel(), x.shape[1])  # [T*k, H]; other ranks' experts stay 0
     pairs = sorted(
         (e - expert_offset, pair)
         for pair, e in enumerate(ids.reshape(-1).tolist())
         if 0 <= e - expert_offset < num_local
     )
-    if not pairs:
-        return out
-    pair_t = torch.tensor([pair for _, pair in pairs], device=x.device)
-    tokens_t = pair_t // k
-    xs = x.index_select(0, tokens_t)  # [P, H], grouped by expert
-    ys, lo = [], 0
-    while lo < len(pairs):
-        e, hi = pairs[lo][0], lo
-        while hi < len(pairs) and pairs[hi][0] == e:
-            hi += 1
-        ys.append(F.linear(silu_and_mul(F.linear(xs[lo:hi], gate_up[e])), down[e]))
-        lo = hi
-    y = torch.cat(ys) * weights.reshape(-1, 1).index_select(0, pair_t)
-    return out.index_add_(0, tokens_t, y)
+    if pairs:
+        pair_t = torch.tensor([pair for _, pair in pairs], device=x.device)
+        xs = x.index_select(0, pair_t // k)  # [P, H], grouped by expert
+        ys, lo = [], 0
+        while lo < len(pairs):
+            e, hi = pairs[lo][0], lo
+            while hi < len(pairs) and pairs[hi][0] == e:
+                hi += 1
+            ys.append(F.linear(silu_and_mul(F.linear(xs[lo:hi], gate_up[e])), down[e]))
+            lo = hi
+        per_slot[pair_t] = torch.cat(ys) * weights.reshape(-1, 1).index_select(0, pair_t)
+    return per_slot.view(-1, k, x.shape[1]).sum(dim=1)
 
 
 # ---- registry ---------------------------------------------------------------------------------

@@ -156,6 +156,32 @@ def test_sampling_matches_target_distribution(llms, mode, temperature, top_k, to
         assert sum(o.num_accepted_tokens for o in outs) > 0
 
 
+@pytest.mark.parametrize("threshold", [0.6, 0.75])
+def test_confidence_cut_keeps_rejection_sampling_exact(threshold):
+    """Whether a sampled draft is verified must not depend on the value sampled: with p and q
+    below and threshold 0.6, a rule using the draft's own probability q(x) would verify only
+    token 0 and commit it 65 % of the time instead of p[0] = 50 %."""
+    from dflash_ray.draft_worker import proposal_length
+
+    p = torch.tensor([[0.5, 0.3, 0.2], [0.2, 0.5, 0.3]])  # target at block positions 0, 1
+    q = torch.tensor([[0.7, 0.2, 0.1]])  # drafter at position 0 (one draft)
+    gen = torch.Generator().manual_seed(3)
+    n = 20000
+    first = torch.zeros(3)
+    proposed = 0
+    for _ in range(n):
+        draft = torch.multinomial(q, 1, generator=gen)[:, 0]
+        k, _ = proposal_length(q[0, draft], q.amax(dim=-1), 1.0, threshold)
+        proposed += k
+        if k:
+            token = rejection_accept(draft, q, p, gen).tokens[0]
+        else:
+            token = int(torch.multinomial(p[:1], 1, generator=gen)[0, 0])
+        first[token] += 1
+    assert 0.5 * (first / n - p[0]).abs().sum() < 0.015
+    assert proposed == (n if threshold <= 0.7 else 0)
+
+
 def test_rejection_sampling_is_exact_against_a_close_draft():
     """Synthetic p and q: the first committed token is distributed as p[0], and the second
     (given the first was the accepted draft) as p[1]."""
