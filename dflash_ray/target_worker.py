@@ -87,14 +87,17 @@ class TargetWorker:
             gen = self._generators[seq_id] = seeded_generator(spec, self.device, "target")
         return gen
 
-    @torch.inference_mode()
     def forward(
         self, batch: StepBatch, drafts: Drafts | None
     ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """The target pass: (final hidden [T, H], captured features [T, K*H] or None) over the
-        prefill tokens then the blocks `[bonus, drafts...]`; None for an empty batch."""
+        prefill tokens then the blocks `[bonus, proposed drafts...]`; None for an empty batch."""
+        return self._forward(verified_blocks(batch, drafts), drafts)
+
+    @torch.inference_mode()
+    def _forward(self, batch: StepBatch, drafts: Drafts | None):
+        """`forward` over a batch already cut to the proposed drafts."""
         dev = self.device
-        batch = verified_blocks(batch, drafts)
         spans, ids, pos = [], [], []
         for p in batch.prefills:
             n = len(p.token_ids)
@@ -122,7 +125,7 @@ class TargetWorker:
     def verify(self, batch: StepBatch, drafts: Drafts | None) -> Verified:
         """Forward, then accept per sequence. Without drafts every decode must be q = 1."""
         batch = verified_blocks(batch, drafts)
-        out = self.forward(batch, drafts)
+        out = self._forward(batch, drafts)
         if out is None:
             return Verified([], {})
         hidden, features = out

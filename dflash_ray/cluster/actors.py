@@ -2,13 +2,13 @@
 them with `ray.remote` and its placement options); each method is one RPC, and `step` is the only
 one called per engine step.
 
-A drafter step (only when some sequence drafts): receive the drafted sequences' new target
-features, draft, send the drafts. A target shard step: rank 0 sends those features and receives
-the drafts, then broadcasts the drafts (with an ok flag) to the other ranks; every rank runs the
-forward (the layers all-reduce over the shard group); rank 0 accepts and keeps the committed
-tokens' features for the drafter's next step. When the channel breaks (the drafter died) rank 0
-verifies the drafted sequences as plain decodes instead, so the step still commits correct
-tokens, and says so in its result.
+A drafter step (only on the engine's drafter-pass steps): receive the speculating sequences'
+waiting target features, draft the q > 1 blocks, send the drafts. A target shard step: rank 0
+sends those features and receives the drafts, then broadcasts the drafts (with an ok flag) to
+the other ranks; every rank runs the forward (the layers all-reduce over the shard group); rank
+0 accepts and keeps the committed tokens' features until the drafter's next pass. When the
+channel breaks (the drafter died) rank 0 verifies the drafted sequences as plain decodes
+instead, so the step still commits correct tokens, and says so in its result.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import ray
 import torch
 
-from ..draft_worker import Drafts, DraftWorker, PendingFeatures
+from ..draft_worker import NO_DRAFT, Drafts, DraftWorker, PendingFeatures
 from ..models.config import TargetConfig
 from ..parallel.communicator import LOCAL, GroupCommunicator, connect_store, open_store
 from ..parallel.plan import shard_spec
@@ -214,7 +214,9 @@ class TargetShardActor:
 
     def _full_drafts(self, n: int, drafted: list[int], got: Drafts) -> Drafts:
         """The drafted rows placed among all n decodes (the others are q = 1: no drafts)."""
-        tokens = torch.zeros(n, got.tokens.shape[1], dtype=torch.long, device=self.worker.device)
+        tokens = torch.full(
+            (n, got.tokens.shape[1]), NO_DRAFT, dtype=torch.long, device=self.worker.device
+        )
         tokens[drafted] = got.tokens
         probs: list[torch.Tensor | None] = [None] * n
         for j, i in enumerate(drafted):
