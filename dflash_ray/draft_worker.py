@@ -17,6 +17,7 @@ from torch import nn
 from .kv_cache import PagedKVCache, SeqSpan, build_layout, slot_mapping
 from .models.config import TargetConfig
 from .models.dflash import DFlashDrafter
+from .models.layers import Linear, prepack
 from .models.loader import load_weights
 from .runner_config import ModelSpec, RunnerConfig, seeded_generator
 from .spec_decode import processed_probs, sample
@@ -97,7 +98,7 @@ class TargetHead(nn.Module):
         super().__init__()
         hidden = cfg.decoder.hidden_size
         self.embed_tokens = nn.Embedding(cfg.vocab_size, hidden)
-        self.lm_head = nn.Linear(hidden, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(hidden, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
@@ -137,6 +138,9 @@ class DraftWorker:
         self.dtype = cfg.torch_dtype
         self.drafter = DFlashDrafter.from_pretrained(cfg.drafter, self.dtype, self.device)
         self.head = head or TargetHead.from_pretrained(cfg.target, self.dtype, self.device)
+        prepack(self.drafter)
+        if head is None:  # an in-process target packs itself
+            prepack(self.head)
         self.cache: PagedKVCache | None = None
         self._pending = PendingFeatures()
         self._generators: dict[int, torch.Generator] = {}

@@ -13,13 +13,45 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
+
+
+class PackedWeight:
+    """A linear layer's weight laid out once in oneDNN's blocked CPU format (fp32 or bf16).
+
+    Measured on this project's 2-core AVX-512 CPU with weights cycling through cache as in a
+    decode step: a [640, 192] GEMM took 43 us (fp32, the default MKL path) vs 31 us packed, and
+    at 5 rows (a verify block) 57 vs 26 us; in bf16, 27 vs 15 us at 1 row. The unpacked path
+    re-lays the weight out (bf16) or runs a per-row kernel (fp32) on every call. Holds a copy:
+    packing a model doubles its weight memory on CPU. Stale if the source weight changes.
+    """
+
+    __slots__ = ("data", "shape")
+
+    def __init__(self, weight: torch.Tensor):
+        self.shape = tuple(weight.shape)
+        self.data = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous())
+
+
+def can_pack(weight: torch.Tensor) -> bool:
+    """Whether `PackedWeight` applies: CPU, fp32/bf16, oneDNN built in, `DFLASH_OPS` not `ref`."""
+    return (weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
+            and torch.backends.mkldnn.is_available()
+            and os.environ.get("DFLASH_OPS", "auto") != "ref")
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor | PackedWeight,
+           bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear`, through oneDNN when the weight is packed (same values up to GEMM rounding)."""
+    if isinstance(weight, PackedWeight):
+        return torch.ops.mkldnn._linear_pointwise(x, weight.data, bias, "none", [], "")
+    return F.linear(x, weight, bias)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -125,13 +157,14 @@ def route_experts(
 
 def moe_experts(
     x: torch.Tensor,
-    gate_up: torch.Tensor,
-    down: torch.Tensor,
+    gate_up: torch.Tensor | Sequence[PackedWeight],
+    down: torch.Tensor | Sequence[PackedWeight],
     weights: torch.Tensor,
     ids: torch.Tensor,
     expert_offset: int = 0,
 ) -> torch.Tensor:
-    """SwiGLU experts: x [T, H], gate_up [E, 2I, H], down [E, H, I], weights/ids [T, k].
+    """SwiGLU experts: x [T, H], gate_up [E, 2I, H], down [E, H, I] (or per-expert packed
+    weights), weights/ids [T, k].
 
     Only experts `expert_offset .. expert_offset+E-1` live here (expert parallelism); routes to
     other experts contribute nothing on this rank. The (token, expert) pairs are sorted by expert
@@ -142,7 +175,7 @@ def moe_experts(
     order is fixed (no atomics, whatever the device) and the same for a token decoded alone or
     inside a verify block.
     """
-    num_local, k = gate_up.shape[0], ids.shape[1]
+    num_local, k = len(gate_up), ids.shape[1]
     per_slot = x.new_zeros(ids.numel(), x.shape[1])  # [T*k, H]; other ranks' experts stay 0
     pairs = sorted(
         (e - expert_offset, pair)
@@ -157,7 +190,7 @@ def moe_experts(
             e, hi = pairs[lo][0], lo
             while hi < len(pairs) and pairs[hi][0] == e:
                 hi += 1
-            ys.append(F.linear(silu_and_mul(F.linear(xs[lo:hi], gate_up[e])), down[e]))
+            ys.append(linear(silu_and_mul(linear(xs[lo:hi], gate_up[e])), down[e]))
             lo = hi
         per_slot[pair_t] = torch.cat(ys) * weights.reshape(-1, 1).index_select(0, pair_t)
     return per_slot.view(-1, k, x.shape[1]).sum(dim=1)

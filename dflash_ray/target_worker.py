@@ -15,6 +15,7 @@ import torch
 
 from .draft_worker import Drafts, proposed_lengths
 from .kv_cache import PagedKVCache, SeqSpan, build_layout
+from .models.layers import prepack
 from .models.qwen3 import Qwen3Target, ShardSpec
 from .parallel.communicator import LOCAL, Communicator
 from .runner_config import ModelSpec, RunnerConfig, seeded_generator
@@ -56,6 +57,7 @@ class TargetWorker:
         self.device = torch.device(cfg.device)
         self.dtype = cfg.torch_dtype
         self.model = Qwen3Target.from_pretrained(cfg.target, self.dtype, self.device, shard, comm)
+        prepack(self.model)
         self.cache: PagedKVCache | None = None
         self._generators: dict[int, torch.Generator] = {}
 

@@ -40,3 +40,20 @@ def test_greedy_dflash_equals_plain_and_drafts_are_accepted(pair):
     # A broken or untrained drafter gives tau = 1.0; the shipped one reaches ~2.3 here (README).
     assert sum(taus) / len(taus) > 2.0, taus
     assert spec[0].text and spec[0].text == plain[0].text
+
+
+def test_packed_cpu_weights_change_nothing_observable(pair, monkeypatch):
+    """On CPU the workers pack linear weights for oneDNN (`ops.PackedWeight`); the reference
+    path (`DFLASH_OPS=ref`) must decode the same tokens and accept the same drafts."""
+    target, drafter = pair
+    prompts = bench_prompts(target, 3)
+    params = SamplingParams(max_tokens=48)
+    packed = LLM(target, drafter, spec_min_confidence=0.1)
+    assert packed.engine.executor.runner.target.lm_head.packed is not None
+    got = packed.generate(prompts, params, use_tqdm=False)
+    monkeypatch.setenv("DFLASH_OPS", "ref")
+    ref = LLM(target, drafter, spec_min_confidence=0.1)
+    assert ref.engine.executor.runner.target.lm_head.packed is None
+    want = ref.generate(prompts, params, use_tqdm=False)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert [o.acceptance_lengths for o in got] == [o.acceptance_lengths for o in want]

@@ -7,8 +7,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from dflash_ray.kv_cache import PagedKVCache, SeqSpan, build_layout
+from dflash_ray.models.layers import prepack
 from dflash_ray.models.qwen3 import Qwen3Target
-from dflash_ray.ops import moe_experts
+from dflash_ray.ops import PackedWeight, can_pack, moe_experts
 
 from .conftest import VOCAB, save_qwen3, save_qwen3_moe
 
@@ -22,11 +23,11 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 class Harness:
     """Our model + a paged cache, fed step by step like the engine does."""
 
-    def __init__(self, path: str):
-        self.model = Qwen3Target.from_pretrained(path)
+    def __init__(self, path: str, dtype: torch.dtype = torch.float32):
+        self.model = Qwen3Target.from_pretrained(path, dtype)
         d = self.model.cfg.decoder
         self.cache = PagedKVCache(
-            d.num_layers, 64, BLOCK, self.model.num_kv_heads, d.head_dim, torch.float32, "cpu"
+            d.num_layers, 64, BLOCK, self.model.num_kv_heads, d.head_dim, dtype, "cpu"
         )
         self.free = list(range(63, -1, -1))
         self.tables: dict[int, list[int]] = {}
@@ -159,3 +160,33 @@ def test_moe_gather_and_loop_paths_agree_with_dense_sum(num_tokens):
     lo = moe_experts(x, gate_up[:4], down[:4], weights, ids, 0)
     hi = moe_experts(x, gate_up[4:], down[4:], weights, ids, 4)
     assert rel_err(lo + hi, want) < 1e-5
+
+
+needs_onednn = pytest.mark.skipif(not can_pack(torch.ones(1)), reason="no oneDNN CPU path")
+
+
+@needs_onednn
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_weights_give_the_reference_logits(tiny, dtype):
+    """The engine packs linear weights for oneDNN on CPU; prefill, a verify-sized chunk and a
+    single-token step must give the unpacked model's logits (the MoE hits several experts)."""
+    ref, packed = Harness(tiny["moe"], dtype), Harness(tiny["moe"], dtype)
+    assert prepack(packed.model)
+    assert isinstance(packed.model.lm_head.packed, PackedWeight)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for chunks in ({0: [5, 9, 2, 7, 1, 4, 4], 1: [3, 8]}, {0: [6, 2, 9, 1, 7], 1: [2]}, {0: [1]}):
+        want, _ = ref.forward(chunks)
+        got, _ = packed.forward(chunks)
+        for sid in chunks:
+            assert rel_err(got[sid].float(), want[sid].float()) < tol
+
+
+@needs_onednn
+def test_moe_experts_on_packed_weights():
+    torch.manual_seed(0)
+    x, gate_up, down = torch.randn(5, 16), torch.randn(6, 16, 16), torch.randn(6, 16, 8)
+    weights, ids = torch.rand(5, 2), torch.stack([torch.randperm(6)[:2] for _ in range(5)])
+    want = moe_experts(x, gate_up, down, weights, ids)
+    got = moe_experts(x, [PackedWeight(w) for w in gate_up], [PackedWeight(w) for w in down],
+                      weights, ids)
+    assert rel_err(got, want) < 1e-5

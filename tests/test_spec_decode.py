@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from itertools import pairwise
 
 import pytest
 import torch
@@ -111,7 +112,7 @@ def test_plain_stretch_skips_the_drafter_but_for_a_pass_every_follow_steps(tiny,
     assert [o.token_ids for o in out] == [o.token_ids for o in plain]
     assert engine.stats.spec.num_drafts == 0
     steps = [step for step, _ in passes]
-    assert len(passes) >= 2 and all(b - a == FOLLOW_STEPS for a, b in zip(steps, steps[1:]))
+    assert len(passes) >= 2 and all(b - a == FOLLOW_STEPS for a, b in pairwise(steps))
     assert all(min(rows) >= FOLLOW_STEPS for _, rows in passes[1:])  # a stretch's context
 
 

@@ -18,7 +18,7 @@ from ..kv_cache import PagedKVCache
 from ..ops import AttentionGroup, RotaryTable
 from ..parallel.communicator import LOCAL
 from .config import DrafterConfig
-from .layers import MLP, Attention, DecoderLayer, RMSNorm
+from .layers import MLP, Attention, DecoderLayer, Linear, RMSNorm
 from .loader import load_weights
 
 
@@ -28,7 +28,7 @@ class DFlashDrafter(nn.Module):
         self.cfg = cfg
         d = cfg.decoder
         k = len(cfg.target_layer_ids)
-        self.fc = nn.Linear(k * cfg.target_hidden_size, d.hidden_size, bias=False)
+        self.fc = Linear(k * cfg.target_hidden_size, d.hidden_size, bias=False)
         self.hidden_norm = RMSNorm(d.hidden_size, d.rms_norm_eps)
         self.layers = nn.ModuleList(
             DecoderLayer(

@@ -8,12 +8,43 @@ non-causal for the drafter's block) is decided by the `AttentionGroup` masks, no
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..ops import AttentionGroup, get_op, rms_norm, route_experts, silu_and_mul
+from ..ops import (
+    AttentionGroup,
+    PackedWeight,
+    can_pack,
+    get_op,
+    linear,
+    rms_norm,
+    route_experts,
+    silu_and_mul,
+)
 from ..parallel.communicator import Communicator
 from .config import DecoderConfig
+
+
+class Linear(nn.Linear):
+    """`nn.Linear` that can run on a packed copy of its weight (`prepack`)."""
+
+    packed: PackedWeight | None = None
+
+    def prepack(self) -> None:
+        self.packed = PackedWeight(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.packed or self.weight, self.bias)
+
+
+def prepack(model: nn.Module) -> bool:
+    """Pack every linear weight of an inference model for the CPU GEMM path (see `PackedWeight`)
+    once its weights are final. No-op (False) where packing does not apply."""
+    if not can_pack(next(model.parameters())):
+        return False
+    for m in model.modules():
+        if m is not model and hasattr(m, "prepack"):
+            m.prepack()
+    return True
 
 
 class RMSNorm(nn.Module):
@@ -39,10 +70,10 @@ class Attention(nn.Module):
         super().__init__()
         hd = cfg.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, hd
-        self.qkv_proj = nn.Linear(
+        self.qkv_proj = Linear(
             cfg.hidden_size, (num_heads + 2 * num_kv_heads) * hd, bias=cfg.attention_bias
         )
-        self.o_proj = nn.Linear(num_heads * hd, cfg.hidden_size, bias=False)
+        self.o_proj = Linear(num_heads * hd, cfg.hidden_size, bias=False)
         self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
         self.eps = cfg.rms_norm_eps
@@ -52,6 +83,11 @@ class Attention(nn.Module):
         self._attend = get_op("paged_attention")
 
     packed_name = "qkv_proj"
+    kv_packed: PackedWeight | None = None  # the k/v rows of qkv_proj, for `project_kv`
+
+    def prepack(self) -> None:  # qkv_proj and o_proj pack themselves
+        if self.qkv_proj.bias is None:
+            self.kv_packed = PackedWeight(self.qkv_proj.weight[self.num_heads * self.head_dim :])
 
     def packed_rows(self) -> dict[str, int]:
         """Checkpoint projection name -> first row of it inside qkv_proj."""
@@ -67,9 +103,9 @@ class Attention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values only (the drafter's context rows): x [T, H] -> each [T, nkv, hd]."""
         kv_rows = self.num_heads * self.head_dim
-        w = self.qkv_proj.weight[kv_rows:]
+        w = self.kv_packed or self.qkv_proj.weight[kv_rows:]
         b = None if self.qkv_proj.bias is None else self.qkv_proj.bias[kv_rows:]
-        kv = F.linear(x, w, b).view(-1, 2 * self.num_kv_heads, self.head_dim)
+        kv = linear(x, w, b).view(-1, 2 * self.num_kv_heads, self.head_dim)
         k = self._rope(rms_norm(kv[:, : self.num_kv_heads], self.k_norm.weight, self.eps), cos, sin)
         return k, kv[:, self.num_kv_heads :]
 
@@ -107,8 +143,8 @@ class MLP(nn.Module):
 
     def __init__(self, hidden: int, intermediate: int, comm: Communicator):
         super().__init__()
-        self.gate_up_proj = nn.Linear(hidden, 2 * intermediate, bias=False)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.gate_up_proj = Linear(hidden, 2 * intermediate, bias=False)
+        self.down_proj = Linear(intermediate, hidden, bias=False)
         self.intermediate = intermediate
         self.comm = comm
 
@@ -130,6 +166,15 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(num_local, 2 * intermediate, hidden))
         self.down_proj = nn.Parameter(torch.empty(num_local, hidden, intermediate))
         self.offset = offset
+        self.packed: tuple[list[PackedWeight], list[PackedWeight]] | None = None
+
+    def prepack(self) -> None:
+        self.packed = ([PackedWeight(w) for w in self.gate_up_proj],
+                       [PackedWeight(w) for w in self.down_proj])
+
+    def weights(self):
+        """(gate_up, down) for `moe_experts`: the packed per-expert lists, or the stacks."""
+        return self.packed or (self.gate_up_proj, self.down_proj)
 
 
 class SparseMoE(nn.Module):
@@ -150,7 +195,7 @@ class SparseMoE(nn.Module):
         comm: Communicator,
     ):
         super().__init__()
-        self.gate = nn.Linear(hidden, num_experts, bias=False)
+        self.gate = Linear(hidden, num_experts, bias=False)
         lo, hi = expert_range
         self.experts = Experts(hi - lo, hidden, intermediate, lo)
         self.top_k, self.normalize, self.comm = top_k, normalize, comm
@@ -159,7 +204,7 @@ class SparseMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = route_experts(self.gate(x), self.top_k, self.normalize)
         e = self.experts
-        y = self._experts(x, e.gate_up_proj, e.down_proj, weights, ids, e.offset)
+        y = self._experts(x, *e.weights(), weights, ids, e.offset)
         return self.comm.all_reduce(y)
 
 

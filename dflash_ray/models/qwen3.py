@@ -18,7 +18,7 @@ from ..kv_cache import PagedKVCache
 from ..ops import AttentionGroup, RotaryTable
 from ..parallel.communicator import LOCAL, Communicator
 from .config import TargetConfig
-from .layers import MLP, Attention, DecoderLayer, RMSNorm, SparseMoE
+from .layers import MLP, Attention, DecoderLayer, Linear, RMSNorm, SparseMoE
 from .loader import load_weights
 
 
@@ -70,7 +70,7 @@ class Qwen3Target(nn.Module):
             layers.append(DecoderLayer(d, attn, mlp))
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(d.hidden_size, d.rms_norm_eps)
-        self.lm_head = nn.Linear(d.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(d.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rope = RotaryTable(d.head_dim, d.rope_theta, d.rope_scaling)

@@ -48,6 +48,7 @@ class DrafterTrainArgs:
     checkpoint_minutes: float = 3.0
     threads: int = 2
     device: str = "cpu"
+    init_from: str | None = None  # a z-lab drafter directory to start from
     # bf16 autocast (fp32 master weights): 1.8x faster steps measured on a bf16-capable CPU
     precision: str = "bf16"
     seed: int = 0
@@ -98,17 +99,27 @@ def corpus_prompts(target_dir: str, n: int, lengths: tuple[int, int], heldout: b
 
 
 def load_data(args: DrafterTrainArgs, work: Path, layer_ids: list[int], target: Qwen3Target):
+    """The regenerated data in `work/data.pt`, made on first use. A later run with a larger
+    `--num-seqs` regenerates only the missing sequences (new prompt windows) and appends them; a
+    smaller one keeps everything stored (nothing is thrown away)."""
     path = work / "data.pt"
-    if path.is_file():
-        raw = torch.load(path)
-    else:
-        raw = {}
-        for split, n in (("train", args.num_seqs), ("heldout", args.heldout_seqs)):
-            prompts = corpus_prompts(args.target, n, args.prompt_tokens, split == "heldout",
-                                     args.seed)
+    raw = torch.load(path) if path.is_file() else {}
+    grew = False
+    for split, n in (("heldout", args.heldout_seqs), ("train", args.num_seqs)):
+        have = raw.setdefault(split, [])
+        missing = n - len(have) if split == "train" or not have else 0
+        if missing > 0:
+            # seed + len(have): the first batch of a split uses `seed` (as a fresh run always
+            # did); each growth step draws different windows
+            prompts = corpus_prompts(args.target, missing, args.prompt_tokens,
+                                     split == "heldout", args.seed + len(have))
             seqs = regenerate(args.target, prompts, args.response_tokens)
-            raw[split] = [(s.token_ids, s.prompt_len) for s in seqs]
-        torch.save(raw, path)
+            have += [(s.token_ids, s.prompt_len) for s in seqs]
+            grew = True
+    if grew:
+        tmp = path.with_suffix(".tmp")
+        torch.save(raw, tmp)
+        tmp.replace(path)
     data = {}
     for split, items in raw.items():
         seqs = [TrainSequence(ids, p) for ids, p in items
@@ -116,6 +127,21 @@ def load_data(args: DrafterTrainArgs, work: Path, layer_ids: list[int], target: 
         capture_features(target, seqs, layer_ids)
         data[split] = seqs
     return data["train"], data["heldout"]
+
+
+def init_from(drafter: DFlashDrafter, model_dir: str) -> None:
+    """Start from an existing drafter's weights (fine-tuning on more data, say). Its shape and
+    target conditioning must match what this run builds."""
+    src = DFlashDrafter.from_pretrained(model_dir)
+    mine, theirs = drafter.cfg, src.cfg
+    for name in ("block_size", "target_layer_ids", "mask_token_id", "vocab_size"):
+        if getattr(mine, name) != getattr(theirs, name):
+            raise ValueError(f"--init-from {model_dir}: {name} is {getattr(theirs, name)!r} "
+                             f"there but {getattr(mine, name)!r} in this run")
+    if mine.decoder.num_layers != theirs.decoder.num_layers:
+        raise ValueError(f"--init-from {model_dir}: {theirs.decoder.num_layers} layers there but "
+                         f"--layers {mine.decoder.num_layers} here")
+    drafter.load_state_dict(src.state_dict())
 
 
 @torch.no_grad()
@@ -153,6 +179,8 @@ def train(args: DrafterTrainArgs) -> Path:
     embed = target.embed_tokens.weight.detach()
     head = target.lm_head.weight.detach()
     train_seqs, heldout = load_data(args, work, drafter.cfg.target_layer_ids, target)
+    if args.init_from:
+        init_from(drafter, args.init_from)
     opt = torch.optim.AdamW(drafter.parameters(), lr=args.lr, weight_decay=0.0)
     step, elapsed = 0, 0.0
     rng = random.Random(args.seed)
@@ -223,7 +251,7 @@ def train(args: DrafterTrainArgs) -> Path:
         raise SystemExit(f"stopped by signal at step {step}; rerun the same command to resume")
     save_zlab(drafter, out, tcfg.decoder.num_layers)
     summary = {k: v for k, v in asdict(args).items() if k != "log"}
-    # what the run trained on (a resumed run reuses work/data.pt whatever --num-seqs says)
+    # what the run trained on (work/data.pt grows to --num-seqs but never shrinks)
     summary["data"] = {"train_seqs": len(train_seqs), "heldout_seqs": len(heldout),
                        "train_response_tokens": sum(len(s.token_ids) - s.prompt_len
                                                     for s in train_seqs)}
@@ -306,6 +334,8 @@ def parse_args(argv: list[str] | None = None) -> DrafterTrainArgs:
     p.add_argument("--precision", choices=("bf16", "fp32"), default=d.precision,
                    help="bf16: autocast forward, fp32 master weights")
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--init-from", metavar="DRAFTER_DIR",
+                   help="start from this drafter's weights (fresh optimizer and schedule)")
     ns = vars(p.parse_args(argv))
     if ns["steps"] is not None:
         ns["minutes"] = None
