@@ -20,7 +20,7 @@ from .block_manager import BlockManager
 from .config import EngineConfig
 from .executor import make_executor
 from .metrics import EngineStats
-from .outputs import RequestOutput
+from .outputs import RequestOutput, coalesce
 from .sampling_params import InvalidRequest, SamplingParams
 from .scheduler import Scheduler, SchedulerConfig, SchedulerOutput, prefill_len
 from .sequence import Sequence
@@ -366,8 +366,9 @@ class Engine:
         params: SamplingParams | None = None,
         request_id: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Yield this request's deltas as steps produce them; closing the generator early (a
-        client that went away) aborts the request and frees its blocks."""
+        """Yield this request's deltas as steps produce them (steps produced while the consumer
+        was busy arrive merged into one delta); closing the generator early (a client that went
+        away) aborts the request and frees its blocks."""
         queue: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
         with self._lock:
@@ -378,6 +379,12 @@ class Engine:
         try:
             while not finished:
                 item = await queue.get()
+                # Steps that finished while the consumer was busy go out as one delta: a slow
+                # consumer (an HTTP stream on a busy host) then costs one hop per wake-up,
+                # not one per engine step.
+                while not isinstance(item, BaseException) and not item.finished and queue.qsize():
+                    newer = queue.get_nowait()
+                    item = newer if isinstance(newer, BaseException) else coalesce(item, newer)
                 if isinstance(item, BaseException):
                     raise item
                 finished = item.finished

@@ -3,6 +3,7 @@ statistics of the request so far."""
 
 from __future__ import annotations
 
+from copy import copy
 from dataclasses import dataclass, field
 
 
@@ -25,3 +26,12 @@ class RequestOutput:
         """Mean tokens committed per verify step (bonus included)."""
         a = self.acceptance_lengths
         return sum(a) / len(a) if a else 0.0
+
+
+def coalesce(older: RequestOutput, newer: RequestOutput) -> RequestOutput:
+    """One output standing for two consecutive ones of a request: the newer state with both
+    steps' deltas (for a consumer that fell behind the engine)."""
+    out = copy(newer)
+    out.new_token_ids = older.new_token_ids + newer.new_token_ids
+    out.new_text = older.new_text + newer.new_text
+    return out

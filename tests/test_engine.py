@@ -122,6 +122,25 @@ def test_async_stream_yields_deltas_and_disconnect_aborts(llms):
     assert engine.blocks.num_free == total and not engine.has_unfinished()
 
 
+def test_slow_stream_consumer_gets_merged_deltas(llms):
+    """Steps that finish while the consumer is busy arrive as one delta, nothing lost."""
+    engine = llms["plain"].engine
+
+    async def collect():
+        chunks = []
+        async for out in engine.stream([5, 6, 7], SamplingParams(max_tokens=40, ignore_eos=True)):
+            chunks.append(out)
+            await asyncio.sleep(0.05)  # a consumer much slower than a step of the tiny model
+        return chunks
+
+    chunks = asyncio.run(collect())
+    final = chunks[-1]
+    assert final.finished and len(final.token_ids) == 40
+    assert [t for c in chunks for t in c.new_token_ids] == final.token_ids
+    assert "".join(c.new_text for c in chunks) == final.text
+    assert len(chunks) < 40  # one output per step (40 of them) unless merged
+
+
 @pytest.mark.parametrize(
     "field,kwargs",
     [

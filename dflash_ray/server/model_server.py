@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 
 from ..config import EngineConfig
 from ..engine import Engine
+from ..outputs import RequestOutput
 from ..sampling_params import InvalidRequest, SamplingParams
 from .chat import ChatTemplate
 from .protocol import APIError
@@ -76,9 +77,9 @@ class ModelServer:
             except APIError as exc:
                 yield _error(exc)
                 return
-            yield dataclasses.asdict(first)
+            yield _wire(first)
             async for out in stream:
-                yield dataclasses.asdict(out)
+                yield _wire(out)
         finally:
             self._pending -= 1
             if stream is not None:
@@ -92,6 +93,15 @@ class ModelServer:
         if out is None or len(out.token_ids) != 2:
             raise RuntimeError(f"deep health check produced {out!r}")
         return {"status": "ok", "tokens": out.token_ids, "drafted": out.num_draft_tokens > 0}
+
+
+def _wire(out: RequestOutput) -> dict:
+    """What crosses to the ingress: the delta while streaming, the whole output at the end (the
+    cumulative ids and acceptance lists would make every step's message grow with the output)."""
+    if out.finished:
+        return dataclasses.asdict(out)
+    return {"new_text": out.new_text, "new_token_ids": out.new_token_ids, "finished": False,
+            "finish_reason": None}
 
 
 def _error(err: APIError) -> dict:
