@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -29,7 +30,8 @@ class PackedWeight:
     decode step: a [640, 192] GEMM took 43 us (fp32, the default MKL path) vs 31 us packed, and
     at 5 rows (a verify block) 57 vs 26 us; in bf16, 27 vs 15 us at 1 row. The unpacked path
     re-lays the weight out (bf16) or runs a per-row kernel (fp32) on every call. Holds a copy:
-    packing a model doubles its weight memory on CPU. Stale if the source weight changes.
+    packing a model doubles its weight memory on CPU (`DFLASH_OPS=ref` turns packing off).
+    Inference only: no autograd, and stale if the source weight changes.
     """
 
     __slots__ = ("data", "shape")
@@ -40,10 +42,15 @@ class PackedWeight:
 
 
 def can_pack(weight: torch.Tensor) -> bool:
-    """Whether `PackedWeight` applies: CPU, fp32/bf16, oneDNN built in, `DFLASH_OPS` not `ref`."""
-    return (weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
-            and torch.backends.mkldnn.is_available()
-            and os.environ.get("DFLASH_OPS", "auto") != "ref")
+    """Whether `PackedWeight` applies: an x86 CPU (where it was measured), fp32 or bf16 (bf16
+    only where oneDNN has a bf16 GEMM for this CPU), oneDNN built in, `DFLASH_OPS` not `ref`."""
+    if (weight.device.type != "cpu" or platform.machine().lower() not in ("x86_64", "amd64")
+            or not torch.backends.mkldnn.is_available()
+            or os.environ.get("DFLASH_OPS", "auto") == "ref"):
+        return False
+    if weight.dtype == torch.bfloat16:
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return weight.dtype == torch.float32
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor | PackedWeight,

@@ -190,3 +190,35 @@ def test_moe_experts_on_packed_weights():
     got = moe_experts(x, [PackedWeight(w) for w in gate_up], [PackedWeight(w) for w in down],
                       weights, ids)
     assert rel_err(got, want) < 1e-5
+
+
+@needs_onednn
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_drafter_matches_reference(tiny, dtype):
+    """Context K/V (the drafter's separately packed k/v rows), cache contents and block hidden
+    states agree packed vs unpacked."""
+    from dflash_ray.models.dflash import DFlashDrafter
+
+    gen = torch.Generator().manual_seed(0)
+    results = []
+    for pack in (False, True):
+        m = DFlashDrafter.from_pretrained(tiny["drafter"], dtype)
+        if pack:
+            assert prepack(m)
+            assert m.layers[0].self_attn.kv_packed is not None and m.fc.packed is not None
+        d = m.cfg.decoder
+        cache = PagedKVCache(d.num_layers, 4, BLOCK, d.num_kv_heads, d.head_dim, dtype, "cpu")
+        gen.manual_seed(0)
+        feats = torch.randn(6, m.fc.in_features, generator=gen).to(dtype)
+        block = torch.randn(8, d.hidden_size, generator=gen).to(dtype)
+        with torch.inference_mode():
+            m.materialize_context(feats, torch.arange(6), torch.arange(6), cache)
+            ws, groups = build_layout([SeqSpan([0, 1, 2, 3], 6, 8, 8)], BLOCK, causal=False,
+                                      device="cpu")
+            hidden = m(block, torch.arange(6, 14), cache, ws, groups)
+        results.append((hidden.float(), [t.float().clone() for t in cache.layer(0)]))
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    (want, want_kv), (got, got_kv) = results
+    assert rel_err(got, want) < tol
+    for g, w in zip(got_kv, want_kv, strict=True):
+        assert rel_err(g[:14], w[:14]) < tol

@@ -7,6 +7,7 @@ import math
 import random
 import shutil
 
+import pytest
 import torch
 
 from dflash_ray import LLM, SamplingParams
@@ -85,3 +86,25 @@ def test_short_training_run_learns_saves_zlab_format_and_resumes(tiny, tmp_path)
     spec = LLM(str(target), str(out)).generate([prompt], params, use_tqdm=False)[0]
     plain = LLM(str(target)).generate([prompt], params, use_tqdm=False)[0]
     assert spec.token_ids == plain.token_ids
+    # more data: not under the finished run's schedule, but in a fresh --out that starts from
+    # it, keeps the 12 regenerated sequences and adds 4
+    with pytest.raises(SystemExit, match="fresh --out"):
+        train(DrafterTrainArgs(**{**args, "num_seqs": 16}))
+    grown = tmp_path / "grown"
+    (grown / "work").mkdir(parents=True)
+    shutil.copy(out / "work" / "data.pt", grown / "work" / "data.pt")
+    train(DrafterTrainArgs(**{**args, "out": str(grown), "num_seqs": 16, "steps": 1,
+                              "init_from": str(out)}))
+    before, after = (torch.load(d / "work" / "data.pt") for d in (out, grown))
+    assert after["train"][:12] == before["train"] and len(after["train"]) == 16
+    assert after["heldout"] == before["heldout"]
+    first = json.loads((grown / "train_log.json").read_text())
+    assert first["args"]["init_from"] == str(out) and first["args"]["data"]["train_seqs"] <= 16
+
+
+def test_init_from_names_the_mismatch_before_any_regeneration(tiny, tmp_path):
+    args = DrafterTrainArgs(target=tiny["moe"], out=str(tmp_path / "d"), num_layers=1,
+                            block_size=8, target_layer_ids=[1, 2], init_from=tiny["drafter"])
+    with pytest.raises(ValueError, match="--init-from .*num_layers is 2 there but 1"):
+        train(args)
+    assert not (tmp_path / "d" / "work" / "data.pt").exists()

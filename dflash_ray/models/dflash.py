@@ -41,6 +41,12 @@ class DFlashDrafter(nn.Module):
         self.norm = RMSNorm(d.hidden_size, d.rms_norm_eps)
         self.rope = RotaryTable(d.head_dim, d.rope_theta, d.rope_scaling)
 
+    def prepack(self) -> None:
+        """`models.layers.prepack` hook: the context path's k/v rows (its Linears pack
+        themselves)."""
+        for layer in self.layers:
+            layer.self_attn.pack_kv_rows()
+
     def project_context(self, features: torch.Tensor) -> torch.Tensor:
         """features [T, K*Ht] -> fused context C [T, H]."""
         return self.hidden_norm(self.fc(features))

@@ -16,6 +16,7 @@ from ..ops import (
     can_pack,
     get_op,
     linear,
+    moe_experts,
     rms_norm,
     route_experts,
     silu_and_mul,
@@ -33,16 +34,19 @@ class Linear(nn.Linear):
         self.packed = PackedWeight(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.packed or self.weight, self.bias)
+        # the packed op has no autograd: anything that wants gradients takes the weight itself
+        packed = None if torch.is_grad_enabled() else self.packed
+        return linear(x, packed or self.weight, self.bias)
 
 
 def prepack(model: nn.Module) -> bool:
-    """Pack every linear weight of an inference model for the CPU GEMM path (see `PackedWeight`)
-    once its weights are final. No-op (False) where packing does not apply."""
+    """Pack the linear weights of an inference model for the CPU GEMM path (see `PackedWeight`)
+    once its weights are final: every module with a `prepack` method packs its own. No-op
+    (False) where packing does not apply."""
     if not can_pack(next(model.parameters())):
         return False
     for m in model.modules():
-        if m is not model and hasattr(m, "prepack"):
+        if hasattr(m, "prepack"):
             m.prepack()
     return True
 
@@ -85,9 +89,10 @@ class Attention(nn.Module):
     packed_name = "qkv_proj"
     kv_packed: PackedWeight | None = None  # the k/v rows of qkv_proj, for `project_kv`
 
-    def prepack(self) -> None:  # qkv_proj and o_proj pack themselves
-        if self.qkv_proj.bias is None:
-            self.kv_packed = PackedWeight(self.qkv_proj.weight[self.num_heads * self.head_dim :])
+    def pack_kv_rows(self) -> None:
+        """Pack the k/v rows for `project_kv` (the drafter's context path; the target never
+        calls it, so only the drafter pays this copy)."""
+        self.kv_packed = PackedWeight(self.qkv_proj.weight[self.num_heads * self.head_dim :])
 
     def packed_rows(self) -> dict[str, int]:
         """Checkpoint projection name -> first row of it inside qkv_proj."""
@@ -103,7 +108,8 @@ class Attention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values only (the drafter's context rows): x [T, H] -> each [T, nkv, hd]."""
         kv_rows = self.num_heads * self.head_dim
-        w = self.kv_packed or self.qkv_proj.weight[kv_rows:]
+        packed = None if torch.is_grad_enabled() else self.kv_packed
+        w = packed or self.qkv_proj.weight[kv_rows:]
         b = None if self.qkv_proj.bias is None else self.qkv_proj.bias[kv_rows:]
         kv = linear(x, w, b).view(-1, 2 * self.num_kv_heads, self.head_dim)
         k = self._rope(rms_norm(kv[:, : self.num_kv_heads], self.k_norm.weight, self.eps), cos, sin)
@@ -172,9 +178,6 @@ class Experts(nn.Module):
         self.packed = ([PackedWeight(w) for w in self.gate_up_proj],
                        [PackedWeight(w) for w in self.down_proj])
 
-    def weights(self):
-        """(gate_up, down) for `moe_experts`: the packed per-expert lists, or the stacks."""
-        return self.packed or (self.gate_up_proj, self.down_proj)
 
 
 class SparseMoE(nn.Module):
@@ -204,7 +207,11 @@ class SparseMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = route_experts(self.gate(x), self.top_k, self.normalize)
         e = self.experts
-        y = self._experts(x, *e.weights(), weights, ids, e.offset)
+        if e.packed is not None and not torch.is_grad_enabled():
+            # per-expert packed lists: the reference op's form (kernels take stacked tensors)
+            y = moe_experts(x, *e.packed, weights, ids, e.offset)
+        else:
+            y = self._experts(x, e.gate_up_proj, e.down_proj, weights, ids, e.offset)
         return self.comm.all_reduce(y)
 
 

@@ -129,19 +129,25 @@ def load_data(args: DrafterTrainArgs, work: Path, layer_ids: list[int], target: 
     return data["train"], data["heldout"]
 
 
+_SAME_DRAFTER = ("block_size", "target_layer_ids", "mask_token_id", "vocab_size",
+                 "target_hidden_size")
+_SAME_DECODER = ("num_layers", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads",
+                 "head_dim", "rope_theta", "rms_norm_eps", "attention_bias")
+
+
 def init_from(drafter: DFlashDrafter, model_dir: str) -> None:
     """Start from an existing drafter's weights (fine-tuning on more data, say). Its shape and
     target conditioning must match what this run builds."""
-    src = DFlashDrafter.from_pretrained(model_dir)
-    mine, theirs = drafter.cfg, src.cfg
-    for name in ("block_size", "target_layer_ids", "mask_token_id", "vocab_size"):
-        if getattr(mine, name) != getattr(theirs, name):
-            raise ValueError(f"--init-from {model_dir}: {name} is {getattr(theirs, name)!r} "
-                             f"there but {getattr(mine, name)!r} in this run")
-    if mine.decoder.num_layers != theirs.decoder.num_layers:
-        raise ValueError(f"--init-from {model_dir}: {theirs.decoder.num_layers} layers there but "
-                         f"--layers {mine.decoder.num_layers} here")
-    drafter.load_state_dict(src.state_dict())
+    from ..models.config import DrafterConfig
+
+    mine, theirs = drafter.cfg, DrafterConfig.load(model_dir)
+    pairs = [(n, getattr(mine.decoder, n), getattr(theirs.decoder, n)) for n in _SAME_DECODER]
+    pairs += [(n, getattr(mine, n), getattr(theirs, n)) for n in _SAME_DRAFTER]
+    for name, want, got in pairs:
+        if want != got:
+            raise ValueError(f"--init-from {model_dir}: {name} is {got!r} there but {want!r} in "
+                             f"this run")
+    drafter.load_state_dict(DFlashDrafter.from_pretrained(model_dir).state_dict())
 
 
 @torch.no_grad()
@@ -178,15 +184,21 @@ def train(args: DrafterTrainArgs) -> Path:
     drafter = make_drafter(args, tcfg, mask_id)
     embed = target.embed_tokens.weight.detach()
     head = target.lm_head.weight.detach()
+    ckpt = work / "checkpoint.pt"
+    state = torch.load(ckpt, weights_only=False) if ckpt.is_file() else None
+    if state is not None and state.get("num_seqs", args.num_seqs) < args.num_seqs:
+        # growing the data under a running schedule would change the run half-way
+        raise SystemExit(f"{ckpt} is a run started with --num-seqs {state['num_seqs']}; to "
+                         f"train on {args.num_seqs} use a fresh --out (copy work/data.pt there "
+                         f"to keep the regenerated ones; --init-from {out} to start from it)")
+    if args.init_from and state is None:  # resuming restores the checkpoint's weights instead
+        init_from(drafter, args.init_from)  # checked before any regeneration
     train_seqs, heldout = load_data(args, work, drafter.cfg.target_layer_ids, target)
-    if args.init_from:
-        init_from(drafter, args.init_from)
+    num_seqs = state["num_seqs"] if state and "num_seqs" in state else args.num_seqs
     opt = torch.optim.AdamW(drafter.parameters(), lr=args.lr, weight_decay=0.0)
     step, elapsed = 0, 0.0
     rng = random.Random(args.seed)
-    ckpt = work / "checkpoint.pt"
-    if ckpt.is_file():
-        state = torch.load(ckpt, weights_only=False)
+    if state is not None:
         drafter.load_state_dict(state["drafter"])
         opt.load_state_dict(state["optimizer"])
         step, elapsed, args.log = state["step"], state["elapsed"], state["log"]
@@ -202,8 +214,8 @@ def train(args: DrafterTrainArgs) -> Path:
     def save_checkpoint() -> None:
         tmp = ckpt.with_suffix(".tmp")
         torch.save({"drafter": drafter.state_dict(), "optimizer": opt.state_dict(),
-                    "step": step, "elapsed": elapsed, "log": args.log, "rng": rng.getstate(),
-                    "torch_rng": torch.get_rng_state()}, tmp)
+                    "num_seqs": num_seqs, "step": step, "elapsed": elapsed, "log": args.log,
+                    "rng": rng.getstate(), "torch_rng": torch.get_rng_state()}, tmp)
         tmp.replace(ckpt)
 
     bar = tqdm(total=100 if args.minutes else args.steps, desc="train drafter",
