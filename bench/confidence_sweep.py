@@ -55,15 +55,10 @@ def main() -> None:
     with tqdm(total=args.rounds * len(engines) * len(prompts), desc="sweep", unit="req") as bar:
         for _ in range(args.rounds):
             for name, e in engines.items():
-                s0 = (e.stats.num_steps, e.stats.draft_seconds, e.stats.verify_seconds)
                 r = closed_loop(e, prompts, args.concurrency, params, bar)
                 outputs = sorted(r.pop("outputs"))
                 reference = reference or outputs
                 r["outputs_identical"] = outputs == reference
-                steps = e.stats.num_steps - s0[0]
-                r["draft_ms_per_step"] = 1e3 * (e.stats.draft_seconds - s0[1]) / steps
-                r["verify_ms_per_step"] = 1e3 * (e.stats.verify_seconds - s0[2]) / steps
-                r["ms_per_step"] = 1e3 * r["seconds"] / steps
                 runs[name].append(r)
     base = median(r["tok_s"] for r in runs["plain"])
     rows = []

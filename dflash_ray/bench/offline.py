@@ -40,6 +40,8 @@ def closed_loop(engine: Engine, prompts: list, concurrency: int, params: Samplin
     before = engine.stats.spec
     drafts0, accepted0 = before.num_drafts, list(before.accepted_per_pos)
     proposed0 = before.num_draft_tokens
+    s0 = engine.stats
+    steps0, draft0, verify0 = s0.num_steps, s0.draft_seconds, s0.verify_seconds
     queue = list(reversed(prompts))
     live, finished = 0, []
     start = time.perf_counter()
@@ -59,8 +61,13 @@ def closed_loop(engine: Engine, prompts: list, concurrency: int, params: Samplin
                for i, a in enumerate(spec.accepted_per_pos)]
     taus = [t for o in finished for t in o.acceptance_lengths]
     tokens = sum(len(o.token_ids) for o in finished)
+    steps = max(1, engine.stats.num_steps - steps0)
     return {
         "tok_s": tokens / seconds, "seconds": seconds, "tokens": tokens,
+        # where a step's time goes: the drafter's pass and the target's verify pass
+        "ms_per_step": 1e3 * seconds / steps,
+        "draft_ms_per_step": 1e3 * (engine.stats.draft_seconds - draft0) / steps,
+        "verify_ms_per_step": 1e3 * (engine.stats.verify_seconds - verify0) / steps,
         "mean_tau": sum(taus) / len(taus) if taus else 0.0,
         "tau_histogram": dict(sorted(Counter(taus).items())),
         "acceptance_rate_per_position": [a / drafts for a in per_pos] if drafts else [],
@@ -90,7 +97,8 @@ def run_bench(target: str, drafter: str, prompts: list, concurrency: list[int],
                          "speedup": fast["tok_s"] / base["tok_s"], "outputs_identical": same})
             tqdm.write(f"c={c:>2}: plain {base['tok_s']:7.1f} tok/s, dflash "
                        f"{fast['tok_s']:7.1f} tok/s, speedup {fast['tok_s'] / base['tok_s']:.2f}x"
-                       f", tau {fast['mean_tau']:.2f}, identical={same}")
+                       f", tau {fast['mean_tau']:.2f}, step {base['ms_per_step']:.2f} / "
+                       f"{fast['ms_per_step']:.2f} ms, identical={same}")
     result = {"target": _shown(target), "drafter": _shown(drafter), "block_size": spec.block_size,
               "spec_min_confidence": spec.config.spec_min_confidence,
               "spec_max_batch": spec.config.spec_max_batch,
