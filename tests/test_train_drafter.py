@@ -108,3 +108,17 @@ def test_init_from_names_the_mismatch_before_any_regeneration(tiny, tmp_path):
     with pytest.raises(ValueError, match="--init-from .*num_layers is 2 there but 1"):
         train(args)
     assert not (tmp_path / "d" / "work" / "data.pt").exists()
+
+
+def test_block_logits_keep_to_the_drafters_device(tiny):
+    """Training on an accelerator (`--device cuda`) keeps features and token ids on the host;
+    every tensor block_logits makes must follow the drafter. No GPU here, so the drafter sits
+    on the meta device: any tensor left on the CPU raises the same device-mismatch error."""
+    drafter = DFlashDrafter.from_pretrained(tiny["drafter"]).to("meta")
+    drafter.rope.to("meta")
+    vocab, hidden = 64, drafter.cfg.decoder.hidden_size
+    embed = torch.empty(vocab, hidden, device="meta")
+    features = torch.randn(40, drafter.fc.in_features).bfloat16()  # as capture_features stores
+    ids = torch.randint(0, vocab, (40,))
+    logits = block_logits(drafter, embed, embed, features, ids, [5, 20], MASK_ID, 8)
+    assert logits.device.type == "meta" and logits.shape == (2, 7, vocab)

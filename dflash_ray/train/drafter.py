@@ -83,18 +83,19 @@ def block_logits(
     mask_token_id: int,
     block: int,
 ) -> torch.Tensor:
-    """Logits at block positions 1..B-1 of every anchor's block: [N, B-1, V]."""
+    """Logits at block positions 1..B-1 of every anchor's block: [N, B-1, V], on the drafter's
+    device (features and token ids may live on the host)."""
     n, s = len(anchors), token_ids.shape[0]
-    dtype = drafter.fc.weight.dtype
-    a = torch.tensor(anchors)
-    ids = torch.full((n, block), mask_token_id, dtype=torch.long)
-    ids[:, 0] = token_ids[a]
+    dtype, dev = drafter.fc.weight.dtype, drafter.fc.weight.device
+    a = torch.tensor(anchors, device=dev)
+    ids = torch.full((n, block), mask_token_id, dtype=torch.long, device=dev)
+    ids[:, 0] = token_ids.to(dev)[a]
     h = F.embedding(ids.reshape(-1), embed).to(dtype)  # [N*B, H]
-    ctx = drafter.project_context(features.to(dtype))  # [S, H]
-    cos_c, sin_c = drafter.rope(torch.arange(s), dtype)
-    blk_pos = (a[:, None] + torch.arange(block)[None, :]).reshape(-1)
+    ctx = drafter.project_context(features.to(dev, dtype))  # [S, H]
+    cos_c, sin_c = drafter.rope(torch.arange(s, device=dev), dtype)
+    blk_pos = (a[:, None] + torch.arange(block, device=dev)[None, :]).reshape(-1)
     cos_b, sin_b = drafter.rope(blk_pos, dtype)
-    sees_ctx = torch.arange(s)[None, :] < a[:, None]  # [N, S]
+    sees_ctx = torch.arange(s, device=dev)[None, :] < a[:, None]  # [N, S]
     for layer in drafter.layers:
         attn = layer.self_attn
         q, kb, vb = attn.qkv(layer.input_layernorm(h), cos_b, sin_b)
@@ -123,8 +124,8 @@ def block_loss(
 ) -> BlockLoss:
     ids = torch.tensor(seq.token_ids)
     logits = block_logits(drafter, embed, head, seq.features, ids, anchors, mask_token_id, block)
-    a = torch.tensor(anchors)
-    k = torch.arange(1, block)
+    dev = logits.device
+    ids, a, k = ids.to(dev), torch.tensor(anchors, device=dev), torch.arange(1, block, device=dev)
     labels = ids[a[:, None] + k[None, :]]  # [N, B-1]; anchors <= S - B keep this in range
     weights = torch.exp(-(k - 1).float() / gamma)[None, :].expand_as(labels)
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),

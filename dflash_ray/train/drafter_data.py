@@ -38,12 +38,12 @@ def prompt_windows(token_stream: list[int], n: int, min_len: int, max_len: int,
 
 
 def regenerate(target_dir: str, prompts: list[list[int]], max_tokens: int,
-               batch: int = 64) -> list[TrainSequence]:
-    """Greedy target continuations of `prompts` (stopping at EOS), in batches."""
+               batch: int = 64, device: str = "cpu") -> list[TrainSequence]:
+    """Greedy target continuations of `prompts` (stopping at EOS), in batches, on `device`."""
     from ..llm import LLM
     from ..sampling_params import SamplingParams
 
-    llm = LLM(target_dir, max_num_seqs=batch)
+    llm = LLM(target_dir, max_num_seqs=batch, device=device)
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
     seqs = []
     for i in tqdm(range(0, len(prompts), batch), desc="regenerate", unit="batch"):

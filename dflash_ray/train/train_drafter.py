@@ -113,7 +113,7 @@ def load_data(args: DrafterTrainArgs, work: Path, layer_ids: list[int], target: 
             # did); each growth step draws different windows
             prompts = corpus_prompts(args.target, missing, args.prompt_tokens,
                                      split == "heldout", args.seed + len(have))
-            seqs = regenerate(args.target, prompts, args.response_tokens)
+            seqs = regenerate(args.target, prompts, args.response_tokens, device=args.device)
             have += [(s.token_ids, s.prompt_len) for s in seqs]
             grew = True
     if grew:
