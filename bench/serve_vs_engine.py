@@ -119,6 +119,10 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--spec-min-confidence", type=float, default=None,
+                    help="engine setting for both sides (deployments/dflash.yaml uses 0.1)")
+    ap.add_argument("--spec-max-batch", type=int, default=None,
+                    help="engine setting for both sides (deployments/dflash.yaml uses 2)")
     args = ap.parse_args()
     if args.demo:
         from dflash_ray.demo import demo_pair
@@ -130,6 +134,9 @@ def main() -> None:
 
     prompts = bench_prompts(args.target, args.requests)
     engine_cfg = {"target": args.target, "drafter": args.drafter, "max_num_seqs": 64}
+    for key in ("spec_min_confidence", "spec_max_batch"):
+        if getattr(args, key) is not None:
+            engine_cfg[key] = getattr(args, key)
 
     import ray
     from ray import serve
