@@ -13,7 +13,7 @@ WORK=${WORK:-build/demo_pair}
 VOCAB_SIZE=${VOCAB_SIZE:-4096}
 TARGET_MINUTES=${TARGET_MINUTES:-55}
 DRAFTER_STEPS=${DRAFTER_STEPS:-8124}
-FINETUNE_STEPS=${FINETUNE_STEPS:-FT_STEPS_TBD}
+FINETUNE_STEPS=${FINETUNE_STEPS:-13893}
 THREADS=${THREADS:-2}
 PYTHON=${PYTHON:-python3}
 export OMP_NUM_THREADS=$THREADS
@@ -39,8 +39,8 @@ fi
 
 # Stage 2: the DFlash drafter (B = 16, 2 layers, conditioned on target layers 1-3), trained on
 # 6000 sequences the target regenerates greedily from training-split prompts (~10 min of
-# regeneration and feature capture come first), exported in z-lab's format. The shipped drafter
-# trained on a time budget (`--minutes 60` of step time, 1-2 threads, resumed twice; README);
+# regeneration and feature capture come first), exported in z-lab's format. This stage trained
+# on a time budget (`--minutes 60` of step time, 1-2 threads, resumed twice; README);
 # DRAFTER_STEPS reproduces its 8124 optimizer steps (the cosine schedule then follows steps).
 "$PYTHON" -m dflash_ray.cli train-drafter \
     --target "$WORK/target/model" --out "$WORK/drafter" \
@@ -48,10 +48,12 @@ fi
     --layers 2 --target-layer-ids 1,2,3 --block-size 16 \
     --num-seqs 6000 --response-tokens 192 --num-anchors 32
 
-# Stage 2b: grow the data to 18000 sequences (12000 more, new prompt windows; ~13 min) and
-# fine-tune the stage-2 drafter on all of it (fresh optimizer and cosine schedule, peak lr 6e-4).
-# The shipped drafter ran this on a time budget (`--minutes 70`, 2 threads); FINETUNE_STEPS
-# reproduces its optimizer steps.
+# Stage 2b: grow the data to 18000 sequences (12000 more, new prompt windows; ~13 min of
+# regeneration, ~4.5 min of feature capture) and fine-tune the stage-2 drafter on all of it
+# (fresh optimizer and cosine schedule, peak lr 6e-4). The shipped drafter ran this on a time
+# budget: `--minutes 95` of step time at 2 threads, on a box shared with other work (its first
+# 1878 steps ran under a 70-minute schedule before it was extended). FINETUNE_STEPS reproduces
+# its 13893 optimizer steps under a step-based schedule.
 mkdir -p "$WORK/drafter_ft/work"
 if [[ ! -f $WORK/drafter_ft/work/data.pt ]]; then
     cp "$WORK/drafter/work/data.pt" "$WORK/drafter_ft/work/data.pt"

@@ -37,7 +37,7 @@ def test_greedy_dflash_equals_plain_and_drafts_are_accepted(pair):
     plain = LLM(target).generate(prompts, params, use_tqdm=False)
     assert [o.token_ids for o in spec] == [o.token_ids for o in plain]
     taus = [t for o in spec for t in o.acceptance_lengths]
-    # A broken or untrained drafter gives tau = 1.0; the shipped one reaches ~2.3 here (README).
+    # A broken or untrained drafter gives tau = 1.0; the shipped one is well above 2 here.
     assert sum(taus) / len(taus) > 2.0, taus
     assert spec[0].text and spec[0].text == plain[0].text
 
