@@ -26,12 +26,12 @@ log = logging.getLogger(__name__)
 class PackedWeight:
     """A linear layer's weight laid out once in oneDNN's blocked CPU format (fp32 or bf16).
 
-    Measured on this project's 2-core AVX-512 CPU with weights cycling through cache as in a
-    decode step: a [640, 192] GEMM took 43 us (fp32, the default MKL path) vs 31 us packed, and
-    at 5 rows (a verify block) 57 vs 26 us; in bf16, 27 vs 15 us at 1 row. The unpacked path
-    re-lays the weight out (bf16) or runs a per-row kernel (fp32) on every call. Holds a copy:
-    packing a model doubles its weight memory on CPU (`DFLASH_OPS=ref` turns packing off).
-    Inference only: no autograd, and stale if the source weight changes.
+    Measured on this project's 2-core AVX-512 CPU, a [640, 192] weight among others cycling
+    through cache: unpacked fp32 (MKL) took 43 / 57 / 77 us for 1 / 5 / 16 rows, packed 31 / 26
+    / 40 us; bf16 re-lays the weight out on every call unpacked (27 vs 15 us at 1 row). A whole
+    engine's one-row fp32 steps still ran faster unpacked, so `linear` keeps that case on the
+    source weight. Holds a copy: packing doubles a model's weight memory on CPU
+    (`DFLASH_OPS=ref` turns it off). Inference only: no autograd, stale if the source changes.
     """
 
     __slots__ = ("data", "source")

@@ -57,4 +57,3 @@ class StepResult:
     results: list[SeqResult]
     draft_seconds: float = 0.0
     verify_seconds: float = 0.0
-

@@ -179,7 +179,6 @@ class Experts(nn.Module):
                        [PackedWeight(w) for w in self.down_proj])
 
 
-
 class SparseMoE(nn.Module):
     """Qwen3-MoE block: softmax router, top-k, optional renormalisation, SwiGLU experts.
 

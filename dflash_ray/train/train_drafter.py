@@ -107,6 +107,7 @@ def load_data(args: DrafterTrainArgs, work: Path, layer_ids: list[int], target: 
     grew = False
     for split, n in (("heldout", args.heldout_seqs), ("train", args.num_seqs)):
         have = raw.setdefault(split, [])
+        # the held-out set is made once (growing it would move the evaluation); train grows
         missing = n - len(have) if split == "train" or not have else 0
         if missing > 0:
             # seed + len(have): the first batch of a split uses `seed` (as a fresh run always
@@ -194,7 +195,7 @@ def train(args: DrafterTrainArgs) -> Path:
     if args.init_from and state is None:  # resuming restores the checkpoint's weights instead
         init_from(drafter, args.init_from)  # checked before any regeneration
     train_seqs, heldout = load_data(args, work, drafter.cfg.target_layer_ids, target)
-    num_seqs = state["num_seqs"] if state and "num_seqs" in state else args.num_seqs
+    num_seqs = (state or {}).get("num_seqs", args.num_seqs)
     opt = torch.optim.AdamW(drafter.parameters(), lr=args.lr, weight_decay=0.0)
     step, elapsed = 0, 0.0
     rng = random.Random(args.seed)
