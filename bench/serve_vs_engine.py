@@ -123,6 +123,8 @@ def main() -> None:
                     help="engine setting for both sides (deployments/dflash.yaml uses 0.1)")
     ap.add_argument("--spec-max-batch", type=int, default=None,
                     help="engine setting for both sides (deployments/dflash.yaml uses 2)")
+    ap.add_argument("--stream-interval", type=int, default=None,
+                    help="engine setting for both sides: tokens per streamed delta (default 1)")
     args = ap.parse_args()
     if args.demo:
         from dflash_ray.demo import demo_pair
@@ -134,7 +136,7 @@ def main() -> None:
 
     prompts = bench_prompts(args.target, args.requests)
     engine_cfg = {"target": args.target, "drafter": args.drafter, "max_num_seqs": 64}
-    for key in ("spec_min_confidence", "spec_max_batch"):
+    for key in ("spec_min_confidence", "spec_max_batch", "stream_interval"):
         if getattr(args, key) is not None:
             engine_cfg[key] = getattr(args, key)
 

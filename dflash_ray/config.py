@@ -28,6 +28,13 @@ class EngineConfig(BaseModel):
         description="speculate only while at most this many sequences run; above it decode "
         "plain (where verify is compute-bound, large batches gain nothing from drafts)",
     )
+    stream_interval: int = Field(
+        1,
+        ge=1,
+        description="streamed deltas after a request's first carry at least this many tokens "
+        "(the last one what is left); > 1 sends fewer, larger messages through Serve and HTTP, "
+        "which pays at high concurrency where per-message overhead competes with decoding",
+    )
     device: str = Field("cpu", description="torch device of the in-process runner")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     max_num_seqs: int = Field(64, ge=1, description="sequences decoding together")

@@ -366,28 +366,34 @@ class Engine:
         params: SamplingParams | None = None,
         request_id: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Yield this request's deltas as steps produce them (steps produced while the consumer
-        was busy arrive merged into one delta); closing the generator early (a client that went
-        away) aborts the request and frees its blocks."""
+        """Yield this request's deltas as steps produce them; closing the generator early (a
+        client that went away) aborts the request and frees its blocks.
+
+        Steps produced while the consumer was busy arrive merged into one delta, so a slow
+        consumer (an HTTP stream on a busy host) costs one hop per wake-up, not one per step.
+        After the first delta, deltas also wait for `stream_interval` tokens (config)."""
         queue: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
         with self._lock:
             rid = self.add_request(prompt, params, request_id)
             self._queues[rid] = (loop, queue)
             self._ensure_loop()
-        finished = False
+        interval, sent, finished = self.config.stream_interval, 0, False
         try:
             while not finished:
                 item = await queue.get()
-                # Steps that finished while the consumer was busy go out as one delta: a slow
-                # consumer (an HTTP stream on a busy host) then costs one hop per wake-up,
-                # not one per engine step.
-                while not isinstance(item, BaseException) and not item.finished and queue.qsize():
-                    newer = queue.get_nowait()
+                while not isinstance(item, BaseException) and not item.finished:
+                    if queue.qsize():
+                        newer = queue.get_nowait()
+                    elif sent and len(item.new_token_ids) < interval:
+                        newer = await queue.get()
+                    else:
+                        break
                     item = newer if isinstance(newer, BaseException) else coalesce(item, newer)
                 if isinstance(item, BaseException):
                     raise item
                 finished = item.finished
+                sent += 1
                 yield item
         finally:
             self._queues.pop(rid, None)

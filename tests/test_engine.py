@@ -141,6 +141,25 @@ def test_slow_stream_consumer_gets_merged_deltas(llms):
     assert len(chunks) < 40  # one output per step (40 of them) unless merged
 
 
+def test_stream_interval_sends_fewer_larger_deltas(tiny):
+    """After the first delta, every delta but the last carries >= stream_interval tokens."""
+    engine = Engine(EngineConfig(target=tiny["moe"], stream_interval=5))
+
+    async def collect():
+        return [out async for out in engine.stream([5, 6, 7], SamplingParams(max_tokens=23,
+                                                                             ignore_eos=True))]
+
+    chunks = asyncio.run(collect())
+    final = chunks[-1]
+    assert final.finished and len(final.token_ids) == 23
+    assert [t for c in chunks for t in c.new_token_ids] == final.token_ids
+    # the first delta does not wait for 5 (TTFT); it holds more only if the consumer was late
+    assert all(len(c.new_token_ids) >= 5 for c in chunks[1:-1])
+    assert 2 <= len(chunks) <= 1 + math.ceil((23 - len(chunks[0].new_token_ids)) / 5)
+    with pytest.raises(ValueError, match="stream_interval"):
+        EngineConfig(target=tiny["moe"], stream_interval=0)
+
+
 @pytest.mark.parametrize(
     "field,kwargs",
     [
