@@ -104,7 +104,10 @@ def block_logits(
         h = h + attn.o_proj(out.reshape(n * block, -1))
         h = h + layer.mlp(layer.post_attention_layernorm(h))
     h = drafter.norm(h).view(n, block, -1)[:, 1:]  # [N, B-1, H]
-    return F.linear(h, head.to(dtype)).float()
+    # under autocast the GEMM casts the head itself: no full-precision copy of a large vocab's
+    if head.dtype != dtype and not torch.is_autocast_enabled(h.device.type):
+        head = head.to(dtype)
+    return F.linear(h, head).float()
 
 
 @dataclass(slots=True)

@@ -37,13 +37,61 @@ def prompt_windows(token_stream: list[int], n: int, min_len: int, max_len: int,
     return out
 
 
+def read_prompt_file(path: str, target_dir: str, max_tokens: int) -> list[list[int]]:
+    """Token ids of the prompts in a JSONL file, one object per line: {"messages": [...]}
+    (rendered with the target tokenizer's chat template, generation prompt appended, as the
+    server does), {"prompt": "text"} or {"prompt_ids": [...]}. Prompts longer than `max_tokens`
+    are skipped (cutting one would break its template); blank lines are ignored."""
+    import json
+
+    from ..server.chat import ChatTemplate
+    from ..tokenizer import Tokenizer
+
+    tok, chat = Tokenizer.maybe_load(target_dir), None
+    out, skipped = [], 0
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{lineno}: not a JSON object: {exc}") from None
+            if not isinstance(obj, dict) or not obj.keys() & {"messages", "prompt", "prompt_ids"}:
+                raise ValueError(f"{path}:{lineno}: wants a 'messages', 'prompt' or 'prompt_ids' "
+                                 f"field")
+            if "prompt_ids" in obj:
+                ids = [int(t) for t in obj["prompt_ids"]]
+            else:
+                if tok is None:
+                    raise ValueError(f"{path}:{lineno}: text prompts need a tokenizer.json in "
+                                     f"{target_dir}")
+                if "messages" in obj:
+                    chat = chat or ChatTemplate(tok.config.get("chat_template"))
+                    try:
+                        text = chat.render(obj["messages"])
+                    except Exception as exc:  # the template's own complaint, with the line
+                        raise ValueError(f"{path}:{lineno}: messages: {exc}") from None
+                else:
+                    text = obj["prompt"]
+                ids = tok.encode(text)  # as the engine encodes a text prompt
+            if not ids or len(ids) > max_tokens:
+                skipped += 1
+                continue
+            out.append(ids)
+    if skipped:
+        print(f"{path}: skipped {skipped} empty prompts or prompts over {max_tokens} tokens")
+    return out
+
+
 def regenerate(target_dir: str, prompts: list[list[int]], max_tokens: int,
-               batch: int = 64, device: str = "cpu") -> list[TrainSequence]:
+               batch: int = 64, device: str = "cpu",
+               dtype: str = "float32") -> list[TrainSequence]:
     """Greedy target continuations of `prompts` (stopping at EOS), in batches, on `device`."""
     from ..llm import LLM
     from ..sampling_params import SamplingParams
 
-    llm = LLM(target_dir, max_num_seqs=batch, device=device)
+    llm = LLM(target_dir, max_num_seqs=batch, device=device, dtype=dtype)
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
     seqs = []
     for i in tqdm(range(0, len(prompts), batch), desc="regenerate", unit="batch"):
@@ -56,13 +104,15 @@ def regenerate(target_dir: str, prompts: list[list[int]], max_tokens: int,
 
 @torch.inference_mode()
 def capture_features(target: Qwen3Target, seqs: list[TrainSequence], layer_ids: list[int],
-                     batch_tokens: int = 8192, dtype: torch.dtype = torch.bfloat16) -> None:
-    """Fill `seq.features` with the target's features at `layer_ids` for every position."""
+                     batch_tokens: int = 8192, dtype: torch.dtype = torch.bfloat16,
+                     progress: bool = True, to_host: bool = True) -> None:
+    """Fill `seq.features` with the target's features at `layer_ids` for every position, kept
+    in host memory (`to_host`) or on the target's device."""
     device = target.embed_tokens.weight.device
     blen = 16
     d = target.cfg.decoder
     i = 0
-    bar = tqdm(total=len(seqs), desc="target features", unit="seq")
+    bar = tqdm(total=len(seqs), desc="target features", unit="seq", disable=not progress)
     while i < len(seqs):
         group, tokens = [], 0
         while i < len(seqs) and (not group or tokens + len(seqs[i].token_ids) <= batch_tokens):
@@ -86,7 +136,9 @@ def capture_features(target: Qwen3Target, seqs: list[TrainSequence], layer_ids: 
         offset = 0
         for s in group:
             n = len(s.token_ids)
-            s.features = feats[offset : offset + n].to(dtype).cpu()
+            s.features = feats[offset : offset + n].to(dtype)
+            if to_host:
+                s.features = s.features.cpu()
             offset += n
         bar.update(len(group))
     bar.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import signal
 import threading
@@ -22,8 +23,15 @@ from tqdm import tqdm
 from ..models.config import DecoderConfig, DrafterConfig, TargetConfig
 from ..models.dflash import DFlashDrafter
 from ..models.qwen3 import Qwen3Target
+from ..runner_config import DTYPES
 from .drafter import block_loss, cosine_lr, init_weights, sample_anchors
-from .drafter_data import TrainSequence, capture_features, prompt_windows, regenerate
+from .drafter_data import (
+    TrainSequence,
+    capture_features,
+    prompt_windows,
+    read_prompt_file,
+    regenerate,
+)
 from .export import save_zlab
 
 
@@ -49,6 +57,14 @@ class DrafterTrainArgs:
     threads: int = 2
     device: str = "cpu"
     init_from: str | None = None  # a z-lab drafter directory to start from
+    # JSONL prompts to regenerate from (see `read_prompt_file`); None: stdlib corpus windows
+    prompts: str | None = None
+    max_prompt_tokens: int = 1024  # longer prompts in `prompts` are skipped
+    target_dtype: str = "auto"  # the target's weights: bfloat16 on CUDA, float32 on CPU
+    # cached: every sequence's target features in host memory, captured once; online: each
+    # step's batch recomputed by the target (what a real target's data needs); auto: cached
+    # while the estimate fits in half the available memory
+    features: str = "auto"
     # bf16 autocast (fp32 master weights): 1.8x faster steps measured on a bf16-capable CPU
     precision: str = "bf16"
     seed: int = 0
@@ -98,9 +114,24 @@ def corpus_prompts(target_dir: str, n: int, lengths: tuple[int, int], heldout: b
     return prompt_windows(stream, n, lengths[0], lengths[1], seed)
 
 
-def load_data(args: DrafterTrainArgs, work: Path, layer_ids: list[int], target: Qwen3Target):
-    """The regenerated data in `work/data.pt`, made on first use. A later run with a larger
-    `--num-seqs` regenerates only the missing sequences (new prompt windows) and appends them; a
+def file_prompts(args: DrafterTrainArgs, n: int, heldout: bool, start: int) -> list[list[int]]:
+    """Prompts `start .. start+n-1` of a split of `args.prompts`: a seeded shuffle of the file's
+    prompts, the first `heldout_seqs` held out, the rest training in that order (so a larger
+    --num-seqs takes the next unused ones)."""
+    prompts = read_prompt_file(args.prompts, args.target, args.max_prompt_tokens)
+    order = list(range(len(prompts)))
+    random.Random(args.seed).shuffle(order)
+    split = order[: args.heldout_seqs] if heldout else order[args.heldout_seqs :]
+    picked = split[start : start + n]
+    if len(picked) < n:
+        print(f"{args.prompts}: {len(split)} {'held-out' if heldout else 'training'} prompts, "
+              f"{start} used before; regenerating {len(picked)} of the {n} asked for")
+    return [prompts[i] for i in picked]
+
+
+def regenerated_data(args: DrafterTrainArgs, work: Path) -> dict[str, list[TrainSequence]]:
+    """The regenerated sequences in `work/data.pt`, made on first use. A later run with a
+    larger `--num-seqs` regenerates only the missing sequences (new prompts) and appends them; a
     smaller one keeps everything stored (nothing is thrown away)."""
     path = work / "data.pt"
     raw = torch.load(path) if path.is_file() else {}
@@ -110,24 +141,47 @@ def load_data(args: DrafterTrainArgs, work: Path, layer_ids: list[int], target: 
         # the held-out set is made once (growing it would move the evaluation); train grows
         missing = n - len(have) if split == "train" or not have else 0
         if missing > 0:
-            # seed + len(have): the first batch of a split uses `seed` (as a fresh run always
-            # did); each growth step draws different windows
-            prompts = corpus_prompts(args.target, missing, args.prompt_tokens,
-                                     split == "heldout", args.seed + len(have))
-            seqs = regenerate(args.target, prompts, args.response_tokens, device=args.device)
-            have += [(s.token_ids, s.prompt_len) for s in seqs]
-            grew = True
+            if args.prompts:
+                prompts = file_prompts(args, missing, split == "heldout", len(have))
+            else:
+                # seed + len(have): the first batch of a split uses `seed` (as a fresh run
+                # always did); each growth step draws different windows
+                prompts = corpus_prompts(args.target, missing, args.prompt_tokens,
+                                         split == "heldout", args.seed + len(have))
+            if prompts:
+                seqs = regenerate(args.target, prompts, args.response_tokens,
+                                  device=args.device, dtype=_dtype_name(args))
+                have += [(s.token_ids, s.prompt_len) for s in seqs]
+                grew = True
     if grew:
         tmp = path.with_suffix(".tmp")
         torch.save(raw, tmp)
         tmp.replace(path)
-    data = {}
-    for split, items in raw.items():
-        seqs = [TrainSequence(ids, p) for ids, p in items
-                if len(ids) - p >= 2 * args.block_size]  # the recipe drops short responses
-        capture_features(target, seqs, layer_ids)
-        data[split] = seqs
-    return data["train"], data["heldout"]
+    return {split: [TrainSequence(ids, p) for ids, p in items
+                    if len(ids) - p >= 2 * args.block_size]  # the recipe drops short responses
+            for split, items in raw.items()}
+
+
+def _dtype_name(args: DrafterTrainArgs) -> str:
+    if args.target_dtype != "auto":
+        return args.target_dtype
+    return "bfloat16" if torch.device(args.device).type == "cuda" else "float32"
+
+
+def feature_mode(args: DrafterTrainArgs, seqs: list[TrainSequence], width: int) -> str:
+    """`args.features`, with auto resolved: cached while every sequence's features (bf16,
+    `width` values per token) take at most half the host memory available now."""
+    if args.features != "auto":
+        return args.features
+    need = 2 * width * sum(len(s.token_ids) for s in seqs)
+    try:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # no sysconf: assume it fits
+        return "cached"
+    mode = "cached" if need <= free / 2 else "online"
+    print(f"target features: {need / 2**30:.1f} GiB for {len(seqs)} sequences, "
+          f"{free / 2**30:.1f} GiB available -> {mode}")
+    return mode
 
 
 _SAME_DRAFTER = ("block_size", "target_layer_ids", "mask_token_id", "vocab_size",
@@ -176,15 +230,13 @@ def train(args: DrafterTrainArgs) -> Path:
     out, work = Path(args.out), Path(args.out) / "work"
     work.mkdir(parents=True, exist_ok=True)
     tcfg = TargetConfig.load(args.target)
-    target = Qwen3Target.from_pretrained(args.target, torch.float32, args.device)
     from ..tokenizer import Tokenizer
 
     tok = Tokenizer.maybe_load(args.target)
     mask_id = (tok.token_id("<|MASK|>") if tok else None)
     mask_id = tcfg.vocab_size - 1 if mask_id is None else mask_id
+    torch.manual_seed(args.seed)  # the drafter's initial weights
     drafter = make_drafter(args, tcfg, mask_id)
-    embed = target.embed_tokens.weight.detach()
-    head = target.lm_head.weight.detach()
     ckpt = work / "checkpoint.pt"
     state = torch.load(ckpt, weights_only=False) if ckpt.is_file() else None
     if state is not None and state.get("num_seqs", args.num_seqs) < args.num_seqs:
@@ -194,7 +246,17 @@ def train(args: DrafterTrainArgs) -> Path:
                          f"to keep the regenerated ones; --init-from {out} to start from it)")
     if args.init_from and state is None:  # resuming restores the checkpoint's weights instead
         init_from(drafter, args.init_from)  # checked before any regeneration
-    train_seqs, heldout = load_data(args, work, drafter.cfg.target_layer_ids, target)
+    data = regenerated_data(args, work)  # before the target loads: regeneration has its own
+    train_seqs, heldout = data["train"], data["heldout"]
+    if not train_seqs or not heldout:
+        raise SystemExit(f"no usable sequences ({len(train_seqs)} training, {len(heldout)} "
+                         f"held-out): responses need >= {2 * args.block_size} tokens")
+    target = Qwen3Target.from_pretrained(args.target, DTYPES[_dtype_name(args)], args.device)
+    embed = target.embed_tokens.weight.detach()
+    head = target.lm_head.weight.detach()
+    layer_ids = drafter.cfg.target_layer_ids
+    online = feature_mode(args, train_seqs, len(layer_ids) * tcfg.decoder.hidden_size) == "online"
+    capture_features(target, heldout if online else heldout + train_seqs, layer_ids)
     num_seqs = (state or {}).get("num_seqs", args.num_seqs)
     opt = torch.optim.AdamW(drafter.parameters(), lr=args.lr, weight_decay=0.0)
     step, elapsed = 0, 0.0
@@ -232,6 +294,8 @@ def train(args: DrafterTrainArgs) -> Path:
             order = list(range(len(train_seqs)))
             rng.shuffle(order)
         batch = [train_seqs[order.pop()] for _ in range(args.batch_seqs)]
+        if online:
+            capture_features(target, batch, layer_ids, progress=False, to_host=False)
         losses = []
         with autocast(args):
             for s in batch:
@@ -243,6 +307,9 @@ def train(args: DrafterTrainArgs) -> Path:
         loss_value = float(loss.detach())
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if online:
+            for s in batch:
+                s.features = None
         torch.nn.utils.clip_grad_norm_(drafter.parameters(), 1.0)
         opt.step()
         step += 1
@@ -334,6 +401,8 @@ def parse_args(argv: list[str] | None = None) -> DrafterTrainArgs:
     p.add_argument("--block-size", type=int, default=d.block_size)
     p.add_argument("--target-layer-ids", type=lambda s: [int(x) for x in s.split(",")])
     p.add_argument("--num-seqs", type=int, default=d.num_seqs)
+    p.add_argument("--heldout-seqs", type=int, default=d.heldout_seqs,
+                   help="sequences held out for evaluation (made once, never grown)")
     p.add_argument("--response-tokens", type=int, default=d.response_tokens)
     p.add_argument("--num-anchors", type=int, default=d.num_anchors)
     p.add_argument("--batch-seqs", type=int, default=d.batch_seqs)
@@ -347,6 +416,18 @@ def parse_args(argv: list[str] | None = None) -> DrafterTrainArgs:
     p.add_argument("--precision", choices=("bf16", "fp32"), default=d.precision,
                    help="bf16: autocast forward, fp32 master weights")
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--prompts", metavar="JSONL",
+                   help="prompts to regenerate responses from, one JSON object per line: "
+                   "{\"messages\": [...]} (the target's chat template), {\"prompt\": \"...\"} "
+                   "or {\"prompt_ids\": [...]}; default: windows of the Python stdlib source")
+    p.add_argument("--max-prompt-tokens", type=int, default=d.max_prompt_tokens,
+                   help="skip longer prompts of --prompts")
+    p.add_argument("--target-dtype", choices=("auto", "float32", "bfloat16"),
+                   default=d.target_dtype, help="auto: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--features", choices=("auto", "cached", "online"), default=d.features,
+                   help="cached: all target features in host memory, captured once; online: "
+                   "recomputed by the target every step (real targets' data does not fit); "
+                   "auto: cached while they take at most half the available memory")
     p.add_argument("--init-from", metavar="DRAFTER_DIR",
                    help="start from this drafter's weights (fresh optimizer and schedule)")
     ns = vars(p.parse_args(argv))
