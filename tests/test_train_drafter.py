@@ -126,8 +126,9 @@ def test_block_logits_keep_to_the_drafters_device(tiny):
 
 def test_prompt_file_online_features_match_cached(tmp_path):
     """--prompts regenerates from a user's JSONL (chat messages through the target's template,
-    text, ids), holds some out, skips over-long ones and names a bad line; online features
-    (recomputed each step) train exactly as cached ones."""
+    text, ids), holds some out, skips over-long and duplicate ones, never hands a stored prompt
+    out again when the file grows, and names a bad line; online features (recomputed each step)
+    train as cached ones."""
     from dflash_ray.demo import demo_pair
     from dflash_ray.server.chat import ChatTemplate
     from dflash_ray.tokenizer import Tokenizer
@@ -137,34 +138,60 @@ def test_prompt_file_online_features_match_cached(tmp_path):
              {"prompt": "def fibonacci(n):\n"}, {"prompt_ids": [100, 200, 300, 400]},
              {"prompt": "import os\n\ndef walk(path):\n"}, {"prompt": "class Stack:\n"},
              {"prompt": "x = 1\n" * 200},  # over --max-prompt-tokens: skipped
+             {"prompt": "class Stack:\n"},  # a duplicate: used once
              {"messages": [{"role": "system", "content": "Be brief."},
                            {"role": "user", "content": "Sort a list."}]}]
     path = tmp_path / "prompts.jsonl"
     path.write_text("\n".join(json.dumps(x) for x in lines) + "\n\n")
     tok = Tokenizer(target)
     chat = ChatTemplate(tok.config.get("chat_template"))
-    want = [tok.encode(chat.render(x["messages"])) if "messages" in x else
-            x.get("prompt_ids") or tok.encode(x["prompt"]) for i, x in enumerate(lines) if i != 5]
+
+    def ids(x):
+        if "messages" in x:
+            return tok.encode(chat.render(x["messages"]))
+        return x.get("prompt_ids") or tok.encode(x["prompt"])
+
+    def stored(out):
+        raw = torch.load(tmp_path / out / "work" / "data.pt")
+        return {split: [ids_[:p] for ids_, p in raw[split]] for split in raw}
+
+    want = [ids(x) for i, x in enumerate(lines) if i not in (5, 6)]
     args = dict(target=target, out=str(tmp_path / "online"), prompts=str(path),
                 max_prompt_tokens=200, num_seqs=10, heldout_seqs=2, response_tokens=40,
                 num_layers=1, block_size=8, num_anchors=4, batch_seqs=2, steps=3, minutes=None,
                 eval_every=1, threads=1, features="online")
     train(DrafterTrainArgs(**args))
-    raw = torch.load(tmp_path / "online" / "work" / "data.pt")
-    got = [ids[:p] for split in ("heldout", "train") for ids, p in raw[split]]
-    assert len(raw["heldout"]) == 2 and len(raw["train"]) == 4  # 10 asked, 4 left to train on
-    assert sorted(got) == sorted(want)  # every usable prompt once, held out or trained on
-    # cached features, same data and seed: the same run, number for number
+    got = stored("online")
+    assert len(got["heldout"]) == 2 and len(got["train"]) == 4  # 10 asked, 4 left to train on
+    assert sorted(got["heldout"] + got["train"]) == sorted(want)  # each usable prompt once
+    # cached features, same data and seed: the same run, number for number (the target batches
+    # the sequences differently, so features can differ in the last bits)
     cached = tmp_path / "cached"
     (cached / "work").mkdir(parents=True)
     shutil.copy(tmp_path / "online" / "work" / "data.pt", cached / "work" / "data.pt")
     train(DrafterTrainArgs(**{**args, "out": str(cached), "features": "cached"}))
-    # (the target batches the sequences differently, so features can differ in the last bits)
     logs = [[e[k] for e in json.loads((tmp_path / d / "train_log.json").read_text())["log"]
              for k in ("step", "train_loss", "heldout_loss", "heldout_first_acc")]
             for d in ("online", "cached")]
     assert len(logs[0]) == 3 * 4 and logs[0] == pytest.approx(logs[1], rel=1e-4)
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"prompt": "ok"}) + "\n" + json.dumps({"text": "no"}) + "\n")
-    with pytest.raises(ValueError, match="bad.jsonl:2: wants a 'messages'"):
-        train(DrafterTrainArgs(**{**args, "out": str(tmp_path / "bad"), "prompts": str(bad)}))
+    # the file grows (and is reordered): a checkpointed run keeps its data; a fresh --out with
+    # the old data adds only the new prompts, the held-out set unchanged
+    more = [{"prompt": "def merge(a, b):\n"}, {"prompt": "while True:\n"}]
+    path.write_text("\n".join(json.dumps(x) for x in more + lines[::-1]) + "\n")
+    train(DrafterTrainArgs(**{**args, "steps": 4}))
+    assert stored("online") == got
+    grown = tmp_path / "grown"
+    (grown / "work").mkdir(parents=True)
+    shutil.copy(tmp_path / "online" / "work" / "data.pt", grown / "work" / "data.pt")
+    train(DrafterTrainArgs(**{**args, "out": str(grown), "steps": 1}))
+    after = stored("grown")
+    assert after["heldout"] == got["heldout"] and after["train"][:4] == got["train"]
+    assert sorted(after["train"][4:]) == sorted(ids(x) for x in more)
+    for bad, msg in [({"text": "no"}, "wants a 'messages'"),
+                     ({"prompt_ids": [1, 5000]}, r"prompt_ids must be a list of token ids in \[0, 4096\)"),
+                     ({"messages": "hi"}, "messages must be a non-empty list"),
+                     ({"prompt": 7}, "prompt must be a string")]:
+        f = tmp_path / "bad.jsonl"
+        f.write_text(json.dumps({"prompt": "ok"}) + "\n" + json.dumps(bad) + "\n")
+        with pytest.raises(ValueError, match=f"bad.jsonl:2: {msg}"):
+            train(DrafterTrainArgs(**{**args, "out": str(tmp_path / "bad"), "prompts": str(f)}))

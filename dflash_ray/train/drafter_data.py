@@ -8,6 +8,7 @@ any supported target directory.
 
 from __future__ import annotations
 
+import gc
 import random
 from dataclasses import dataclass
 
@@ -44,36 +45,52 @@ def read_prompt_file(path: str, target_dir: str, max_tokens: int) -> list[list[i
     are skipped (cutting one would break its template); blank lines are ignored."""
     import json
 
+    from ..models.config import TargetConfig
     from ..server.chat import ChatTemplate
     from ..tokenizer import Tokenizer
 
     tok, chat = Tokenizer.maybe_load(target_dir), None
+    vocab = TargetConfig.load(target_dir).vocab_size
     out, skipped = [], 0
     with open(path) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
+            where = f"{path}:{lineno}"
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: not a JSON object: {exc}") from None
+                raise ValueError(f"{where}: not a JSON object: {exc}") from None
             if not isinstance(obj, dict) or not obj.keys() & {"messages", "prompt", "prompt_ids"}:
-                raise ValueError(f"{path}:{lineno}: wants a 'messages', 'prompt' or 'prompt_ids' "
-                                 f"field")
+                raise ValueError(f"{where}: wants a 'messages', 'prompt' or 'prompt_ids' field, "
+                                 f"got {line.strip()[:80]}")
             if "prompt_ids" in obj:
-                ids = [int(t) for t in obj["prompt_ids"]]
+                ids = obj["prompt_ids"]
+                if not isinstance(ids, list) or not all(
+                        type(t) is int and 0 <= t < vocab for t in ids):
+                    raise ValueError(f"{where}: prompt_ids must be a list of token ids in "
+                                     f"[0, {vocab}), got {str(ids)[:80]}")
             else:
                 if tok is None:
-                    raise ValueError(f"{path}:{lineno}: text prompts need a tokenizer.json in "
+                    raise ValueError(f"{where}: text prompts need a tokenizer.json in "
                                      f"{target_dir}")
                 if "messages" in obj:
+                    msgs = obj["messages"]
+                    if not isinstance(msgs, list) or not msgs or not all(
+                            isinstance(m, dict) and isinstance(m.get("role"), str)
+                            and isinstance(m.get("content"), str) for m in msgs):
+                        raise ValueError(f"{where}: messages must be a non-empty list of "
+                                         f"{{\"role\": str, \"content\": str}}, got "
+                                         f"{str(msgs)[:80]}")
                     chat = chat or ChatTemplate(tok.config.get("chat_template"))
                     try:
-                        text = chat.render(obj["messages"])
+                        text = chat.render(msgs)
                     except Exception as exc:  # the template's own complaint, with the line
-                        raise ValueError(f"{path}:{lineno}: messages: {exc}") from None
+                        raise ValueError(f"{where}: messages: {exc}") from None
                 else:
                     text = obj["prompt"]
+                    if not isinstance(text, str):
+                        raise ValueError(f"{where}: prompt must be a string, got {text!r:.80}")
                 ids = tok.encode(text)  # as the engine encodes a text prompt
             if not ids or len(ids) > max_tokens:
                 skipped += 1
@@ -94,11 +111,20 @@ def regenerate(target_dir: str, prompts: list[list[int]], max_tokens: int,
     llm = LLM(target_dir, max_num_seqs=batch, device=device, dtype=dtype)
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
     seqs = []
-    for i in tqdm(range(0, len(prompts), batch), desc="regenerate", unit="batch"):
-        chunk = prompts[i : i + batch]
-        for prompt, out in zip(chunk, llm.generate(chunk, params, use_tqdm=False), strict=True):
-            seqs.append(TrainSequence(prompt + out.token_ids, len(prompt)))
-    llm.engine.shutdown()
+    try:
+        for i in tqdm(range(0, len(prompts), batch), desc="regenerate", unit="batch"):
+            chunk = prompts[i : i + batch]
+            outs = llm.generate(chunk, params, use_tqdm=False)
+            for prompt, out in zip(chunk, outs, strict=True):
+                seqs.append(TrainSequence(prompt + out.token_ids, len(prompt)))
+    finally:
+        # the engine's weights and KV cache (most of a GPU's free memory) must be gone before
+        # training loads the target again; the engine's reference cycles wait for the collector
+        llm.engine.shutdown()
+        del llm
+        gc.collect()
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
     return seqs
 
 

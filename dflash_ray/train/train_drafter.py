@@ -8,6 +8,7 @@ z-lab-format drafter directory in OUT plus `train_log.json` and `train_curves.pn
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -114,35 +115,41 @@ def corpus_prompts(target_dir: str, n: int, lengths: tuple[int, int], heldout: b
     return prompt_windows(stream, n, lengths[0], lengths[1], seed)
 
 
-def file_prompts(args: DrafterTrainArgs, n: int, heldout: bool, start: int) -> list[list[int]]:
-    """Prompts `start .. start+n-1` of a split of `args.prompts`: a seeded shuffle of the file's
-    prompts, the first `heldout_seqs` held out, the rest training in that order (so a larger
-    --num-seqs takes the next unused ones)."""
-    prompts = read_prompt_file(args.prompts, args.target, args.max_prompt_tokens)
-    order = list(range(len(prompts)))
-    random.Random(args.seed).shuffle(order)
-    split = order[: args.heldout_seqs] if heldout else order[args.heldout_seqs :]
-    picked = split[start : start + n]
-    if len(picked) < n:
-        print(f"{args.prompts}: {len(split)} {'held-out' if heldout else 'training'} prompts, "
-              f"{start} used before; regenerating {len(picked)} of the {n} asked for")
-    return [prompts[i] for i in picked]
+def file_prompts(args: DrafterTrainArgs, n: int, used: set[tuple[int, ...]],
+                 cache: dict) -> list[list[int]]:
+    """The next `n` prompts of `args.prompts` not in `used`: the file's distinct prompts in a
+    seeded shuffle. Chosen by content, not position, so a file that grew or changed between runs
+    never hands out a stored prompt again (a held-out one included). `cache` keeps the file's
+    prompts between the calls of one run."""
+    if "prompts" not in cache:
+        distinct = dict.fromkeys(map(tuple, read_prompt_file(args.prompts, args.target,
+                                                             args.max_prompt_tokens)))
+        order = list(distinct)
+        random.Random(args.seed).shuffle(order)
+        cache["prompts"] = order
+    fresh = [list(p) for p in cache["prompts"] if p not in used][:n]
+    if len(fresh) < n:
+        print(f"{args.prompts}: {len(fresh)} unused distinct prompts left of the {n} asked for")
+    return fresh
 
 
-def regenerated_data(args: DrafterTrainArgs, work: Path) -> dict[str, list[TrainSequence]]:
+def regenerated_data(args: DrafterTrainArgs, work: Path,
+                     grow: bool = True) -> dict[str, list[TrainSequence]]:
     """The regenerated sequences in `work/data.pt`, made on first use. A later run with a
     larger `--num-seqs` regenerates only the missing sequences (new prompts) and appends them; a
-    smaller one keeps everything stored (nothing is thrown away)."""
+    smaller one keeps everything stored (nothing is thrown away). `grow=False` (a checkpointed
+    run) uses what is stored."""
     path = work / "data.pt"
     raw = torch.load(path) if path.is_file() else {}
-    grew = False
+    grew, file_cache = False, {}
     for split, n in (("heldout", args.heldout_seqs), ("train", args.num_seqs)):
         have = raw.setdefault(split, [])
         # the held-out set is made once (growing it would move the evaluation); train grows
         missing = n - len(have) if split == "train" or not have else 0
-        if missing > 0:
+        if missing > 0 and (grow or not have):
             if args.prompts:
-                prompts = file_prompts(args, missing, split == "heldout", len(have))
+                used = {tuple(ids[:p]) for items in raw.values() for ids, p in items}
+                prompts = file_prompts(args, missing, used, file_cache)
             else:
                 # seed + len(have): the first batch of a split uses `seed` (as a fresh run
                 # always did); each growth step draws different windows
@@ -207,12 +214,16 @@ def init_from(drafter: DFlashDrafter, model_dir: str) -> None:
 
 @torch.no_grad()
 def evaluate(drafter, embed, head, seqs, mask_id, args, rng) -> dict:
+    """Held-out metrics at the target's precision: fp32 for an fp32 target (a bf16 one would
+    need a full-precision copy of its LM head per sequence), else the training autocast."""
     total, correct, count, inv_tau = 0.0, 0, 0, 0.0
+    fp32 = head.dtype == torch.float32
     for s in seqs:
         anchors = sample_anchors(s, args.block_size, args.num_anchors, rng)
         if anchors:
-            r = block_loss(drafter, embed, head, s, anchors, mask_id, args.block_size,
-                           args.gamma)
+            with contextlib.nullcontext() if fp32 else autocast(args):
+                r = block_loss(drafter, embed, head, s, anchors, mask_id, args.block_size,
+                               args.gamma)
             total += float(r.loss)
             correct += r.correct_first
             count += r.count_first
@@ -246,14 +257,20 @@ def train(args: DrafterTrainArgs) -> Path:
                          f"to keep the regenerated ones; --init-from {out} to start from it)")
     if args.init_from and state is None:  # resuming restores the checkpoint's weights instead
         init_from(drafter, args.init_from)  # checked before any regeneration
-    data = regenerated_data(args, work)  # before the target loads: regeneration has its own
+    # before the target loads (regeneration runs its own copy); a checkpointed run keeps its data
+    data = regenerated_data(args, work, grow=state is None)
     train_seqs, heldout = data["train"], data["heldout"]
-    if not train_seqs or not heldout:
-        raise SystemExit(f"no usable sequences ({len(train_seqs)} training, {len(heldout)} "
-                         f"held-out): responses need >= {2 * args.block_size} tokens")
+    if len(train_seqs) < args.batch_seqs or not heldout:
+        raise SystemExit(
+            f"too little data: {len(train_seqs)} training sequences (--batch-seqs "
+            f"{args.batch_seqs} needs as many) and {len(heldout)} held-out ones are usable "
+            f"(responses of >= {2 * args.block_size} tokens)"
+            + (f"; does {args.prompts} hold enough distinct prompts?" if args.prompts else ""))
     target = Qwen3Target.from_pretrained(args.target, DTYPES[_dtype_name(args)], args.device)
     embed = target.embed_tokens.weight.detach()
     head = target.lm_head.weight.detach()
+    if args.precision == "fp32" and head.dtype != torch.float32:  # once, not per sequence
+        embed, head = embed.float(), head.float()
     layer_ids = drafter.cfg.target_layer_ids
     online = feature_mode(args, train_seqs, len(layer_ids) * tcfg.decoder.hidden_size) == "online"
     capture_features(target, heldout if online else heldout + train_seqs, layer_ids)
