@@ -50,10 +50,10 @@ class HandleBackend:
 
     def __init__(self, handle):
         self.handle = handle
+        self._streaming = handle.options(stream=True)  # made once, not per request
 
     def generate(self, prompt, messages, params: dict, request_id: str):
-        return self.handle.options(stream=True).generate.remote(prompt, messages, params,
-                                                                request_id)
+        return self._streaming.generate.remote(prompt, messages, params, request_id)
 
     async def call(self, method: str):
         return await getattr(self.handle, method).remote()
