@@ -148,6 +148,7 @@ class Engine:
     # ---- the step ------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        self._wait_for_stream_loop()
         with self._lock:
             sched = self.scheduler.schedule()
             if sched.empty and not sched.preempted:
@@ -409,18 +410,30 @@ class Engine:
 
     def _ensure_loop(self) -> None:
         """Start the stepping thread if none runs (call with the lock held). The thread exits
-        when no request is left, so synchronous callers can step the engine again."""
+        when no stream is open or no request is left; synchronous callers then step the engine
+        again (`step` waits for it)."""
         if self._loop_thread is None:
             self._loop_thread = threading.Thread(
                 target=self._run_loop, name="dflash-engine", daemon=True
             )
             self._loop_thread.start()
 
+    def _wait_for_stream_loop(self) -> None:
+        """A caller stepping the engine itself waits for the streaming loop to stop (it does
+        once no stream is open): two threads stepping one engine would split a request's
+        outputs between them."""
+        thread = self._loop_thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+
     def _run_loop(self) -> None:
         while True:
             with self._lock:
-                if self._closed or not self.scheduler.has_unfinished():
+                # Only open streams keep it going: requests added for a synchronous caller are
+                # that caller's to step (`run_until_finished` takes over when this returns).
+                if self._closed or not self._queues or not self.scheduler.has_unfinished():
                     self._loop_thread = None
+                    self._wake.notify_all()
                     return
             try:
                 self.step()

@@ -141,6 +141,35 @@ def test_slow_stream_consumer_gets_merged_deltas(llms):
     assert len(chunks) < 40  # one output per step (40 of them) unless merged
 
 
+def test_stepping_after_streams_gets_every_output(llms):
+    """Right after streams finish, a caller that steps the engine itself gets all its outputs:
+    the streaming loop must not go on stepping (and swallow) requests no stream waits for."""
+    import threading
+
+    engine = llms["dflash"].engine
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+
+    async def streams():
+        async def one(p):
+            return [o async for o in engine.stream(p, params)][-1].token_ids
+        return await asyncio.gather(*(one([3 + i, 4, 5]) for i in range(3)))
+
+    def rounds(done: list):
+        for _ in range(6):
+            asyncio.run(streams())
+            rids = [engine.add_request([7 + i, 8], params) for i in range(3)]
+            finished = set()
+            while len(finished) < len(rids):  # a raw step loop, as dflash_ray.bench does
+                finished |= {o.request_id for o in engine.step() if o.finished}
+        done.append(True)
+
+    done: list = []
+    t = threading.Thread(target=rounds, args=(done,), daemon=True)
+    t.start()
+    t.join(timeout=60)
+    assert done, "a step loop after streams never saw its requests finish"
+
+
 def test_stream_interval_sends_fewer_larger_deltas(tiny):
     """After the first delta, every delta but the last carries >= stream_interval tokens."""
     engine = Engine(EngineConfig(target=tiny["moe"], stream_interval=5))
