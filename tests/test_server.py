@@ -198,6 +198,19 @@ def test_server_side_timeout_is_408(tight):
     assert r.status_code == 408 and r.json()["error"]["type"] == "timeout"
 
 
+def test_stream_past_its_deadline_ends_with_a_timeout_event(tight):
+    body = {"prompt": "a", "max_tokens": 480, "temperature": 0, "stream": True,
+            "ignore_eos": True}
+    with httpx.stream("POST", f"{tight}/v1/completions", json=body, headers=AUTH,
+                      timeout=30) as r:
+        lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+    if r.status_code == 408:  # the 0.3 s deadline hit before the first token: no stream
+        pytest.skip("the first token took longer than the deadline on this machine")
+    events = [json.loads(line[6:]) for line in lines[:-1]]
+    assert lines[-1] == "data: [DONE]" and events[-1]["error"]["type"] == "timeout"
+    assert any(e.get("choices") for e in events[:-1])  # tokens streamed before it
+
+
 def test_api_key_is_required_when_configured(tight):
     body = {"prompt": "a", "max_tokens": 2}
     assert httpx.post(f"{tight}/v1/completions", json=body).status_code == 401

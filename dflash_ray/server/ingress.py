@@ -205,6 +205,9 @@ async def _close_all(streams: list[_Stream]) -> None:
             await s.close()
 
 
+_TIMED_OUT = object()  # put in an SSE stream's queue when its deadline passes
+
+
 async def _sse(streams, rid, settings: IngressSettings, chat: bool, include_usage: bool):
     """Interleave the choices' deltas as SSE events; always end with [DONE]."""
     queue: asyncio.Queue = asyncio.Queue()
@@ -225,15 +228,14 @@ async def _sse(streams, rid, settings: IngressSettings, chat: bool, include_usag
             await queue.put(None)
 
     tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    # one timer for the whole stream (a wait_for per event would make a task per event)
+    timer = asyncio.get_running_loop().call_later(settings.request_timeout_s, queue.put_nowait,
+                                                  _TIMED_OUT)
     try:
         done = 0
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + settings.request_timeout_s
         while done < len(tasks):
-            remaining = deadline - loop.time()
-            try:
-                item = await asyncio.wait_for(queue.get(), max(remaining, 0.001))
-            except TimeoutError:
+            item = await queue.get()
+            if item is _TIMED_OUT:
                 yield _event({"error": {"message": "request timed out", "type": "timeout",
                                         "code": 408}})
                 break
@@ -250,6 +252,7 @@ async def _sse(streams, rid, settings: IngressSettings, chat: bool, include_usag
                 yield _event(body)
         yield "data: [DONE]\n\n"
     finally:
+        timer.cancel()
         for t in tasks:
             t.cancel()
         await _close_all(streams)
