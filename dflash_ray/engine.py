@@ -117,6 +117,8 @@ class Engine:
                 "max_tokens",
             )
         with self._lock:
+            if self._closed:
+                raise RuntimeError("the engine was shut down; it takes no new requests")
             rid = request_id or f"req-{next(self._ids)}"
             if rid in self._seqs:
                 raise InvalidRequest(f"request_id {rid!r} is already in use", "request_id")
@@ -148,7 +150,15 @@ class Engine:
     # ---- the step ------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        self._wait_for_stream_loop()
+        """One engine step. A caller stepping the engine itself waits while the streaming loop
+        runs (it stops once no stream is open): two threads stepping one engine would split a
+        request's outputs between them. So do not step it by hand while streams are open."""
+        with self._wake:
+            while self._loop_thread not in (None, threading.current_thread()):
+                self._wake.wait()
+            return self._step()
+
+    def _step(self) -> list[RequestOutput]:
         with self._lock:
             sched = self.scheduler.schedule()
             if sched.empty and not sched.preempted:
@@ -351,7 +361,8 @@ class Engine:
                     if self._loop_thread is not None:
                         self._wake.wait(timeout=0.5)
                         continue
-                self.step()
+                    # under the same lock as the check: no stream loop can start in between
+                    self._step()
         finally:
             with self._lock:
                 for rid in request_ids:
@@ -418,14 +429,6 @@ class Engine:
             )
             self._loop_thread.start()
 
-    def _wait_for_stream_loop(self) -> None:
-        """A caller stepping the engine itself waits for the streaming loop to stop (it does
-        once no stream is open): two threads stepping one engine would split a request's
-        outputs between them."""
-        thread = self._loop_thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join()
-
     def _run_loop(self) -> None:
         while True:
             with self._lock:
@@ -436,8 +439,8 @@ class Engine:
                     self._wake.notify_all()
                     return
             try:
-                self.step()
-            except Exception:  # step() already failed every live request with the cause
+                self._step()
+            except Exception:  # _step() already failed every live request with the cause
                 log.exception("engine step failed")
 
     def _fail_all(self, exc: Exception) -> None:
@@ -465,4 +468,6 @@ class Engine:
         thread = self._loop_thread
         if thread is not None:
             thread.join(timeout=10)
+        # open streams and blocked callers get an error instead of waiting forever
+        self._fail_all(RuntimeError("the engine was shut down"))
         self.executor.shutdown()

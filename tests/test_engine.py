@@ -170,6 +170,22 @@ def test_stepping_after_streams_gets_every_output(llms):
     assert done, "a step loop after streams never saw its requests finish"
 
 
+def test_shutdown_fails_open_streams_and_refuses_new_requests(tiny):
+    engine = Engine(EngineConfig(target=tiny["moe"]))
+
+    async def main():
+        agen = engine.stream([5, 6, 7], SamplingParams(max_tokens=400, ignore_eos=True))
+        await anext(agen)
+        await asyncio.to_thread(engine.shutdown)
+        with pytest.raises(RuntimeError, match="shut down"):
+            async for _ in agen:
+                pass
+
+    asyncio.run(main())
+    with pytest.raises(RuntimeError, match="shut down"):
+        engine.add_request([1, 2], SamplingParams(max_tokens=2))
+
+
 def test_stream_interval_sends_fewer_larger_deltas(tiny):
     """After the first delta, every delta but the last carries >= stream_interval tokens."""
     engine = Engine(EngineConfig(target=tiny["moe"], stream_interval=5))
