@@ -49,35 +49,32 @@ fi
     --layers 2 --target-layer-ids 1,2,3 --block-size 16 \
     --num-seqs 6000 --response-tokens 192 --num-anchors 32
 
-# Stage 2b: grow the data to 18000 sequences (12000 more, new prompt windows; ~13 min of
-# regeneration, ~4.5 min of feature capture) and fine-tune the stage-2 drafter on all of it
-# (fresh optimizer and cosine schedule, peak lr 6e-4). The shipped drafter ran this on a time
-# budget: `--minutes 95` of step time at 2 threads, on a box shared with other work (its first
-# 1878 steps ran under a 70-minute schedule before it was extended). FINETUNE_STEPS reproduces
-# its 13893 optimizer steps under a step-based schedule.
-mkdir -p "$WORK/drafter_ft/work"
-if [[ ! -f $WORK/drafter_ft/work/data.pt ]]; then
-    cp "$WORK/drafter/work/data.pt" "$WORK/drafter_ft/work/data.pt"
-fi
-"$PYTHON" -m dflash_ray.cli train-drafter \
-    --target "$WORK/target/model" --out "$WORK/drafter_ft" --init-from "$WORK/drafter" \
-    --steps "$FINETUNE_STEPS" --threads "$THREADS" --lr 6e-4 \
-    --layers 2 --target-layer-ids 1,2,3 --block-size 16 \
-    --num-seqs 18000 --response-tokens 192 --num-anchors 32
+# Growing stages: a fresh OUT starts from FROM's regenerated data (only the missing sequences,
+# with new prompt windows, are regenerated), and the drafter in FROM is fine-tuned on all of it
+# (fresh optimizer and cosine schedule).
+finetune() {  # OUT FROM NUM_SEQS STEPS PEAK_LR
+    mkdir -p "$WORK/$1/work"
+    if [[ ! -f $WORK/$1/work/data.pt ]]; then
+        cp "$WORK/$2/work/data.pt" "$WORK/$1/work/data.pt"
+    fi
+    "$PYTHON" -m dflash_ray.cli train-drafter \
+        --target "$WORK/target/model" --out "$WORK/$1" --init-from "$WORK/$2" \
+        --steps "$4" --threads "$THREADS" --lr "$5" \
+        --layers 2 --target-layer-ids 1,2,3 --block-size 16 \
+        --num-seqs "$3" --response-tokens 192 --num-anchors 32
+}
 
-# Stage 2c: grow the data again to 30000 sequences (12017 more; ~9 min of regeneration, ~7 min
-# of feature capture: 8.2 GiB of features in memory) and fine-tune the stage-2b drafter on it
-# (peak lr 4e-4). The shipped drafter ran this on a time budget (`--minutes 90` of step time, 2
-# threads, box shared with other work); FINETUNE2_STEPS reproduces its optimizer steps.
-mkdir -p "$WORK/drafter_ft2/work"
-if [[ ! -f $WORK/drafter_ft2/work/data.pt ]]; then
-    cp "$WORK/drafter_ft/work/data.pt" "$WORK/drafter_ft2/work/data.pt"
-fi
-"$PYTHON" -m dflash_ray.cli train-drafter \
-    --target "$WORK/target/model" --out "$WORK/drafter_ft2" --init-from "$WORK/drafter_ft" \
-    --steps "$FINETUNE2_STEPS" --threads "$THREADS" --lr 4e-4 \
-    --layers 2 --target-layer-ids 1,2,3 --block-size 16 \
-    --num-seqs 30000 --response-tokens 192 --num-anchors 32
+# Stage 2b: 18000 sequences (12000 more; ~13 min of regeneration, ~4.5 min of feature capture),
+# peak lr 6e-4. The shipped drafter ran this on a time budget: `--minutes 95` of step time at 2
+# threads, on a box shared with other work (its first 1878 steps ran under a 70-minute schedule
+# before it was extended). FINETUNE_STEPS reproduces its 13893 optimizer steps.
+finetune drafter_ft drafter 18000 "$FINETUNE_STEPS" 6e-4
+
+# Stage 2c: 30000 sequences (12017 more; ~9 min of regeneration, ~7 min of feature capture:
+# 8.2 GiB of features in memory), peak lr 4e-4. The shipped drafter ran this on a time budget
+# (`--minutes 90` of step time, 2 threads, box shared with other work); FINETUNE2_STEPS
+# reproduces its 13043 optimizer steps.
+finetune drafter_ft2 drafter_ft 30000 "$FINETUNE2_STEPS" 4e-4
 
 # Stage 3: ship the pair inside the package (bf16 safetensors + configs + tokenizer).
 DEST=dflash_ray/demo_models
