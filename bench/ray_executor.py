@@ -191,6 +191,9 @@ def main() -> None:
             + " ".join(f"{k}={v:.2f}" for k, v in ms.items() if k != "steps")
         )
     if args.json:
+        for key in ("target", "drafter"):  # no machine's absolute paths in saved results
+            if result.get(key) and os.path.isabs(result[key]):
+                result[key] = os.path.relpath(result[key])
         print(json.dumps(result, indent=1))
 
 
