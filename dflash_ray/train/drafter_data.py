@@ -1,22 +1,29 @@
 """Training data for a DFlash drafter: target-regenerated sequences and their target features.
 
-Owns (1) regenerating responses with the target itself (greedy, through our engine, batched), so
-the drafter learns what the target actually says, and (2) capturing the target's hidden states
-at the drafter's `target_layer_ids` for every position, once (the target is frozen). Works for
+Owns (1) the prompts (windows of the stdlib corpus, or a user's JSONL file), (2) regenerating
+responses with the target itself (greedy, through our engine, batched) into `work/data.pt`, so
+the drafter learns what the target actually says, and (3) capturing the target's hidden states
+at the drafter's `target_layer_ids` for every position (cached once, or per batch). Works for
 any supported target directory.
 """
 
 from __future__ import annotations
 
 import gc
+import os
 import random
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm import tqdm
 
 from ..kv_cache import PagedKVCache, SeqSpan, build_layout
 from ..models.qwen3 import Qwen3Target
+
+if TYPE_CHECKING:
+    from .train_drafter import DrafterTrainArgs
 
 
 @dataclass(slots=True)
@@ -168,3 +175,91 @@ def capture_features(target: Qwen3Target, seqs: list[TrainSequence], layer_ids: 
             offset += n
         bar.update(len(group))
     bar.close()
+
+
+def corpus_prompts(target_dir: str, n: int, lengths: tuple[int, int], heldout: bool, seed: int):
+    from ..tokenizer import Tokenizer
+    from .corpus import iter_texts, split_files
+
+    tok = Tokenizer(target_dir)
+    train_files, heldout_files = split_files()
+    files = heldout_files if heldout else train_files
+    rng = random.Random(seed)
+    files = rng.sample(files, min(len(files), max(8, n // 2)))  # plenty of text for n windows
+    stream: list[int] = []
+    for text in iter_texts(files):
+        stream += tok.encode(text)
+    return prompt_windows(stream, n, lengths[0], lengths[1], seed)
+
+
+def file_prompts(args: DrafterTrainArgs) -> list[tuple[int, ...]]:
+    """The distinct prompts of `args.prompts` in a seeded shuffle: the order regeneration takes
+    them in, skipping any already stored (by content, not position, so a file that grew or
+    changed between runs never hands out a stored prompt again, a held-out one included)."""
+    order = list(dict.fromkeys(map(tuple, read_prompt_file(args.prompts, args.target,
+                                                           args.max_prompt_tokens))))
+    random.Random(args.seed).shuffle(order)
+    return order
+
+
+def regenerated_data(args: DrafterTrainArgs, work: Path,
+                     grow: bool = True) -> dict[str, list[TrainSequence]]:
+    """The regenerated sequences in `work/data.pt`, made on first use. A later run with a
+    larger `--num-seqs` regenerates only the missing sequences (new prompts) and appends them; a
+    smaller one keeps everything stored (nothing is thrown away). `grow=False` (a checkpointed
+    run) uses what is stored."""
+    path = work / "data.pt"
+    raw = torch.load(path) if path.is_file() else {}
+    grew, from_file = False, None
+    for split, n in (("heldout", args.heldout_seqs), ("train", args.num_seqs)):
+        have = raw.setdefault(split, [])
+        # the held-out set is made once (growing it would move the evaluation); train grows
+        missing = n - len(have) if split == "train" or not have else 0
+        if missing > 0 and (grow or not have):
+            if args.prompts:
+                from_file = from_file or file_prompts(args)
+                used = {tuple(ids[:p]) for items in raw.values() for ids, p in items}
+                prompts = [list(p) for p in from_file if p not in used][:missing]
+                if len(prompts) < missing:
+                    print(f"{args.prompts}: {len(prompts)} unused distinct prompts left of the "
+                          f"{missing} asked for")
+            else:
+                # seed + len(have): the first batch of a split uses `seed` (as a fresh run
+                # always did); each growth step draws different windows
+                prompts = corpus_prompts(args.target, missing, args.prompt_tokens,
+                                         split == "heldout", args.seed + len(have))
+            if prompts:
+                seqs = regenerate(args.target, prompts, args.response_tokens,
+                                  device=args.device, dtype=target_dtype(args))
+                have += [(s.token_ids, s.prompt_len) for s in seqs]
+                grew = True
+    if grew:
+        tmp = path.with_suffix(".tmp")
+        torch.save(raw, tmp)
+        tmp.replace(path)
+    return {split: [TrainSequence(ids, p) for ids, p in items
+                    if len(ids) - p >= 2 * args.block_size]  # the recipe drops short responses
+            for split, items in raw.items()}
+
+
+def target_dtype(args: DrafterTrainArgs) -> str:
+    """The target's weights' dtype name: `--target-dtype`, auto = bfloat16 on CUDA, else fp32."""
+    if args.target_dtype != "auto":
+        return args.target_dtype
+    return "bfloat16" if torch.device(args.device).type == "cuda" else "float32"
+
+
+def feature_mode(args: DrafterTrainArgs, seqs: list[TrainSequence], width: int) -> str:
+    """`args.features`, with auto resolved: cached while every sequence's features (bf16,
+    `width` values per token) take at most half the host memory available now."""
+    if args.features != "auto":
+        return args.features
+    need = 2 * width * sum(len(s.token_ids) for s in seqs)
+    try:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # no sysconf: assume it fits
+        return "cached"
+    mode = "cached" if need <= free / 2 else "online"
+    print(f"target features: {need / 2**30:.1f} GiB for {len(seqs)} sequences, "
+          f"{free / 2**30:.1f} GiB available -> {mode}")
+    return mode

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import random
 import signal
 import threading
@@ -26,13 +25,7 @@ from ..models.dflash import DFlashDrafter
 from ..models.qwen3 import Qwen3Target
 from ..runner_config import DTYPES
 from .drafter import block_loss, cosine_lr, init_weights, sample_anchors
-from .drafter_data import (
-    TrainSequence,
-    capture_features,
-    prompt_windows,
-    read_prompt_file,
-    regenerate,
-)
+from .drafter_data import capture_features, feature_mode, regenerated_data, target_dtype
 from .export import save_zlab
 
 
@@ -98,97 +91,6 @@ def make_drafter(args: DrafterTrainArgs, tcfg: TargetConfig, mask_id: int) -> DF
     init_weights(drafter)
     drafter.rope.to(args.device)
     return drafter
-
-
-def corpus_prompts(target_dir: str, n: int, lengths: tuple[int, int], heldout: bool, seed: int):
-    from ..tokenizer import Tokenizer
-    from .corpus import iter_texts, split_files
-
-    tok = Tokenizer(target_dir)
-    train_files, heldout_files = split_files()
-    files = heldout_files if heldout else train_files
-    rng = random.Random(seed)
-    files = rng.sample(files, min(len(files), max(8, n // 2)))  # plenty of text for n windows
-    stream: list[int] = []
-    for text in iter_texts(files):
-        stream += tok.encode(text)
-    return prompt_windows(stream, n, lengths[0], lengths[1], seed)
-
-
-def file_prompts(args: DrafterTrainArgs, n: int, used: set[tuple[int, ...]],
-                 cache: dict) -> list[list[int]]:
-    """The next `n` prompts of `args.prompts` not in `used`: the file's distinct prompts in a
-    seeded shuffle. Chosen by content, not position, so a file that grew or changed between runs
-    never hands out a stored prompt again (a held-out one included). `cache` keeps the file's
-    prompts between the calls of one run."""
-    if "prompts" not in cache:
-        distinct = dict.fromkeys(map(tuple, read_prompt_file(args.prompts, args.target,
-                                                             args.max_prompt_tokens)))
-        order = list(distinct)
-        random.Random(args.seed).shuffle(order)
-        cache["prompts"] = order
-    fresh = [list(p) for p in cache["prompts"] if p not in used][:n]
-    if len(fresh) < n:
-        print(f"{args.prompts}: {len(fresh)} unused distinct prompts left of the {n} asked for")
-    return fresh
-
-
-def regenerated_data(args: DrafterTrainArgs, work: Path,
-                     grow: bool = True) -> dict[str, list[TrainSequence]]:
-    """The regenerated sequences in `work/data.pt`, made on first use. A later run with a
-    larger `--num-seqs` regenerates only the missing sequences (new prompts) and appends them; a
-    smaller one keeps everything stored (nothing is thrown away). `grow=False` (a checkpointed
-    run) uses what is stored."""
-    path = work / "data.pt"
-    raw = torch.load(path) if path.is_file() else {}
-    grew, file_cache = False, {}
-    for split, n in (("heldout", args.heldout_seqs), ("train", args.num_seqs)):
-        have = raw.setdefault(split, [])
-        # the held-out set is made once (growing it would move the evaluation); train grows
-        missing = n - len(have) if split == "train" or not have else 0
-        if missing > 0 and (grow or not have):
-            if args.prompts:
-                used = {tuple(ids[:p]) for items in raw.values() for ids, p in items}
-                prompts = file_prompts(args, missing, used, file_cache)
-            else:
-                # seed + len(have): the first batch of a split uses `seed` (as a fresh run
-                # always did); each growth step draws different windows
-                prompts = corpus_prompts(args.target, missing, args.prompt_tokens,
-                                         split == "heldout", args.seed + len(have))
-            if prompts:
-                seqs = regenerate(args.target, prompts, args.response_tokens,
-                                  device=args.device, dtype=_dtype_name(args))
-                have += [(s.token_ids, s.prompt_len) for s in seqs]
-                grew = True
-    if grew:
-        tmp = path.with_suffix(".tmp")
-        torch.save(raw, tmp)
-        tmp.replace(path)
-    return {split: [TrainSequence(ids, p) for ids, p in items
-                    if len(ids) - p >= 2 * args.block_size]  # the recipe drops short responses
-            for split, items in raw.items()}
-
-
-def _dtype_name(args: DrafterTrainArgs) -> str:
-    if args.target_dtype != "auto":
-        return args.target_dtype
-    return "bfloat16" if torch.device(args.device).type == "cuda" else "float32"
-
-
-def feature_mode(args: DrafterTrainArgs, seqs: list[TrainSequence], width: int) -> str:
-    """`args.features`, with auto resolved: cached while every sequence's features (bf16,
-    `width` values per token) take at most half the host memory available now."""
-    if args.features != "auto":
-        return args.features
-    need = 2 * width * sum(len(s.token_ids) for s in seqs)
-    try:
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):  # no sysconf: assume it fits
-        return "cached"
-    mode = "cached" if need <= free / 2 else "online"
-    print(f"target features: {need / 2**30:.1f} GiB for {len(seqs)} sequences, "
-          f"{free / 2**30:.1f} GiB available -> {mode}")
-    return mode
 
 
 _SAME_DRAFTER = ("block_size", "target_layer_ids", "mask_token_id", "vocab_size",
@@ -266,7 +168,7 @@ def train(args: DrafterTrainArgs) -> Path:
             f"{args.batch_seqs} needs as many) and {len(heldout)} held-out ones are usable "
             f"(responses of >= {2 * args.block_size} tokens)"
             + (f"; does {args.prompts} hold enough distinct prompts?" if args.prompts else ""))
-    target = Qwen3Target.from_pretrained(args.target, DTYPES[_dtype_name(args)], args.device)
+    target = Qwen3Target.from_pretrained(args.target, DTYPES[target_dtype(args)], args.device)
     embed = target.embed_tokens.weight.detach()
     head = target.lm_head.weight.detach()
     if args.precision == "fp32" and head.dtype != torch.float32:  # once, not per sequence
