@@ -110,7 +110,7 @@ def _bench(args: argparse.Namespace) -> int:
     prompts = load_prompts(args.prompts, target, args.num_prompts)
     engine = _engine_kwargs(args, drafter)
     result = run_bench(target, drafter, prompts, args.concurrency, args.max_tokens, args.out,
-                       engine)
+                       engine, rounds=args.rounds)
     if args.json:
         print(json.dumps(result))
     return 0
@@ -143,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--num-prompts", type=int, default=32)
     b.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16, 32])
     b.add_argument("--max-tokens", type=int, default=128)
+    b.add_argument("--rounds", type=int, default=3,
+                   help="times each engine runs each level; the first engine alternates between "
+                   "rounds (default 3)")
     b.add_argument("--out", default="bench_results", help="directory for bench.json and PNGs")
     b.add_argument("--json", action="store_true", help="also print the result JSON")
     b.set_defaults(func=_bench)

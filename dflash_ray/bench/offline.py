@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
+from itertools import zip_longest
 from pathlib import Path
 
 from tqdm import tqdm
@@ -37,10 +38,12 @@ def load_prompts(path: str | None, target: str, n: int) -> list:
 
 def closed_loop(engine: Engine, prompts: list, concurrency: int, params: SamplingParams,
                 bar: tqdm) -> dict:
-    before = engine.stats.spec
-    drafts0, accepted0 = before.num_drafts, list(before.accepted_per_pos)
-    proposed0 = before.num_draft_tokens
+    """Run `prompts` through `engine` with `concurrency` requests in flight; the result's raw
+    counters (see `summarize`) come with the figures derived from them."""
     s0 = engine.stats
+    spec0 = s0.spec
+    drafts0, accepted0, proposed0 = spec0.num_drafts, list(spec0.accepted_per_pos), \
+        spec0.num_draft_tokens
     steps0, draft0, verify0 = s0.num_steps, s0.draft_seconds, s0.verify_seconds
     queue = list(reversed(prompts))
     live, finished = 0, []
@@ -55,54 +58,104 @@ def closed_loop(engine: Engine, prompts: list, concurrency: int, params: Samplin
                 finished.append(out)
                 bar.update(1)
     seconds = time.perf_counter() - start
-    spec = engine.stats.spec
-    drafts = spec.num_drafts - drafts0
-    per_pos = [a - (accepted0[i] if i < len(accepted0) else 0)
-               for i, a in enumerate(spec.accepted_per_pos)]
-    taus = [t for o in finished for t in o.acceptance_lengths]
-    tokens = sum(len(o.token_ids) for o in finished)
-    steps = max(1, engine.stats.num_steps - steps0)
+    st, spec = engine.stats, engine.stats.spec
+    raw = {
+        "seconds": seconds,
+        "tokens": sum(len(o.token_ids) for o in finished),
+        "steps": st.num_steps - steps0,
+        "draft_seconds": st.draft_seconds - draft0,
+        "verify_seconds": st.verify_seconds - verify0,
+        "tau_histogram": dict(sorted(Counter(t for o in finished
+                                             for t in o.acceptance_lengths).items())),
+        "drafts": spec.num_drafts - drafts0,
+        "accepted_per_position": [a - (accepted0[i] if i < len(accepted0) else 0)
+                                  for i, a in enumerate(spec.accepted_per_pos)],
+        "proposed": spec.num_draft_tokens - proposed0,
+    }
+    return {**summarize([raw]), "outputs": [o.token_ids for o in finished]}
+
+
+RAW = ("seconds", "tokens", "steps", "draft_seconds", "verify_seconds", "drafts", "proposed")
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Add up the raw counters of runs (closed_loop results) and derive the figures:
+    tok/s = all tokens / all seconds, so each run weighs by its duration."""
+    raw = {k: sum(r[k] for r in runs) for k in RAW}
+    hist: Counter = Counter()
+    per_pos: list[int] = []
+    for r in runs:
+        hist.update({int(k): v for k, v in r["tau_histogram"].items()})
+        acc = r["accepted_per_position"]
+        per_pos = [a + b for a, b in zip_longest(per_pos, acc, fillvalue=0)]
+    steps, drafts, verifies = max(1, raw["steps"]), raw["drafts"], sum(hist.values())
     return {
-        "tok_s": tokens / seconds, "seconds": seconds, "tokens": tokens,
+        **raw,
+        "tau_histogram": dict(sorted(hist.items())),
+        "accepted_per_position": per_pos,
+        "tok_s": raw["tokens"] / raw["seconds"],
         # where a step's time goes: the drafter's pass and the target's verify pass
-        "ms_per_step": 1e3 * seconds / steps,
-        "draft_ms_per_step": 1e3 * (engine.stats.draft_seconds - draft0) / steps,
-        "verify_ms_per_step": 1e3 * (engine.stats.verify_seconds - verify0) / steps,
-        "mean_tau": sum(taus) / len(taus) if taus else 0.0,
-        "tau_histogram": dict(sorted(Counter(taus).items())),
+        "ms_per_step": 1e3 * raw["seconds"] / steps,
+        "draft_ms_per_step": 1e3 * raw["draft_seconds"] / steps,
+        "verify_ms_per_step": 1e3 * raw["verify_seconds"] / steps,
+        "mean_tau": sum(k * v for k, v in hist.items()) / verifies if verifies else 0.0,
         "acceptance_rate_per_position": [a / drafts for a in per_pos] if drafts else [],
         # drafts verified per verify step that carried any (< B-1 when blocks are cut)
-        "mean_proposed": (spec.num_draft_tokens - proposed0) / drafts if drafts else 0.0,
-        "outputs": [o.token_ids for o in finished],
+        "mean_proposed": raw["proposed"] / drafts if drafts else 0.0,
     }
 
 
 def run_bench(target: str, drafter: str, prompts: list, concurrency: list[int],
-              max_tokens: int, out_dir: str | None, engine_kwargs: dict | None = None) -> dict:
+              max_tokens: int, out_dir: str | None, engine_kwargs: dict | None = None,
+              rounds: int = 3) -> dict:
+    """Plain and DFlash engines side by side at each concurrency level, `rounds` times.
+
+    Both engines first run one untimed request wave per level (the GEMM libraries set up per
+    shape on first use). Each round runs both engines at every level, the engine going first
+    alternating between rounds, so a drift in the machine's speed falls on both; a level's
+    figures add up all its rounds, and `speedup_per_round` shows their spread."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
     kw = dict(engine_kwargs or {})
     kw.setdefault("max_num_seqs", max(concurrency))
     # plain decoding is B = 1 and has no speculation settings
     plain_kw = {k: v for k, v in kw.items() if k != "block_size" and not k.startswith("spec_")}
-    plain = Engine(EngineConfig(target=target, **plain_kw))
-    spec = Engine(EngineConfig(target=target, drafter=drafter, **kw))
+    engines = {"plain": Engine(EngineConfig(target=target, **plain_kw)),
+               "dflash": Engine(EngineConfig(target=target, drafter=drafter, **kw))}
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
-    rows = []
-    total = 2 * len(prompts) * len(concurrency)
+    warm = SamplingParams(max_tokens=min(16, max_tokens), temperature=0.0)
+    runs: dict[int, dict[str, list]] = {c: {"plain": [], "dflash": []} for c in concurrency}
+    total = 2 * len(prompts) * len(concurrency) * rounds
     with tqdm(total=total, desc="bench", unit="req") as bar:
+        quiet = tqdm(disable=True)
         for c in concurrency:
-            base = closed_loop(plain, prompts, c, params, bar)
-            fast = closed_loop(spec, prompts, c, params, bar)
-            same = sorted(base.pop("outputs")) == sorted(fast.pop("outputs"))
-            rows.append({"concurrency": c, "plain": base, "dflash": fast,
-                         "speedup": fast["tok_s"] / base["tok_s"], "outputs_identical": same})
-            tqdm.write(f"c={c:>2}: plain {base['tok_s']:7.1f} tok/s, dflash "
-                       f"{fast['tok_s']:7.1f} tok/s, speedup {fast['tok_s'] / base['tok_s']:.2f}x"
-                       f", tau {fast['mean_tau']:.2f}, step {base['ms_per_step']:.2f} / "
-                       f"{fast['ms_per_step']:.2f} ms, identical={same}")
+            for e in engines.values():
+                closed_loop(e, prompts[:c], c, warm, quiet)
+        for k in range(rounds):
+            order = ["plain", "dflash"] if k % 2 == 0 else ["dflash", "plain"]
+            for c in concurrency:
+                for name in order:
+                    runs[c][name].append(closed_loop(engines[name], prompts, c, params, bar))
+    rows = []
+    for c in concurrency:
+        base, fast = summarize(runs[c]["plain"]), summarize(runs[c]["dflash"])
+        same = all(sorted(p["outputs"]) == sorted(d["outputs"])
+                   for p, d in zip(runs[c]["plain"], runs[c]["dflash"]))
+        per_round = [d["tok_s"] / p["tok_s"] for p, d in zip(runs[c]["plain"], runs[c]["dflash"])]
+        rows.append({"concurrency": c, "plain": base, "dflash": fast,
+                     "speedup": fast["tok_s"] / base["tok_s"],
+                     "speedup_per_round": per_round, "outputs_identical": same})
+        tqdm.write(f"c={c:>2}: plain {base['tok_s']:7.1f} tok/s, dflash {fast['tok_s']:7.1f} "
+                   f"tok/s, speedup {rows[-1]['speedup']:.2f}x (rounds "
+                   f"{min(per_round):.2f}-{max(per_round):.2f}), tau {fast['mean_tau']:.2f}, "
+                   f"step {base['ms_per_step']:.2f} / {fast['ms_per_step']:.2f} ms, "
+                   f"identical={same}")
+    spec = engines["dflash"]
     result = {"target": _shown(target), "drafter": _shown(drafter), "block_size": spec.block_size,
               "spec_min_confidence": spec.config.spec_min_confidence,
               "spec_max_batch": spec.config.spec_max_batch,
-              "max_tokens": max_tokens, "num_prompts": len(prompts), "rows": rows}
+              "max_tokens": max_tokens, "num_prompts": len(prompts), "rounds": rounds,
+              "rows": rows}
     if out_dir:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
