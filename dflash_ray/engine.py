@@ -1,8 +1,8 @@
 """The engine: requests in, token deltas out; one `step()` = schedule -> run -> postprocess.
 
-Owns request bookkeeping, stop conditions (EOS, stop strings, max_tokens; a stop inside an
-accepted block truncates there), incremental detokenization and statistics. Model work is the
-executor's (in-process `LocalExecutor` or the Ray one); batching decisions are the scheduler's.
+Owns request bookkeeping and statistics; committing a step's tokens (detokenization, stop
+conditions inside an accepted block) is `stopping`'s, model work the executor's (in-process
+`LocalExecutor` or the Ray one), batching decisions the scheduler's.
 `stream()` is the async face for servers: a background thread steps while requests are live.
 """
 
@@ -25,7 +25,8 @@ from .sampling_params import InvalidRequest, SamplingParams
 from .scheduler import Scheduler, SchedulerConfig, SchedulerOutput, prefill_len
 from .sequence import Sequence
 from .step_io import DecodeItem, PrefillItem, SamplingSpec, StepBatch, StepResult
-from .tokenizer import Tokenizer, decode_delta
+from .stopping import commit_tokens
+from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -262,35 +263,11 @@ class Engine:
         return outputs
 
     def _commit(self, seq: Sequence, tokens: list[int], r, now: float) -> RequestOutput | None:
-        """Append committed tokens one by one, stopping at EOS / stop ids / stop strings /
-        max_tokens; returns the request's delta."""
-        rid = self._rid_of[seq.seq_id]
+        """Append committed tokens up to the first stop (see `stopping`); returns the request's
+        delta."""
         p = seq.params
         stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_token_ids)
-        new_ids: list[int] = []
-        new_text = ""
-        reason = None
-        for tok in tokens:
-            if seq.remaining <= 0:
-                break
-            seq.output_ids.append(tok)
-            new_ids.append(tok)
-            if p.stop and self.tokenizer is not None:
-                delta = self._detok(seq)
-                new_text += delta
-                cut = self._stop_string(seq, len(delta))
-                if cut is not None:
-                    new_text = new_text[: len(new_text) - (len(seq.text) - cut)]
-                    seq.text = seq.text[:cut]
-                    reason = "stop"
-                    break
-            if tok in stop_ids:
-                reason = "stop"
-                break
-        if not p.stop and self.tokenizer is not None:
-            new_text = self._detok(seq)
-        if reason is None and seq.remaining <= 0:
-            reason = "length"
+        new_ids, new_text, reason = commit_tokens(seq, tokens, stop_ids, self.tokenizer)
         if seq.first_token_time is None and new_ids:
             seq.first_token_time = now
         if r is not None:
@@ -299,26 +276,7 @@ class Engine:
         if reason is not None:
             self.scheduler.finish(seq, reason)
             self.executor.release([seq.seq_id])
-        return self._output(rid, seq, new_ids, new_text)
-
-    def _detok(self, seq: Sequence) -> str:
-        delta, seq.prefix_offset, seq.read_offset = decode_delta(
-            self.tokenizer, seq.output_ids, seq.prefix_offset, seq.read_offset
-        )
-        seq.text += delta
-        return delta
-
-    @staticmethod
-    def _stop_string(seq: Sequence, delta_len: int) -> int | None:
-        """Index in seq.text where the earliest stop string that the newest delta completed
-        begins, or None."""
-        best = None
-        for s in seq.params.stop:
-            start = max(0, len(seq.text) - delta_len - len(s) + 1)
-            i = seq.text.find(s, start)
-            if i != -1 and (best is None or i < best):
-                best = i
-        return best
+        return self._output(self._rid_of[seq.seq_id], seq, new_ids, new_text)
 
     def _output(self, rid: str, seq: Sequence, new_ids: list[int], new_text: str) -> RequestOutput:
         return RequestOutput(
