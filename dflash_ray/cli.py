@@ -23,12 +23,21 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--spec-max-batch",
-        type=int,
+        type=_int_or_auto,
         default=None,
-        help="speculate only while at most this many sequences run",
+        help="speculate only while at most this many sequences run; 'auto' learns it",
     )
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+
+
+def _int_or_auto(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {text!r}") from None
 
 
 def _models(args: argparse.Namespace) -> tuple[str, str | None]:

@@ -22,11 +22,12 @@ class EngineConfig(BaseModel):
         "a longer verify costs next to nothing; on CPU every verified token costs compute and "
         "~0.1 pays (the demo config)",
     )
-    spec_max_batch: int | None = Field(
+    spec_max_batch: int | Literal["auto"] | None = Field(
         None,
-        ge=0,
         description="speculate only while at most this many sequences run; above it decode "
-        "plain (where verify is compute-bound, large batches gain nothing from drafts)",
+        "plain (where verify is compute-bound, large batches gain nothing from drafts). "
+        "'auto': learn it from the engine's own steps, per batch-size bucket the kind of step "
+        "with fewer seconds per token, re-trying the other now and then (spec_policy.Adaptive)",
     )
     stream_interval: int = Field(
         1,
@@ -61,6 +62,8 @@ class EngineConfig(BaseModel):
     def _check(self) -> EngineConfig:
         if self.block_size is not None and self.drafter is None and self.block_size != 1:
             raise ValueError(f"block_size={self.block_size} needs a drafter; plain decoding is 1")
+        if isinstance(self.spec_max_batch, int) and self.spec_max_batch < 0:
+            raise ValueError(f"spec_max_batch={self.spec_max_batch} must be >= 0 or 'auto'")
         if self.drafter is None and (self.spec_min_confidence or self.spec_max_batch is not None):
             raise ValueError("spec_min_confidence and spec_max_batch need a drafter")
         if self.block_size is not None and self.drafter is not None and self.block_size < 2:

@@ -24,6 +24,7 @@ from .outputs import RequestOutput, coalesce
 from .sampling_params import InvalidRequest, SamplingParams
 from .scheduler import Scheduler, SchedulerConfig, SchedulerOutput, prefill_len
 from .sequence import Sequence
+from .spec_policy import make_policy
 from .step_io import DecodeItem, PrefillItem, SamplingSpec, StepBatch, StepResult
 from .stopping import commit_tokens
 from .tokenizer import Tokenizer
@@ -52,9 +53,9 @@ class Engine:
                 max_num_batched_tokens=config.max_num_batched_tokens or self.max_model_len,
                 max_model_len=self.max_model_len,
                 block_size=self.block_size,
-                spec_max_batch=config.spec_max_batch,
             ),
             self.blocks,
+            make_policy(config.spec_max_batch),
         )
         self.tokenizer = Tokenizer.maybe_load(config.target)
         self.stats = EngineStats()
@@ -161,6 +162,7 @@ class Engine:
 
     def _step(self) -> list[RequestOutput]:
         with self._lock:
+            start = time.perf_counter()
             sched = self.scheduler.schedule()
             if sched.empty and not sched.preempted:
                 return []
@@ -173,7 +175,13 @@ class Engine:
                 # recovers on its next call.
                 self._fail_all(exc)
                 raise
-            return self._postprocess(sched, result, batch.drafter_pass)
+            outputs = self._postprocess(sched, result, batch.drafter_pass)
+            if sched.decodes and not sched.prefills:  # what the speculation policy learns from
+                self.scheduler.policy.observe(
+                    len(sched.decodes), sched.speculative, time.perf_counter() - start,
+                    sum(len(r.tokens) for r in result.results),
+                )
+            return outputs
 
     def _batch(self, sched: SchedulerOutput) -> StepBatch:
         def spec(seq: Sequence) -> SamplingSpec:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from .block_manager import BlockManager
 from .sequence import Sequence, Status
+from .spec_policy import Adaptive, FixedLimit
 
 
 @dataclass(slots=True)
@@ -21,9 +22,6 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 4096
     max_model_len: int = 2048
     block_size: int = 1  # verify block B (1 = plain decoding)
-    # speculate only while at most this many sequences run; above, every block is q = 1
-    # (plain decoding; the drafter's context still follows). None: always speculate.
-    spec_max_batch: int | None = None
 
 
 @dataclass(slots=True)
@@ -37,6 +35,9 @@ class SchedulerOutput:
     prefills: list[Sequence] = field(default_factory=list)
     decodes: list[ScheduledDecode] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    # the decodes verify drafted blocks (else every block is q = 1; the drafter's context
+    # still follows), as the speculation policy decided for this step
+    speculative: bool = True
 
     @property
     def empty(self) -> bool:
@@ -50,9 +51,13 @@ def prefill_len(seq: Sequence) -> int:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, blocks: BlockManager):
+    def __init__(self, config: SchedulerConfig, blocks: BlockManager,
+                 policy: FixedLimit | Adaptive | None = None):
+        """`policy` decides per step whether the running sequences speculate (spec_policy);
+        default: always."""
         self.config = config
         self.blocks = blocks
+        self.policy = policy or FixedLimit()
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -62,19 +67,18 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def block_len_for(self, seq: Sequence) -> int:
-        limit = self.config.spec_max_batch
-        if limit is not None and len(self.running) > limit:
-            return 1
-        return min(self.config.block_size, seq.remaining + 1)
+    def block_len_for(self, seq: Sequence, speculative: bool) -> int:
+        return min(self.config.block_size, seq.remaining + 1) if speculative else 1
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
+        if self.running and self.config.block_size > 1:
+            out.speculative = self.policy.speculate(len(self.running))
         # 1. Running sequences first: each needs room for its verify block.
         i = 0
         while i < len(self.running):
             seq = self.running[i]
-            q = self.block_len_for(seq)
+            q = self.block_len_for(seq, out.speculative)
             while not self.blocks.can_grow(seq.block_table, seq.num_cached + q):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -95,7 +99,7 @@ class Scheduler:
             n = prefill_len(seq)
             if n > budget and (out.prefills or out.decodes):
                 break
-            lookahead = n + self.block_len_for(seq)
+            lookahead = n + self.block_len_for(seq, out.speculative)
             if not self.blocks.can_grow(seq.block_table, lookahead):
                 break
             self.waiting.popleft()

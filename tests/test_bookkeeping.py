@@ -20,6 +20,7 @@ def test_bookkeeping_modules_do_not_import_torch():
         "pkg = types.ModuleType('dflash_ray'); pkg.__path__ = ['dflash_ray']\n"
         "sys.modules['dflash_ray'] = pkg\n"
         "import dflash_ray.scheduler, dflash_ray.block_manager, dflash_ray.sequence\n"
+        "import dflash_ray.spec_policy\n"
         "print('torch' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -156,6 +156,8 @@ def run_bench(target: str, drafter: str, prompts: list, concurrency: list[int],
               "spec_max_batch": spec.config.spec_max_batch,
               "max_tokens": max_tokens, "num_prompts": len(prompts), "rounds": rounds,
               "rows": rows}
+    if hasattr(spec.scheduler.policy, "summary"):  # spec_max_batch: auto, what it learned
+        result["spec_policy_ms_per_token"] = spec.scheduler.policy.summary()
     if out_dir:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)

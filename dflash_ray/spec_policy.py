@@ -1,0 +1,132 @@
+"""When to speculate: whether a step's decodes verify drafted blocks or decode plain (q = 1).
+
+Drafting pays where a verify block costs little more than a one-token step (a GPU at small
+batch) and loses where the target is compute-bound (large batches; any batch on a small CPU).
+Which kind of step runs never changes the output: both are lossless.
+
+- `FixedLimit`: speculate while at most `spec_max_batch` sequences run (None: always).
+- `Adaptive` (`spec_max_batch: auto`) learns the limit from the engine's own decode steps. A
+  kind's cost is seconds per committed token: a step's time per sequence, kept per batch-size
+  bucket (1, 2-3, 4-7, 8-15, ...) over the recent steps of that kind, divided by the tokens a
+  sequence commits per step (1 when plain; tau when speculating, from the recent speculative
+  steps of all buckets: acceptance depends on the drafter and the text, not on the batch, and
+  it varies from 1 to B from step to step, so it needs many samples). Each bucket runs the
+  cheaper kind and, every `probe_every` steps, the other for `probe_steps`, so a change (drafts
+  accepted less often on new prompts, a busier machine) is noticed. A new bucket speculates
+  first, then decodes plain for a probe.
+
+No torch here.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+
+@dataclass
+class FixedLimit:
+    limit: int | None = None
+
+    def speculate(self, num_running: int) -> bool:
+        return self.limit is None or num_running <= self.limit
+
+    def observe(self, num_decodes: int, speculated: bool, seconds: float, tokens: int) -> None:
+        pass
+
+
+def _ratio(pairs: deque[tuple[float, int]]) -> float | None:
+    den = sum(b for _, b in pairs)
+    return sum(a for a, _ in pairs) / den if den else None
+
+
+class _Bucket:
+    def __init__(self, window: int):
+        # recent steps per kind (True: speculative) as (seconds, sequences in the step)
+        self.steps: dict[bool, deque[tuple[float, int]]] = {
+            True: deque(maxlen=window), False: deque(maxlen=window)
+        }
+        self.probing = False  # the kind being tried, while probe_left > 0
+        self.probe_left = 0
+        self.since_probe = 0
+
+
+class Adaptive:
+    def __init__(self, probe_every: int = 48, probe_steps: int = 4, window: int = 16,
+                 tau_window: int = 256):
+        if probe_steps < 2:
+            raise ValueError(f"probe_steps must be >= 2 (the first step of a switch is not "
+                             f"measured), got {probe_steps}")
+        self.probe_every, self.probe_steps, self.window = probe_every, probe_steps, window
+        self.buckets: dict[int, _Bucket] = {}
+        # recent speculative steps as (tokens committed, sequences in the step)
+        self._spec_tokens: deque[tuple[float, int]] = deque(maxlen=tau_window)
+        self._last_kind: bool | None = None  # the engine's previous decode step
+
+    @staticmethod
+    def bucket_of(num_running: int) -> int:
+        return max(1, num_running).bit_length()
+
+    @property
+    def tau(self) -> float | None:
+        """Tokens a sequence commits per speculative step, recently."""
+        return _ratio(self._spec_tokens)
+
+    def cost(self, bucket: int, kind: bool) -> float | None:
+        """Seconds per committed token of a kind of step in a bucket; None until measured."""
+        b = self.buckets.get(bucket)
+        per_seq = _ratio(b.steps[kind]) if b is not None else None
+        if per_seq is None or not kind:
+            return per_seq
+        tau = self.tau
+        return per_seq / tau if tau else None
+
+    def speculate(self, num_running: int) -> bool:
+        k = self.bucket_of(num_running)
+        b = self.buckets.setdefault(k, _Bucket(self.window))
+        if b.probe_left > 0:
+            b.probe_left -= 1
+            return b.probing
+        spec, plain = self.cost(k, True), self.cost(k, False)
+        if spec is None or plain is None:
+            return self._probe(b, spec is None)
+        best = spec <= plain
+        b.since_probe += 1
+        if b.since_probe >= self.probe_every:
+            b.since_probe = 0
+            return self._probe(b, not best)
+        return best
+
+    def _probe(self, b: _Bucket, kind: bool) -> bool:
+        b.probing, b.probe_left = kind, self.probe_steps - 1
+        return kind
+
+    def observe(self, num_decodes: int, speculated: bool, seconds: float, tokens: int) -> None:
+        """A decode-only step: its wall time and the tokens it committed. The time of the first
+        step after a switch of kind is not kept: it carries the switch (the drafter catching up
+        on the context of the plain steps before)."""
+        if num_decodes < 1:
+            return
+        if speculated:
+            self._spec_tokens.append((tokens, num_decodes))
+        steady = self._last_kind == speculated
+        self._last_kind = speculated
+        b = self.buckets.get(self.bucket_of(num_decodes))
+        if steady and b is not None:
+            b.steps[speculated].append((seconds, num_decodes))
+
+    def summary(self) -> dict:
+        """What it learned: tau, and per bucket ("4-7") ms per token of each kind (None: not
+        measured yet)."""
+        out: dict = {"tau": self.tau}
+        for k in sorted(self.buckets):
+            lo, hi = 1 << (k - 1), (1 << k) - 1
+            out[f"{lo}-{hi}" if hi > lo else str(lo)] = {
+                name: None if (c := self.cost(k, kind)) is None else 1e3 * c
+                for name, kind in (("spec", True), ("plain", False))
+            }
+        return out
+
+
+def make_policy(spec_max_batch: int | str | None) -> FixedLimit | Adaptive:
+    return Adaptive() if spec_max_batch == "auto" else FixedLimit(spec_max_batch)

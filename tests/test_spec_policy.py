@@ -1,0 +1,85 @@
+"""The speculation policy on synthetic step costs (no models), and `spec_max_batch: auto` in a
+real engine."""
+
+from __future__ import annotations
+
+import pytest
+
+from dflash_ray.spec_policy import Adaptive, FixedLimit, make_policy
+
+
+def drive(policy: Adaptive, steps: int, n: int, cost) -> list[bool]:
+    """Run `steps` decode steps of batch n; cost(speculative) -> (seconds, tokens)."""
+    kinds = []
+    for _ in range(steps):
+        kind = policy.speculate(n)
+        policy.observe(n, kind, *cost(kind))
+        kinds.append(kind)
+    return kinds
+
+
+def test_fixed_limit():
+    assert make_policy(None).speculate(1000)
+    p = make_policy(2)
+    assert isinstance(p, FixedLimit) and p.speculate(2) and not p.speculate(3)
+
+
+def test_adaptive_picks_the_cheaper_kind_per_bucket_and_probes():
+    p = make_policy("auto")
+    assert isinstance(p, Adaptive)
+    # tau 4 everywhere. Batch 1: a speculative step costs 3 ms, a plain one 1.8 ms: speculate
+    small = drive(p, 200, 1, lambda spec: (3e-3, 4) if spec else (1.8e-3, 1))
+    # batch 16: 28 ms per speculative step (64 tokens) vs 6.4 ms (16 tokens): decode plain
+    big = drive(p, 200, 16, lambda spec: (28e-3, 64) if spec else (6.4e-3, 16))
+    # each bucket tries both kinds first (speculation first), then mostly runs the cheaper one
+    first = [True] * 4 + [False] * 4
+    assert small[:8] == first and big[:8] == first
+    assert small[8:].count(True) > 0.9 * 192 and big[8:].count(False) > 0.9 * 192
+    # ... and keeps re-trying the other one
+    assert small[8:].count(False) >= 3 and big[8:].count(True) >= 3
+    s = p.summary()
+    assert s["tau"] == pytest.approx(4.0)
+    assert s["1"] == {"spec": pytest.approx(0.75), "plain": pytest.approx(1.8)}
+    assert s["16-31"] == {"spec": pytest.approx(28 / 64), "plain": pytest.approx(0.4)}
+
+
+def test_adaptive_follows_a_change_and_skips_the_first_step_of_a_switch():
+    p = Adaptive(probe_every=10, probe_steps=3, window=4, tau_window=8)
+    # batch 4, speculation pays (tau 4)
+    first = drive(p, 40, 4, lambda spec: (1.0, 16) if spec else (1.0, 4))
+    assert first[6:].count(True) >= 0.7 * 34  # probes: 3 steps in every 13
+    # drafts stop being accepted (tau 1) and speculative steps get slower: decode plain
+    later = drive(p, 60, 5, lambda spec: (2.0, 5) if spec else (1.0, 5))
+    assert later[-20:].count(False) >= 15
+    # a switch step that was very slow is not kept: the plain cost stays 1 s/token
+    p2 = Adaptive(probe_every=1000, probe_steps=2, window=1)
+    assert drive(p2, 2, 1, lambda spec: (1.0, 2)) == [True, True]
+    assert p2.speculate(1) is False
+    p2.observe(1, False, 50.0, 1)  # first plain step after speculative ones
+    p2.observe(1, p2.speculate(1), 1.0, 1)
+    assert p2.summary()["1"] == {"spec": pytest.approx(500.0), "plain": pytest.approx(1000.0)}
+
+
+def test_bad_probe_steps():
+    with pytest.raises(ValueError, match="probe_steps must be >= 2"):
+        Adaptive(probe_steps=1)
+
+
+def test_auto_engine_is_lossless_and_runs_both_kinds(tiny):
+    from dflash_ray.config import EngineConfig
+    from dflash_ray.engine import Engine
+    from dflash_ray.sampling_params import SamplingParams
+
+    params = SamplingParams(max_tokens=40, temperature=0.0)
+    prompts = [[1 + i, 2, 3 + i] for i in range(6)]
+    outs = {}
+    for name, kw in (("plain", {}), ("auto", {"drafter": tiny["drafter"],
+                                              "spec_max_batch": "auto"})):
+        e = Engine(EngineConfig(target=tiny["moe"], **kw))
+        rids = [e.add_request(p, params) for p in prompts]
+        outs[name] = [o.token_ids for o in e.run_until_finished(rids)]
+        if name == "auto":
+            costs = e.scheduler.policy.summary()
+            assert costs.pop("tau") >= 1.0
+            assert any(c["spec"] is not None and c["plain"] is not None for c in costs.values())
+    assert outs["auto"] == outs["plain"]
