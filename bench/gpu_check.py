@@ -109,7 +109,7 @@ def lossless(args) -> dict:
         margins = []
         for p, s in zip(plain, spec, strict=True):
             if p.token_ids != s.token_ids:
-                k = next((j for j, (a, b) in enumerate(zip(p.token_ids, s.token_ids))
+                k = next((j for j, (a, b) in enumerate(zip(p.token_ids, s.token_ids, strict=False))
                           if a != b), min(len(p.token_ids), len(s.token_ids)))
                 margin, top = top2_margin(llms["plain"].engine.executor.runner.target,
                                           p.prompt_token_ids + p.token_ids[:k], args.device)
@@ -223,7 +223,7 @@ def timing(args) -> dict:
                       if not n.startswith("fc."))
     # the copy bandwidth this device reaches (read + write), the floor's denominator
     big = torch.empty(256 * 2**20 if args.small else 2**30, dtype=torch.uint8, device=dev)
-    copy_ms = median_ms(lambda: big.clone(), dev, 10)
+    copy_ms = median_ms(big.clone, dev, 10)
     bandwidth = 2 * big.numel() / (copy_ms / 1000)
     del big
     d = tcfg.decoder

@@ -188,7 +188,8 @@ def test_prompt_file_online_features_match_cached(tmp_path):
     assert after["heldout"] == got["heldout"] and after["train"][:4] == got["train"]
     assert sorted(after["train"][4:]) == sorted(ids(x) for x in more)
     for bad, msg in [({"text": "no"}, "wants a 'messages'"),
-                     ({"prompt_ids": [1, 5000]}, r"prompt_ids must be a list of token ids in \[0, 4096\)"),
+                     ({"prompt_ids": [1, 5000]},
+                      r"prompt_ids must be a list of token ids in \[0, 4096\)"),
                      ({"messages": "hi"}, "messages must be a non-empty list"),
                      ({"prompt": 7}, "prompt must be a string")]:
         f = tmp_path / "bad.jsonl"

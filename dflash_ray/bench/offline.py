@@ -138,10 +138,10 @@ def run_bench(target: str, drafter: str, prompts: list, concurrency: list[int],
                     runs[c][name].append(closed_loop(engines[name], prompts, c, params, bar))
     rows = []
     for c in concurrency:
+        pairs = list(zip(runs[c]["plain"], runs[c]["dflash"], strict=True))
         base, fast = summarize(runs[c]["plain"]), summarize(runs[c]["dflash"])
-        same = all(sorted(p["outputs"]) == sorted(d["outputs"])
-                   for p, d in zip(runs[c]["plain"], runs[c]["dflash"]))
-        per_round = [d["tok_s"] / p["tok_s"] for p, d in zip(runs[c]["plain"], runs[c]["dflash"])]
+        same = all(sorted(p["outputs"]) == sorted(d["outputs"]) for p, d in pairs)
+        per_round = [d["tok_s"] / p["tok_s"] for p, d in pairs]
         rows.append({"concurrency": c, "plain": base, "dflash": fast,
                      "speedup": fast["tok_s"] / base["tok_s"],
                      "speedup_per_round": per_round, "outputs_identical": same})
