@@ -238,6 +238,7 @@ class Engine:
         """`drafted`: the step had a drafter pass, which took in every decode's context."""
         st = self.stats
         st.num_steps += 1
+        st.num_spec_steps += bool(sched.decodes) and sched.speculative and self.block_size > 1
         st.num_preemptions += len(sched.preempted)
         st.draft_seconds += result.draft_seconds
         st.verify_seconds += result.verify_seconds

@@ -82,4 +82,5 @@ def test_auto_engine_is_lossless_and_runs_both_kinds(tiny):
             costs = e.scheduler.policy.summary()
             assert costs.pop("tau") >= 1.0
             assert any(c["spec"] is not None and c["plain"] is not None for c in costs.values())
+            assert 0 < e.stats.num_spec_steps < e.stats.num_steps
     assert outs["auto"] == outs["plain"]

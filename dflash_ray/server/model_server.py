@@ -39,7 +39,7 @@ class ModelServer:
 
     def stats(self) -> dict:
         s = self.engine.stats
-        return {
+        out = {
             "num_steps": s.num_steps,
             "max_batch_size": s.max_batch_size,
             "kv_blocks_used": self.engine.blocks.num_used,
@@ -48,7 +48,12 @@ class ModelServer:
             "waiting": len(self.engine.scheduler.waiting),
             "mean_acceptance_length": s.spec.mean_acceptance_length,
             "generation_tokens": s.generation_tokens,
+            "spec_steps": s.num_spec_steps,
         }
+        policy = self.engine.scheduler.policy
+        if hasattr(policy, "summary"):  # spec_max_batch: auto, ms per token as measured
+            out["spec_policy"] = policy.summary()
+        return out
 
     async def generate(
         self, prompt: str | list[int] | None, messages: list[dict] | None, params: dict,
