@@ -29,6 +29,13 @@ class EngineConfig(BaseModel):
         "'auto': learn it from the engine's own steps, per batch-size bucket the kind of step "
         "with fewer seconds per token, re-trying the other now and then (spec_policy.Adaptive)",
     )
+    spec_reject_cooldown: int = Field(
+        0,
+        ge=0,
+        description="after a verify step that rejected all of a sequence's drafts, it decodes "
+        "plain for this many steps (lossless: the choice looks only at steps already done); "
+        "acceptance comes in runs, so the step after a miss often misses too",
+    )
     stream_interval: int = Field(
         1,
         ge=1,

@@ -178,8 +178,8 @@ class Engine:
             outputs = self._postprocess(sched, result, batch.drafter_pass)
             if sched.decodes and not sched.prefills:  # what the speculation policy learns from
                 self.scheduler.policy.observe(
-                    len(sched.decodes), sched.speculative, time.perf_counter() - start,
-                    sum(len(r.tokens) for r in result.results),
+                    len(sched.decodes), any(d.num_queries > 1 for d in sched.decodes),
+                    time.perf_counter() - start, sum(len(r.tokens) for r in result.results),
                 )
             return outputs
 
@@ -238,7 +238,7 @@ class Engine:
         """`drafted`: the step had a drafter pass, which took in every decode's context."""
         st = self.stats
         st.num_steps += 1
-        st.num_spec_steps += bool(sched.decodes) and sched.speculative and self.block_size > 1
+        st.num_spec_steps += any(d.num_queries > 1 for d in sched.decodes)
         st.num_preemptions += len(sched.preempted)
         st.draft_seconds += result.draft_seconds
         st.verify_seconds += result.verify_seconds
@@ -253,6 +253,8 @@ class Engine:
         for d in sched.decodes:
             seq, r = d.seq, by_id[d.seq.seq_id]
             st.spec.observe(r.num_proposed, r.num_accepted)
+            if r.num_proposed and not r.num_accepted:
+                seq.draft_cooldown = self.config.spec_reject_cooldown
             seq.num_draft_tokens += r.num_proposed
             seq.num_accepted_tokens += r.num_accepted
             if drafted:

@@ -68,7 +68,9 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def block_len_for(self, seq: Sequence, speculative: bool) -> int:
-        return min(self.config.block_size, seq.remaining + 1) if speculative else 1
+        if not speculative or seq.draft_cooldown > 0:
+            return 1
+        return min(self.config.block_size, seq.remaining + 1)
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
@@ -89,6 +91,8 @@ class Scheduler:
                 break
             self.blocks.grow(seq.block_table, seq.num_cached + q)
             out.decodes.append(ScheduledDecode(seq, q))
+            if out.speculative and seq.draft_cooldown > 0:
+                seq.draft_cooldown -= 1
             i += 1
         if out.preempted:
             return out

@@ -36,6 +36,8 @@ class Sequence:
     num_draft_tokens: int = 0  # proposed
     num_accepted_tokens: int = 0
     num_preemptions: int = 0
+    # steps left decoding plain (q = 1) after a verify step rejected all its drafts
+    draft_cooldown: int = 0
     first_token_time: float | None = None
     # detokenizer state (owned by the engine's postprocess)
     text: str = ""

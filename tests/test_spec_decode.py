@@ -116,20 +116,76 @@ def test_plain_stretch_skips_the_drafter_but_for_a_pass_every_follow_steps(tiny,
     assert all(min(rows) >= FOLLOW_STEPS for _, rows in passes[1:])  # a stretch's context
 
 
-def exact_second_token_marginal(llm, prompt, temperature, top_k, top_p):
-    """P(t2) = sum_t1 P(t1 | prompt) P(t2 | prompt, t1), from the target's own logits."""
-    runner = llm.engine.executor.runner
+def spy_blocks(engine) -> list[dict]:
+    """Per executed step: {seq_id: (q, proposed, accepted)} of its decodes."""
+    steps = []
+    execute = engine.executor.execute
+
+    def spy(batch):
+        result = execute(batch)
+        by_id = {r.seq_id: r for r in result.results}
+        steps.append({d.seq_id: (d.num_queries, by_id[d.seq_id].num_proposed,
+                                 by_id[d.seq_id].num_accepted) for d in batch.decodes})
+        return result
+
+    engine.executor.execute = spy
+    return steps
+
+
+def missed_then(steps) -> list[int]:
+    """q of each sequence's next block after a step that rejected all its drafts."""
+    after = []
+    for prev, cur in pairwise(steps):
+        after += [cur[sid][0] for sid, (_, prop, acc) in prev.items()
+                  if prop and not acc and sid in cur]
+    return after
+
+
+def test_reject_cooldown_decodes_plain_after_a_miss_and_stays_lossless(tiny, llms):
+    params = SamplingParams(max_tokens=40)
+    engine = LLM(tiny["moe"], tiny["drafter"], spec_reject_cooldown=1).engine
+    steps = spy_blocks(engine)
+    out = run_staggered(engine, PROMPTS, params)
+    plain = llms["plain"].generate(PROMPTS, params, use_tqdm=False)
+    assert [o.token_ids for o in out] == [o.token_ids for o in plain]
+    after = missed_then(steps)
+    assert after and set(after) == {1}  # the block after a miss is plain
+    assert engine.stats.spec.num_accepted_tokens > 0  # and speculation goes on after it
+
+
+def exact_marginals(llm, prompt, positions, temperature, top_k, top_p):
+    """P(token at position k) for k < positions, summed over every sampled prefix with the
+    target's own logits: P(t2) = sum_t1 P(t1 | prompt) P(t2 | prompt, t1), and so on."""
     from tests.test_models import Harness
 
-    h = Harness(runner.cfg.target)
-    first, _ = h.forward({0: prompt})
-    p1 = processed_probs(first[0][-1:], temperature, top_k, top_p)[0]
-    marginal = torch.zeros_like(p1)
-    for t1 in torch.nonzero(p1).flatten().tolist():
-        h2 = Harness(runner.cfg.target)
-        logits, _ = h2.forward({0: prompt + [t1]})
-        marginal += p1[t1] * processed_probs(logits[0][-1:], temperature, top_k, top_p)[0]
-    return p1, marginal
+    target = llm.engine.executor.runner.cfg.target
+
+    def probs(ids):
+        logits, _ = Harness(target).forward({0: ids})
+        return processed_probs(logits[0][-1:], temperature, top_k, top_p)[0]
+
+    marginals, frontier = [], [(1.0, list(prompt))]  # (probability of the prefix, prefix)
+    for _ in range(positions):
+        step, nxt = None, []
+        for weight, ids in frontier:
+            p = probs(ids)
+            step = weight * p if step is None else step + weight * p
+            nxt += [(weight * p[t].item(), ids + [t]) for t in torch.nonzero(p).flatten().tolist()]
+        marginals.append(step)
+        frontier = nxt
+    return marginals
+
+
+def check_marginals(outs, exact_per_position):
+    n = len(outs)
+    for position, exact in enumerate(exact_per_position):
+        counts = torch.bincount(
+            torch.tensor([o.token_ids[position] for o in outs]), minlength=exact.numel()
+        ).double()
+        assert counts[exact == 0].sum() == 0, "sampled a token the target gives zero mass"
+        tv = 0.5 * (counts / n - exact.double()).abs().sum().item()
+        # the TV distance of n samples from the truth concentrates around sqrt(V / (2 pi n))
+        assert tv < 2.5 * math.sqrt(exact.numel() / (2 * math.pi * n)), (position, tv)
 
 
 @pytest.mark.parametrize("mode", ["plain", "dflash", "dflash_cut"])
@@ -144,15 +200,7 @@ def test_sampling_matches_target_distribution(llms, mode, temperature, top_k, to
         for i in range(n)
     ]
     outs = llms[mode].generate([prompt] * n, params, use_tqdm=False)
-    p1, p2 = exact_second_token_marginal(llms[mode], prompt, temperature, top_k, top_p)
-    for position, exact in ((0, p1), (1, p2)):
-        counts = torch.bincount(
-            torch.tensor([o.token_ids[position] for o in outs]), minlength=exact.numel()
-        ).double()
-        assert counts[exact == 0].sum() == 0, "sampled a token the target gives zero mass"
-        tv = 0.5 * (counts / n - exact.double()).abs().sum().item()
-        # the TV distance of n samples from the truth concentrates around sqrt(V / (2 pi n))
-        assert tv < 2.5 * math.sqrt(exact.numel() / (2 * math.pi * n)), (position, tv)
+    check_marginals(outs, exact_marginals(llms[mode], prompt, 2, temperature, top_k, top_p))
     if mode != "plain":
         assert sum(o.num_accepted_tokens for o in outs) > 0
 
@@ -204,3 +252,17 @@ def test_rejection_sampling_is_exact_against_a_close_draft():
     assert 0.5 * (first / n - p[0]).abs().sum() < 0.02
     assert 0.5 * (second / second.sum() - p[1]).abs().sum() < 0.03
     assert accepted > n / 3
+
+
+def test_reject_cooldown_keeps_sampling_exact(tiny):
+    """The cooldown looks only at steps already done, so each verify step still samples from
+    the target: the first three tokens' marginals match it (the third is where a cooldown after
+    the first verify step acts)."""
+    llm = LLM(tiny["moe"], tiny["drafter"], spec_reject_cooldown=1)
+    steps = spy_blocks(llm.engine)
+    prompt, n = [4, 8, 15, 16, 23], 3000
+    params = [SamplingParams(max_tokens=3, temperature=0.7, top_k=8, top_p=0.9, seed=2000 + i)
+              for i in range(n)]
+    outs = llm.generate([prompt] * n, params, use_tqdm=False)
+    check_marginals(outs, exact_marginals(llm, prompt, 3, 0.7, 8, 0.9))
+    assert missed_then(steps).count(1) > 100  # the cooldown acted on many of them
