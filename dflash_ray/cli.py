@@ -27,6 +27,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="speculate only while at most this many sequences run; 'auto' learns it",
     )
+    p.add_argument(
+        "--spec-reject-cooldown",
+        type=int,
+        default=None,
+        help="steps a sequence decodes plain after all its drafts were rejected",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
 
@@ -57,6 +63,7 @@ def _engine_kwargs(args: argparse.Namespace, drafter: str | None) -> dict:
     if drafter is not None:
         kw["spec_min_confidence"] = args.spec_min_confidence
         kw["spec_max_batch"] = args.spec_max_batch
+        kw["spec_reject_cooldown"] = args.spec_reject_cooldown
     return {k: v for k, v in kw.items() if v is not None}
 
 

@@ -154,6 +154,7 @@ def run_bench(target: str, drafter: str, prompts: list, concurrency: list[int],
     result = {"target": _shown(target), "drafter": _shown(drafter), "block_size": spec.block_size,
               "spec_min_confidence": spec.config.spec_min_confidence,
               "spec_max_batch": spec.config.spec_max_batch,
+              "spec_reject_cooldown": spec.config.spec_reject_cooldown,
               "max_tokens": max_tokens, "num_prompts": len(prompts), "rounds": rounds,
               "rows": rows}
     if hasattr(spec.scheduler.policy, "summary"):  # spec_max_batch: auto, what it learned
