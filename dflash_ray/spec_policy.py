@@ -11,9 +11,10 @@ Which kind of step runs never changes the output: both are lossless.
   sequence commits per step (1 when plain; tau when speculating, from the recent speculative
   steps of all buckets: acceptance depends on the drafter and the text, not on the batch, and
   it varies from 1 to B from step to step, so it needs many samples). Each bucket runs the
-  cheaper kind and, every `probe_every` steps, the other for `probe_steps`, so a change (drafts
-  accepted less often on new prompts, a busier machine) is noticed. A new bucket speculates
-  first, then decodes plain for a probe.
+  cheaper kind and now and then the other for `probe_steps`, so a change (drafts accepted less
+  often on new prompts, a busier machine) is noticed: `probe_every` steps after a switch, twice
+  as long after each probe that changed nothing, up to `max_probe_every` (probes cost little
+  where the choice is stable). A new bucket speculates first, then decodes plain for a probe.
 
 No torch here.
 """
@@ -49,15 +50,18 @@ class _Bucket:
         self.probing = False  # the kind being tried, while probe_left > 0
         self.probe_left = 0
         self.since_probe = 0
+        self.probe_every = 0  # steps between probes, set by the policy
+        self.best: bool | None = None  # the kind chosen last
 
 
 class Adaptive:
     def __init__(self, probe_every: int = 48, probe_steps: int = 4, window: int = 16,
-                 tau_window: int = 256):
+                 tau_window: int = 256, max_probe_every: int = 768):
         if probe_steps < 2:
             raise ValueError(f"probe_steps must be >= 2 (the first step of a switch is not "
                              f"measured), got {probe_steps}")
         self.probe_every, self.probe_steps, self.window = probe_every, probe_steps, window
+        self.max_probe_every = max(probe_every, max_probe_every)
         self.buckets: dict[int, _Bucket] = {}
         # recent speculative steps as (tokens committed, sequences in the step)
         self._spec_tokens: deque[tuple[float, int]] = deque(maxlen=tau_window)
@@ -91,9 +95,12 @@ class Adaptive:
         if spec is None or plain is None:
             return self._probe(b, spec is None)
         best = spec <= plain
+        if best != b.best:  # a switch (or the first choice): probe again soon
+            b.best, b.probe_every, b.since_probe = best, self.probe_every, 0
         b.since_probe += 1
-        if b.since_probe >= self.probe_every:
+        if b.since_probe >= b.probe_every:
             b.since_probe = 0
+            b.probe_every = min(2 * b.probe_every, self.max_probe_every)
             return self._probe(b, not best)
         return best
 

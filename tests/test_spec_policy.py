@@ -60,6 +60,16 @@ def test_adaptive_follows_a_change_and_skips_the_first_step_of_a_switch():
     assert p2.summary()["1"] == {"spec": pytest.approx(500.0), "plain": pytest.approx(1000.0)}
 
 
+def test_adaptive_probes_less_while_the_choice_holds():
+    p = Adaptive(probe_every=10, probe_steps=2, max_probe_every=80, window=4, tau_window=8)
+    kinds = drive(p, 1000, 1, lambda spec: (1.0, 4) if spec else (1.0, 1))
+    probes = sum(1 for a, b in zip(kinds[4:], kinds[5:], strict=False) if a and not b)
+    assert 10 <= probes <= 20  # gaps 10, 20, 40, 80, 80, ...: not 1000 / 12 = 83
+    # the regime flips: the next probe (within 80 steps) finds it, and plain takes over
+    later = drive(p, 200, 1, lambda spec: (1.0, 1) if spec else (0.5, 1))
+    assert later.index(False) <= 82 and later[-50:].count(False) >= 40
+
+
 def test_bad_probe_steps():
     with pytest.raises(ValueError, match="probe_steps must be >= 2"):
         Adaptive(probe_steps=1)
