@@ -27,14 +27,18 @@ class EngineConfig(BaseModel):
         description="speculate only while at most this many sequences run; above it decode "
         "plain (where verify is compute-bound, large batches gain nothing from drafts). "
         "'auto': learn it from the engine's own steps, per batch-size bucket the kind of step "
-        "with fewer seconds per token, re-trying the other now and then (spec_policy.Adaptive)",
+        "with fewer seconds per token, re-trying the other now and then (spec_policy.Adaptive); "
+        "greedy output and the sampling distribution stay exact, but which kind runs depends "
+        "on timing and the two draw different random numbers, so a seeded sampled request can "
+        "give other text from run to run (a fixed limit keeps it reproducible)",
     )
     spec_reject_cooldown: int = Field(
         0,
         ge=0,
         description="after a verify step that rejected all of a sequence's drafts, it decodes "
-        "plain for this many steps (lossless: the choice looks only at steps already done); "
-        "acceptance comes in runs, so the step after a miss often misses too",
+        "plain for its next this-many steps that would speculate (lossless: the choice looks "
+        "only at steps already done); acceptance comes in runs, so the step after a miss often "
+        "misses too",
     )
     stream_interval: int = Field(
         1,
@@ -71,8 +75,11 @@ class EngineConfig(BaseModel):
             raise ValueError(f"block_size={self.block_size} needs a drafter; plain decoding is 1")
         if isinstance(self.spec_max_batch, int) and self.spec_max_batch < 0:
             raise ValueError(f"spec_max_batch={self.spec_max_batch} must be >= 0 or 'auto'")
-        if self.drafter is None and (self.spec_min_confidence or self.spec_max_batch is not None):
-            raise ValueError("spec_min_confidence and spec_max_batch need a drafter")
+        if self.drafter is None and (self.spec_min_confidence or self.spec_max_batch is not None
+                                     or self.spec_reject_cooldown):
+            raise ValueError(
+                "spec_min_confidence, spec_max_batch and spec_reject_cooldown need a drafter"
+            )
         if self.block_size is not None and self.drafter is not None and self.block_size < 2:
             raise ValueError(f"block_size={self.block_size} must be >= 2 with a drafter")
         if self.executor == "local" and (self.num_target_shards != 1 or self.cluster):

@@ -177,9 +177,11 @@ class Engine:
                 raise
             outputs = self._postprocess(sched, result, batch.drafter_pass)
             if sched.decodes and not sched.prefills:  # what the speculation policy learns from
+                # the kind the policy chose: a speculative regime includes the plain blocks of
+                # sequences cooling down after a miss (spec_reject_cooldown)
                 self.scheduler.policy.observe(
-                    len(sched.decodes), any(d.num_queries > 1 for d in sched.decodes),
-                    time.perf_counter() - start, sum(len(r.tokens) for r in result.results),
+                    len(sched.decodes), sched.speculative, time.perf_counter() - start,
+                    sum(len(r.tokens) for r in result.results),
                 )
             return outputs
 
@@ -218,7 +220,7 @@ class Engine:
 
     def _drafter_pass(self, sched: SchedulerOutput) -> bool:
         """Whether the drafter runs this step: whenever a block drafts (q > 1), and in a stretch
-        of plain steps (above spec_max_batch) once every FOLLOW_STEPS steps, to take in the
+        of plain steps (the policy decoding plain) once every FOLLOW_STEPS steps, to take in the
         context that waits meanwhile (it costs a pass per FOLLOW_STEPS steps; the waiting
         features stay bounded)."""
         if self.block_size == 1 or not sched.decodes:
@@ -294,7 +296,7 @@ class Engine:
             request_id=rid,
             prompt_token_ids=seq.prompt_ids,
             token_ids=list(seq.output_ids),
-            text=seq.text,
+            text=seq.text[: seq.text_sent],
             new_token_ids=new_ids,
             new_text=new_text,
             finished=seq.finished,

@@ -40,7 +40,7 @@ class SpecDecodingStats:
 class EngineStats:
     spec: SpecDecodingStats = field(default_factory=SpecDecodingStats)
     num_steps: int = 0
-    num_spec_steps: int = 0  # steps where some decode verified a drafted block (q > 1)
+    num_spec_steps: int = 0  # steps where some decode's block could draft (q > 1)
     prompt_tokens: int = 0
     generation_tokens: int = 0
     num_preemptions: int = 0

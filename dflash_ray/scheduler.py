@@ -35,8 +35,9 @@ class SchedulerOutput:
     prefills: list[Sequence] = field(default_factory=list)
     decodes: list[ScheduledDecode] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
-    # the decodes verify drafted blocks (else every block is q = 1; the drafter's context
-    # still follows), as the speculation policy decided for this step
+    # the policy's choice for this step: the decodes may draft (blocks of q > 1, but q = 1 for
+    # a sequence cooling down after a miss); False: every block is q = 1 (the drafter's context
+    # still follows)
     speculative: bool = True
 
     @property

@@ -41,6 +41,7 @@ class Sequence:
     first_token_time: float | None = None
     # detokenizer state (owned by the engine's postprocess)
     text: str = ""
+    text_sent: int = 0  # characters of text handed out (the rest may still hold a stop string)
     read_offset: int = 0
     prefix_offset: int = 0
 

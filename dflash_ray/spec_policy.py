@@ -2,7 +2,9 @@
 
 Drafting pays where a verify block costs little more than a one-token step (a GPU at small
 batch) and loses where the target is compute-bound (large batches; any batch on a small CPU).
-Which kind of step runs never changes the output: both are lossless.
+Both kinds are lossless: greedy output is the target's and sampling keeps its distribution
+whichever runs. (They draw different random numbers, so under `Adaptive`, whose choices follow
+timing, a seeded sampled request is reproducible in distribution only.)
 
 - `FixedLimit`: speculate while at most `spec_max_batch` sequences run (None: always).
 - `Adaptive` (`spec_max_batch: auto`) learns the limit from the engine's own decode steps. A
@@ -37,6 +39,7 @@ class FixedLimit:
 
 
 def _ratio(pairs: deque[tuple[float, int]]) -> float | None:
+    pairs = tuple(pairs)  # one C-level copy: /stats reads this while the engine thread appends
     den = sum(b for _, b in pairs)
     return sum(a for a, _ in pairs) / den if den else None
 

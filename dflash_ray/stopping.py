@@ -15,10 +15,13 @@ def commit_tokens(
     seq: Sequence, tokens: list[int], stop_ids: set[int], tokenizer: Tokenizer | None
 ) -> tuple[list[int], str, str | None]:
     """Append `tokens` to the sequence up to the first stop; returns (the token ids appended,
-    their text, the finish reason or None)."""
+    the text released by them, the finish reason or None).
+
+    With stop strings, text that a stop string could still begin in (its last
+    `max(len(stop)) - 1` characters) is held back until a later token settles it, so a stop
+    string split across steps never reaches a stream; `seq.text_sent` marks what went out."""
     p = seq.params
     new_ids: list[int] = []
-    new_text = ""
     reason = None
     for tok in tokens:
         if seq.remaining <= 0:
@@ -26,11 +29,8 @@ def commit_tokens(
         seq.output_ids.append(tok)
         new_ids.append(tok)
         if p.stop and tokenizer is not None:
-            delta = _detokenize(seq, tokenizer)
-            new_text += delta
-            cut = _stop_string_start(seq, len(delta))
+            cut = _stop_string_start(seq, len(_detokenize(seq, tokenizer)))
             if cut is not None:
-                new_text = new_text[: len(new_text) - (len(seq.text) - cut)]
                 seq.text = seq.text[:cut]
                 reason = "stop"
                 break
@@ -38,9 +38,14 @@ def commit_tokens(
             reason = "stop"
             break
     if not p.stop and tokenizer is not None:  # no stop strings: decode the whole delta once
-        new_text = _detokenize(seq, tokenizer)
+        _detokenize(seq, tokenizer)
     if reason is None and seq.remaining <= 0:
         reason = "length"
+    end = len(seq.text)
+    if reason is None and p.stop:
+        end = max(seq.text_sent, end - (max(map(len, p.stop)) - 1))
+    new_text = seq.text[seq.text_sent : end]
+    seq.text_sent = end
     return new_ids, new_text, reason
 
 

@@ -22,6 +22,7 @@ def test_bench_writes_json_fields_and_plots(tiny, tmp_path, capsys):
         assert len(row["speedup_per_round"]) == 2
         assert min(row["speedup_per_round"]) <= row["speedup"] <= max(row["speedup_per_round"])
         assert row["speedup"] > 0 and row["dflash"]["mean_tau"] >= 1.0
+        assert row["dflash"]["acceptance_length"] >= 1.0
         assert len(row["dflash"]["acceptance_rate_per_position"]) == 7  # B = 8
         assert sum(row["dflash"]["tau_histogram"].values()) > 0
         d = row["dflash"]

@@ -75,22 +75,41 @@ def test_bad_probe_steps():
         Adaptive(probe_steps=1)
 
 
-def test_auto_engine_is_lossless_and_runs_both_kinds(tiny):
+@pytest.mark.parametrize("max_num_seqs", [1, 6])
+def test_auto_engine_is_lossless_and_measures_both_kinds(tiny, max_num_seqs):
+    """Also with spec_reject_cooldown, where the tiny random drafter's misses make speculative
+    regimes alternate q > 1 and q = 1 blocks: the policy still times them as speculative."""
     from dflash_ray.config import EngineConfig
     from dflash_ray.engine import Engine
     from dflash_ray.sampling_params import SamplingParams
 
-    params = SamplingParams(max_tokens=40, temperature=0.0)
+    params = SamplingParams(max_tokens=60, temperature=0.0)
     prompts = [[1 + i, 2, 3 + i] for i in range(6)]
     outs = {}
-    for name, kw in (("plain", {}), ("auto", {"drafter": tiny["drafter"],
-                                              "spec_max_batch": "auto"})):
-        e = Engine(EngineConfig(target=tiny["moe"], **kw))
+    for name, kw in (("plain", {}), ("auto", {"drafter": tiny["drafter"], "spec_max_batch": "auto",
+                                              "spec_reject_cooldown": 1})):
+        e = Engine(EngineConfig(target=tiny["moe"], max_num_seqs=max_num_seqs, **kw))
         rids = [e.add_request(p, params) for p in prompts]
         outs[name] = [o.token_ids for o in e.run_until_finished(rids)]
         if name == "auto":
             costs = e.scheduler.policy.summary()
             assert costs.pop("tau") >= 1.0
-            assert any(c["spec"] is not None and c["plain"] is not None for c in costs.values())
-            assert 0 < e.stats.num_spec_steps < e.stats.num_steps
+            bucket = "1" if max_num_seqs == 1 else "4-7"
+            assert costs[bucket]["spec"] is not None and costs[bucket]["plain"] is not None
+            assert e.stats.num_spec_steps > 0
     assert outs["auto"] == outs["plain"]
+
+
+def test_model_server_stats_report_what_auto_measured(tiny):
+    """The replica's /stats body, with the engine config as YAML gives it."""
+    from dflash_ray.sampling_params import SamplingParams
+    from dflash_ray.server.model_server import ModelServer
+
+    server = ModelServer({"target": tiny["moe"], "drafter": tiny["drafter"],
+                          "spec_max_batch": "auto"}, "tiny")
+    e = server.engine
+    e.run_until_finished([e.add_request([1, 2, 3 + i], SamplingParams(max_tokens=30))
+                          for i in range(3)])
+    stats = server.stats()
+    assert stats["spec_steps"] > 0 and stats["spec_policy"]["tau"] >= 1.0
+    assert stats["spec_policy"]["2-3"]["spec"] is not None

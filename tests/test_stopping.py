@@ -46,3 +46,20 @@ def test_stop_string_inside_a_block_cuts_text_and_tokens(tok):
     assert reason == "stop" and text == s.text == "def f(x):\n    "
     # tokens stop at the one that completed the stop string
     assert new == ids[: len(new)] and "return" in tok.decode(new) and len(new) < len(ids)
+
+
+def test_stop_string_split_across_steps_never_streams(tok):
+    """One token per step: no delta ever carries text of the stop string, the deltas add up to
+    the final text, and a request without a stop string at its end releases everything."""
+    ids = tok.encode("def f(x):\n    return x\n", add_special_tokens=False)
+    s = seq(max_tokens=50, stop=["rn x"])  # "return" and " x" are separate tokens
+    deltas, reason = [], None
+    for t in ids:
+        _, text, reason = commit_tokens(s, [t], set(), tok)
+        deltas.append(text)
+        if reason:
+            break
+    assert reason == "stop" and "".join(deltas) == s.text == "def f(x):\n    retu"
+    s = seq(max_tokens=len(ids), stop=["never"])
+    out = "".join(commit_tokens(s, [t], set(), tok)[1] for t in ids)
+    assert out == s.text == "def f(x):\n    return x\n"

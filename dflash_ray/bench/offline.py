@@ -98,7 +98,10 @@ def summarize(runs: list[dict]) -> dict:
         "ms_per_step": 1e3 * raw["seconds"] / steps,
         "draft_ms_per_step": 1e3 * raw["draft_seconds"] / steps,
         "verify_ms_per_step": 1e3 * raw["verify_seconds"] / steps,
+        # tokens a request commits per decode step (plain and cooldown steps count 1) ...
         "mean_tau": sum(k * v for k, v in hist.items()) / verifies if verifies else 0.0,
+        # ... and per verify step that carried drafts (vLLM's mean acceptance length)
+        "acceptance_length": 1 + sum(per_pos) / drafts if drafts else 0.0,
         "acceptance_rate_per_position": [a / drafts for a in per_pos] if drafts else [],
         # drafts verified per verify step that carried any (< B-1 when blocks are cut)
         "mean_proposed": raw["proposed"] / drafts if drafts else 0.0,
@@ -147,7 +150,8 @@ def run_bench(target: str, drafter: str, prompts: list, concurrency: list[int],
                      "speedup_per_round": per_round, "outputs_identical": same})
         tqdm.write(f"c={c:>2}: plain {base['tok_s']:7.1f} tok/s, dflash {fast['tok_s']:7.1f} "
                    f"tok/s, speedup {rows[-1]['speedup']:.2f}x (rounds "
-                   f"{min(per_round):.2f}-{max(per_round):.2f}), tau {fast['mean_tau']:.2f}, "
+                   f"{min(per_round):.2f}-{max(per_round):.2f}), tau {fast['mean_tau']:.2f} "
+                   f"(with drafts {fast['acceptance_length']:.2f}), "
                    f"step {base['ms_per_step']:.2f} / {fast['ms_per_step']:.2f} ms, "
                    f"identical={same}")
     spec = engines["dflash"]
@@ -158,7 +162,7 @@ def run_bench(target: str, drafter: str, prompts: list, concurrency: list[int],
               "max_tokens": max_tokens, "num_prompts": len(prompts), "rounds": rounds,
               "rows": rows}
     if hasattr(spec.scheduler.policy, "summary"):  # spec_max_batch: auto, what it learned
-        result["spec_policy_ms_per_token"] = spec.scheduler.policy.summary()
+        result["spec_policy"] = spec.scheduler.policy.summary()
     if out_dir:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
