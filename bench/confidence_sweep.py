@@ -1,10 +1,12 @@
-"""Which `spec_min_confidence` (and block size) pays on this machine: plain decoding vs DFlash at
-several thresholds, one process, the same prompts, rounds interleaved so load drifts hit every
-setting alike. Greedy; reports tok/s, speedup over plain, mean tau, mean drafts verified per step,
-and the per-step time split (draft / verify) that explains the speedup.
+"""Which `spec_min_confidence` and `spec_reject_cooldown` (and block size) pay on this machine:
+plain decoding vs DFlash at several settings, one process, the same prompts, rounds interleaved
+(the order reversed every other round) so load drifts hit every setting alike. Greedy; reports
+tok/s, speedup over plain, tokens per decode step and per verify step with drafts, mean drafts
+verified per step, and the per-step time split (draft / verify) that explains the speedup.
 
     python3 bench/confidence_sweep.py                       # the demo pair, c = 1
     python3 bench/confidence_sweep.py --thresholds 0 0.1 0.3 --concurrency 4 --rounds 3
+    python3 bench/confidence_sweep.py --thresholds 0.1 --cooldowns 0 1 2
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ def main() -> None:
     p.add_argument("--target")
     p.add_argument("--drafter")
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.0, 0.05, 0.1, 0.2, 0.3])
+    p.add_argument("--cooldowns", type=int, nargs="+", default=[0],
+                   help="spec_reject_cooldown values (each threshold runs with each)")
     p.add_argument("--block-size", type=int, default=None)
     p.add_argument("--concurrency", type=int, default=1)
     p.add_argument("--num-prompts", type=int, default=8)
@@ -45,17 +49,18 @@ def main() -> None:
     seqs = max(1, args.concurrency)
     engines = {"plain": Engine(EngineConfig(target=target, max_num_seqs=seqs))}
     for t in args.thresholds:
-        engines[f"dflash@{t:g}"] = Engine(EngineConfig(
-            target=target, drafter=drafter, block_size=args.block_size, max_num_seqs=seqs,
-            spec_min_confidence=t))
+        for cd in args.cooldowns:
+            engines[f"dflash@{t:g}" + (f"/cd{cd}" if cd else "")] = Engine(EngineConfig(
+                target=target, drafter=drafter, block_size=args.block_size, max_num_seqs=seqs,
+                spec_min_confidence=t, spec_reject_cooldown=cd))
     for e in engines.values():  # warm-up: first-call allocations, caches
         closed_loop(e, prompts[:1], 1, params, tqdm(disable=True))
     runs: dict[str, list[dict]] = {name: [] for name in engines}
     reference = None
     with tqdm(total=args.rounds * len(engines) * len(prompts), desc="sweep", unit="req") as bar:
-        for _ in range(args.rounds):
-            for name, e in engines.items():
-                r = closed_loop(e, prompts, args.concurrency, params, bar)
+        for k in range(args.rounds):
+            for name in list(engines)[:: 1 if k % 2 == 0 else -1]:
+                r = closed_loop(engines[name], prompts, args.concurrency, params, bar)
                 outputs = sorted(r.pop("outputs"))
                 reference = reference or outputs
                 r["outputs_identical"] = outputs == reference
@@ -65,13 +70,14 @@ def main() -> None:
     for name, rs in runs.items():
         row = {"setting": name, "tok_s": median(r["tok_s"] for r in rs)}
         row["speedup"] = row["tok_s"] / base
-        for key in ("mean_tau", "mean_proposed", "ms_per_step", "draft_ms_per_step",
-                    "verify_ms_per_step"):
+        for key in ("mean_tau", "acceptance_length", "mean_proposed", "ms_per_step",
+                    "draft_ms_per_step", "verify_ms_per_step"):
             row[key] = median(r[key] for r in rs)
         row["outputs_identical"] = all(r["outputs_identical"] for r in rs)
         rows.append(row)
-        print(f"{name:>12}: {row['tok_s']:7.1f} tok/s  speedup {row['speedup']:.2f}x  "
-              f"tau {row['mean_tau']:.2f}  verified drafts {row['mean_proposed']:.1f}  step "
+        print(f"{name:>16}: {row['tok_s']:7.1f} tok/s  speedup {row['speedup']:.2f}x  "
+              f"tau {row['mean_tau']:.2f} (with drafts {row['acceptance_length']:.2f})  "
+              f"verified drafts {row['mean_proposed']:.1f}  step "
               f"{row['ms_per_step']:.2f} ms (draft {row['draft_ms_per_step']:.2f}, verify "
               f"{row['verify_ms_per_step']:.2f})  identical={row['outputs_identical']}")
     if args.out:
