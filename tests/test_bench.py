@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from dflash_ray.cli import main
 
 
@@ -48,3 +50,8 @@ def test_bad_values_exit_with_a_message(tiny, capsys):
     assert main(["bench", "--target", tiny["moe"], "--drafter", tiny["drafter"],
                  "--num-prompts", "1", "--rounds", "0"]) == 2
     assert "rounds must be >= 1, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--target", tiny["moe"], "--drafter", tiny["drafter"],
+              "--spec-max-batch", "lots"])
+    assert exc.value.code == 2
+    assert "expected an integer or 'auto', got 'lots'" in capsys.readouterr().err
