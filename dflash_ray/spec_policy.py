@@ -16,7 +16,8 @@ timing, a seeded sampled request is reproducible in distribution only.)
   cheaper kind and now and then the other for `probe_steps`, so a change (drafts accepted less
   often on new prompts, a busier machine) is noticed: `probe_every` steps after a switch, twice
   as long after each probe that changed nothing, up to `max_probe_every` (probes cost little
-  where the choice is stable). A new bucket speculates first, then decodes plain for a probe.
+  where the choice is stable). A new bucket speculates first (every bucket does until tau
+  rests on `min_tau_samples` sequence-steps), then decodes plain for a probe.
 
 No torch here.
 """
@@ -59,12 +60,16 @@ class _Bucket:
 
 class Adaptive:
     def __init__(self, probe_every: int = 48, probe_steps: int = 4, window: int = 16,
-                 tau_window: int = 256, max_probe_every: int = 768):
+                 tau_window: int = 256, max_probe_every: int = 768, min_tau_samples: int = 64):
         if probe_steps < 2:
             raise ValueError(f"probe_steps must be >= 2 (the first step of a switch is not "
                              f"measured), got {probe_steps}")
+        if min_tau_samples > tau_window:
+            raise ValueError(f"min_tau_samples={min_tau_samples} can never be reached with "
+                             f"tau_window={tau_window} steps")
         self.probe_every, self.probe_steps, self.window = probe_every, probe_steps, window
         self.max_probe_every = max(probe_every, max_probe_every)
+        self.min_tau_samples = min_tau_samples
         self.buckets: dict[int, _Bucket] = {}
         # recent speculative steps as (tokens committed, sequences in the step)
         self._spec_tokens: deque[tuple[float, int]] = deque(maxlen=tau_window)
@@ -95,8 +100,12 @@ class Adaptive:
             b.probe_left -= 1
             return b.probing
         spec, plain = self.cost(k, True), self.cost(k, False)
-        if spec is None or plain is None:
-            return self._probe(b, spec is None)
+        if spec is None or self._tau_samples() < self.min_tau_samples:
+            # too little seen of speculation to judge it (tau from a few steps at the start of
+            # responses, where drafts miss most, would rule it out for long): speculate
+            return self._probe(b, True)
+        if plain is None:
+            return self._probe(b, False)
         best = spec <= plain
         if best != b.best:  # a switch (or the first choice): probe again soon
             b.best, b.probe_every, b.since_probe = best, self.probe_every, 0
@@ -106,6 +115,10 @@ class Adaptive:
             b.probe_every = min(2 * b.probe_every, self.max_probe_every)
             return self._probe(b, not best)
         return best
+
+    def _tau_samples(self) -> int:
+        """Sequence-steps behind tau."""
+        return sum(n for _, n in tuple(self._spec_tokens))
 
     def _probe(self, b: _Bucket, kind: bool) -> bool:
         b.probing, b.probe_left = kind, self.probe_steps - 1

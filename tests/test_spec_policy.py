@@ -31,12 +31,13 @@ def test_adaptive_picks_the_cheaper_kind_per_bucket_and_probes():
     small = drive(p, 200, 1, lambda spec: (3e-3, 4) if spec else (1.8e-3, 1))
     # batch 16: 28 ms per speculative step (64 tokens) vs 6.4 ms (16 tokens): decode plain
     big = drive(p, 200, 16, lambda spec: (28e-3, 64) if spec else (6.4e-3, 16))
-    # each bucket tries both kinds first (speculation first), then mostly runs the cheaper one
-    first = [True] * 4 + [False] * 4
-    assert small[:8] == first and big[:8] == first
-    assert small[8:].count(True) > 0.9 * 192 and big[8:].count(False) > 0.9 * 192
+    # it speculates until tau rests on 64 sequence-steps, each bucket tries both kinds
+    # (speculation first), then mostly runs the cheaper one
+    assert small[:68] == [True] * 64 + [False] * 4
+    assert big[:8] == [True] * 4 + [False] * 4
+    assert small[68:].count(True) > 0.9 * 132 and big[8:].count(False) > 0.9 * 192
     # ... and keeps re-trying the other one
-    assert small[8:].count(False) >= 3 and big[8:].count(True) >= 3
+    assert small[68:].count(False) >= 3 and big[8:].count(True) >= 3
     s = p.summary()
     assert s["tau"] == pytest.approx(4.0)
     assert s["1"] == {"spec": pytest.approx(0.75), "plain": pytest.approx(1.8)}
@@ -44,7 +45,7 @@ def test_adaptive_picks_the_cheaper_kind_per_bucket_and_probes():
 
 
 def test_adaptive_follows_a_change_and_skips_the_first_step_of_a_switch():
-    p = Adaptive(probe_every=10, probe_steps=3, window=4, tau_window=8)
+    p = Adaptive(probe_every=10, probe_steps=3, window=4, tau_window=8, min_tau_samples=8)
     # batch 4, speculation pays (tau 4)
     first = drive(p, 40, 4, lambda spec: (1.0, 16) if spec else (1.0, 4))
     assert first[6:].count(True) >= 0.7 * 34  # probes: 3 steps in every 13
@@ -52,7 +53,7 @@ def test_adaptive_follows_a_change_and_skips_the_first_step_of_a_switch():
     later = drive(p, 60, 5, lambda spec: (2.0, 5) if spec else (1.0, 5))
     assert later[-20:].count(False) >= 15
     # a switch step that was very slow is not kept: the plain cost stays 1 s/token
-    p2 = Adaptive(probe_every=1000, probe_steps=2, window=1)
+    p2 = Adaptive(probe_every=1000, probe_steps=2, window=1, min_tau_samples=1)
     assert drive(p2, 2, 1, lambda spec: (1.0, 2)) == [True, True]
     assert p2.speculate(1) is False
     p2.observe(1, False, 50.0, 1)  # first plain step after speculative ones
@@ -61,7 +62,8 @@ def test_adaptive_follows_a_change_and_skips_the_first_step_of_a_switch():
 
 
 def test_adaptive_probes_less_while_the_choice_holds():
-    p = Adaptive(probe_every=10, probe_steps=2, max_probe_every=80, window=4, tau_window=8)
+    p = Adaptive(probe_every=10, probe_steps=2, max_probe_every=80, window=4, tau_window=8,
+                 min_tau_samples=4)
     kinds = drive(p, 1000, 1, lambda spec: (1.0, 4) if spec else (1.0, 1))
     probes = sum(1 for a, b in zip(kinds[4:], kinds[5:], strict=False) if a and not b)
     assert 10 <= probes <= 20  # gaps 10, 20, 40, 80, 80, ...: not 1000 / 12 = 83
@@ -70,9 +72,20 @@ def test_adaptive_probes_less_while_the_choice_holds():
     assert later.index(False) <= 82 and later[-50:].count(False) >= 40
 
 
-def test_bad_probe_steps():
+def test_bad_probe_settings():
     with pytest.raises(ValueError, match="probe_steps must be >= 2"):
         Adaptive(probe_steps=1)
+    with pytest.raises(ValueError, match="min_tau_samples=9 can never be reached"):
+        Adaptive(tau_window=8, min_tau_samples=9)
+
+
+def test_adaptive_speculates_until_tau_has_enough_samples():
+    """Responses start with drafts that miss: a few such steps must not rule speculation out."""
+    p = Adaptive(probe_every=1000, min_tau_samples=32)
+    # eight speculative steps at tau 1, slower than plain, then tau 4 and cheaper per token
+    costs = iter([(3.0, 1)] * 8 + [(3.0, 4)] * 100)
+    kinds = drive(p, 40, 1, lambda spec: next(costs) if spec else (1.0, 1))
+    assert kinds[:32] == [True] * 32 and kinds[36:].count(True) == 4
 
 
 @pytest.mark.parametrize("max_num_seqs", [1, 6])
