@@ -38,19 +38,37 @@ class FixedLimit:
     def observe(self, num_decodes: int, speculated: bool, seconds: float, tokens: int) -> None:
         pass
 
+    def summary(self) -> None:
+        """Nothing is measured."""
+        return None
 
-def _ratio(pairs: deque[tuple[float, int]]) -> float | None:
-    pairs = tuple(pairs)  # one C-level copy: /stats reads this while the engine thread appends
-    den = sum(b for _, b in pairs)
-    return sum(a for a, _ in pairs) / den if den else None
+
+class _Window:
+    """The last `size` (amount, count) pairs and their running sums: read every step, so no
+    walk over the pairs (and /stats reads two numbers while the engine thread adds)."""
+
+    def __init__(self, size: int):
+        self.pairs: deque[tuple[float, int]] = deque(maxlen=size)
+        self.amount, self.count = 0.0, 0
+
+    def add(self, amount: float, count: int) -> None:
+        if len(self.pairs) == self.pairs.maxlen:
+            old_amount, old_count = self.pairs[0]
+            self.amount -= old_amount
+            self.count -= old_count
+        self.pairs.append((amount, count))
+        self.amount += amount
+        self.count += count
+
+    def ratio(self) -> float | None:
+        """Amount per count; None while empty."""
+        return self.amount / self.count if self.count else None
 
 
 class _Bucket:
     def __init__(self, window: int):
         # recent steps per kind (True: speculative) as (seconds, sequences in the step)
-        self.steps: dict[bool, deque[tuple[float, int]]] = {
-            True: deque(maxlen=window), False: deque(maxlen=window)
-        }
+        self.steps = {True: _Window(window), False: _Window(window)}
         self.probing = False  # the kind being tried, while probe_left > 0
         self.probe_left = 0
         self.since_probe = 0
@@ -72,7 +90,7 @@ class Adaptive:
         self.min_tau_samples = min_tau_samples
         self.buckets: dict[int, _Bucket] = {}
         # recent speculative steps as (tokens committed, sequences in the step)
-        self._spec_tokens: deque[tuple[float, int]] = deque(maxlen=tau_window)
+        self._spec_tokens = _Window(tau_window)
         self._last_kind: bool | None = None  # the engine's previous decode step
 
     @staticmethod
@@ -82,12 +100,12 @@ class Adaptive:
     @property
     def tau(self) -> float | None:
         """Tokens a sequence commits per speculative step, recently."""
-        return _ratio(self._spec_tokens)
+        return self._spec_tokens.ratio()
 
     def cost(self, bucket: int, kind: bool) -> float | None:
         """Seconds per committed token of a kind of step in a bucket; None until measured."""
         b = self.buckets.get(bucket)
-        per_seq = _ratio(b.steps[kind]) if b is not None else None
+        per_seq = b.steps[kind].ratio() if b is not None else None
         if per_seq is None or not kind:
             return per_seq
         tau = self.tau
@@ -100,7 +118,7 @@ class Adaptive:
             b.probe_left -= 1
             return b.probing
         spec, plain = self.cost(k, True), self.cost(k, False)
-        if spec is None or self._tau_samples() < self.min_tau_samples:
+        if spec is None or self._spec_tokens.count < self.min_tau_samples:
             # too little seen of speculation to judge it (tau from a few steps at the start of
             # responses, where drafts miss most, would rule it out for long): speculate
             return self._probe(b, True)
@@ -116,10 +134,6 @@ class Adaptive:
             return self._probe(b, not best)
         return best
 
-    def _tau_samples(self) -> int:
-        """Sequence-steps behind tau."""
-        return sum(n for _, n in tuple(self._spec_tokens))
-
     def _probe(self, b: _Bucket, kind: bool) -> bool:
         b.probing, b.probe_left = kind, self.probe_steps - 1
         return kind
@@ -131,12 +145,12 @@ class Adaptive:
         if num_decodes < 1:
             return
         if speculated:
-            self._spec_tokens.append((tokens, num_decodes))
+            self._spec_tokens.add(tokens, num_decodes)
         steady = self._last_kind == speculated
         self._last_kind = speculated
         b = self.buckets.get(self.bucket_of(num_decodes))
         if steady and b is not None:
-            b.steps[speculated].append((seconds, num_decodes))
+            b.steps[speculated].add(seconds, num_decodes)
 
     def summary(self) -> dict:
         """What it learned: tau, and per bucket ("4-7") ms per token of each kind (None: not

@@ -161,8 +161,9 @@ def run_bench(target: str, drafter: str, prompts: list, concurrency: list[int],
               "spec_reject_cooldown": spec.config.spec_reject_cooldown,
               "max_tokens": max_tokens, "num_prompts": len(prompts), "rounds": rounds,
               "rows": rows}
-    if hasattr(spec.scheduler.policy, "summary"):  # spec_max_batch: auto, what it learned
-        result["spec_policy"] = spec.scheduler.policy.summary()
+    policy = spec.scheduler.policy.summary()
+    if policy is not None:  # spec_max_batch: auto, what it measured
+        result["spec_policy"] = policy
     if out_dir:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)

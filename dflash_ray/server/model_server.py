@@ -50,9 +50,9 @@ class ModelServer:
             "generation_tokens": s.generation_tokens,
             "spec_steps": s.num_spec_steps,
         }
-        policy = self.engine.scheduler.policy
-        if hasattr(policy, "summary"):  # spec_max_batch: auto, ms per token as measured
-            out["spec_policy"] = policy.summary()
+        policy = self.engine.scheduler.policy.summary()
+        if policy is not None:  # spec_max_batch: auto, what it measured
+            out["spec_policy"] = policy
         return out
 
     async def generate(
