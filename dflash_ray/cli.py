@@ -35,6 +35,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument(
+        "--drafter-dtype",
+        default=None,
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="the drafter's dtype (auto: bfloat16 where the device has a native bf16 GEMM)",
+    )
 
 
 def _int_or_auto(text: str) -> int | str:
@@ -64,6 +70,7 @@ def _engine_kwargs(args: argparse.Namespace, drafter: str | None) -> dict:
         kw["spec_min_confidence"] = args.spec_min_confidence
         kw["spec_max_batch"] = args.spec_max_batch
         kw["spec_reject_cooldown"] = args.spec_reject_cooldown
+        kw["drafter_dtype"] = args.drafter_dtype
     return {k: v for k, v in kw.items() if v is not None}
 
 

@@ -49,6 +49,13 @@ class EngineConfig(BaseModel):
     )
     device: str = Field("cpu", description="torch device of the in-process runner")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    drafter_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="the drafter's weights and activations (it only proposes: the target's "
+        "verification keeps the output exact whatever this is); auto: bfloat16 where the "
+        "device multiplies bf16 natively (CUDA, or a CPU whose oneDNN has a bf16 GEMM), "
+        "else dtype",
+    )
     max_num_seqs: int = Field(64, ge=1, description="sequences decoding together")
     max_num_batched_tokens: int | None = Field(
         None, ge=1, description="prefill token budget per step; default max_model_len"

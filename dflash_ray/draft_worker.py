@@ -131,15 +131,19 @@ class TargetHead(nn.Module):
 
 class DraftWorker:
     def __init__(self, cfg: RunnerConfig, spec: ModelSpec, head: nn.Module | None = None):
-        """`head` provides `embed` and `logits` (the in-process target itself); None loads the
-        target's embedding and LM head from `cfg.target`."""
+        """`head` provides `embed` and `logits` (the in-process target itself), borrowed when
+        the drafter runs in the target's dtype; otherwise the drafter loads its own copy of the
+        target's embedding and LM head from `cfg.target`, in its dtype."""
         self.cfg, self.spec = cfg, spec
         self.device = torch.device(cfg.device)
-        self.dtype = cfg.torch_dtype
+        self.dtype = cfg.drafter_torch_dtype
         self.drafter = DFlashDrafter.from_pretrained(cfg.drafter, self.dtype, self.device)
-        self.head = head or TargetHead.from_pretrained(cfg.target, self.dtype, self.device)
+        borrow = head is not None and self.dtype == cfg.torch_dtype
+        self.head = head if borrow else TargetHead.from_pretrained(
+            cfg.target, self.dtype, self.device
+        )
         prepack(self.drafter)
-        if head is None:  # an in-process target packs itself
+        if not borrow:  # an in-process target packs itself
             prepack(self.head)
         self.cache: PagedKVCache | None = None
         self._pending = PendingFeatures()
@@ -162,8 +166,8 @@ class DraftWorker:
         )
 
     def absorb(self, features: dict[int, torch.Tensor]) -> None:
-        """Target features [c, K*H] of each sequence's newly committed tokens, taken in by the
-        next drafter pass."""
+        """Target features [c, K*H] of each sequence's newly committed tokens (in the target's
+        dtype), taken in by the next drafter pass."""
         self._pending.add(features)
 
     def forget(self, seq_ids: list[int]) -> None:
@@ -196,7 +200,8 @@ class DraftWorker:
             device=dev,
         )
         self.drafter.materialize_context(
-            torch.cat(features), ctx_pos, slot_mapping(ctx_spans, blen, dev), self.cache
+            torch.cat(features).to(self.dtype), ctx_pos, slot_mapping(ctx_spans, blen, dev),
+            self.cache,
         )
         # 2. One non-causal pass over every block [bonus, MASK, ...] of the decodes with q > 1
         # (q = 1: this pass only takes in the context; see StepBatch.drafter_pass).

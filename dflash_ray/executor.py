@@ -15,6 +15,7 @@ def make_executor(config: EngineConfig):
         drafter=config.drafter,
         device=config.device,
         dtype=config.dtype,
+        drafter_dtype=config.drafter_dtype,
         block_size=config.block_size,
         kv_block_len=config.kv_block_len,
         num_kv_blocks=config.num_kv_blocks,

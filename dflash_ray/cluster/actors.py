@@ -107,7 +107,8 @@ class DrafterActor:
         w, ch = self.worker, self.channel
         w.release(released)
         posted = time.monotonic()
-        w.absorb(recv_features(ch, batch.decodes, self.spec.feature_dim, w.dtype))
+        # features cross in the target's dtype; the drafter casts them to its own
+        w.absorb(recv_features(ch, batch.decodes, self.spec.feature_dim, w.cfg.torch_dtype))
         received = _sync(w.device)
         drafts = w.draft(batch.decodes)
         drafted = _sync(w.device)
