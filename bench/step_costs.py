@@ -1,0 +1,190 @@
+"""Where a speculative step's time goes, against a plain one: the numbers behind the speedup,
+and the bounds they put on it.
+
+Runs plain decoding and DFlash on the same engine code (one process, the same prompts, rounds
+alternated, greedy) at one concurrency and reports, per decode step:
+
+- plain: ms, and how many MoE experts each layer runs;
+- DFlash: the drafter pass, and the target's verify by the number of tokens it verifies (ms,
+  experts per layer), tokens committed per step;
+- the measured speedup, and two bounds from the same numbers: a free drafter
+  (tau x plain / verify) and a verify that also costs what one plain step does (tau), which is
+  roughly where a memory-bound GPU step of a dense target sits.
+
+    python3 bench/step_costs.py                            # demo pair, demo config, c = 1
+    python3 bench/step_costs.py --spec-min-confidence 0    # whole blocks
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from collections import defaultdict
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from tqdm import tqdm  # noqa: E402
+
+from dflash_ray.bench.offline import closed_loop  # noqa: E402
+from dflash_ray.bench.prompts import bench_prompts  # noqa: E402
+from dflash_ray.config import EngineConfig  # noqa: E402
+from dflash_ray.demo import demo_pair  # noqa: E402
+from dflash_ray.engine import Engine  # noqa: E402
+from dflash_ray.models import layers  # noqa: E402
+from dflash_ray.sampling_params import SamplingParams  # noqa: E402
+
+
+class StepRecorder:
+    """Times an engine's target verify calls (decode-only steps, keyed by tokens verified), its
+    drafter passes, and the experts each MoE layer runs inside those verify calls."""
+
+    active: StepRecorder | None = None  # whose verify is running (route_experts reports there)
+
+    def __init__(self, engine: Engine):
+        self.verify: dict[int, list[float]] = defaultdict(list)
+        self.experts: dict[int, list[int]] = defaultdict(list)
+        self.draft: list[float] = []
+        self.on = False
+        runner = engine.executor.runner
+        self._wrap_verify(runner.target_worker)
+        if runner.draft_worker is not None:
+            self._wrap_draft(runner.draft_worker)
+
+    def _wrap_verify(self, worker) -> None:
+        verify = worker.verify
+
+        def timed(batch, drafts):
+            if not self.on or batch.prefills:
+                return verify(batch, drafts)
+            hits: list[int] = []
+            StepRecorder.active, self._hits = self, hits
+            t = time.perf_counter()
+            try:
+                return verify(batch, drafts)
+            finally:
+                seconds = time.perf_counter() - t
+                StepRecorder.active = None
+                tokens = sum(d.num_queries for d in batch.decodes)
+                if drafts is not None:  # the blocks as cut to the proposed drafts
+                    tokens = len(batch.decodes) + sum(
+                        min(d.num_queries - 1, sum(1 for t in row if t >= 0))
+                        for d, row in zip(batch.decodes, drafts.tokens.tolist(), strict=True))
+                self.verify[tokens].append(seconds)
+                self.experts[tokens] += hits
+
+        worker.verify = timed
+
+    def _wrap_draft(self, worker) -> None:
+        draft = worker.draft
+
+        def timed(decodes):
+            t = time.perf_counter()
+            out = draft(decodes)
+            if self.on and any(d.num_queries > 1 for d in decodes):
+                self.draft.append(time.perf_counter() - t)
+            return out
+
+        worker.draft = timed
+
+    def summary(self) -> dict:
+        rows = {}
+        for tokens in sorted(self.verify):
+            times, hits = self.verify[tokens], self.experts[tokens]
+            rows[tokens] = {"steps": len(times), "ms": 1000 * sum(times) / len(times),
+                            "experts_per_layer": sum(hits) / max(1, len(hits))}
+        steps = sum(r["steps"] for r in rows.values())
+        return {
+            "verify_by_tokens": rows,
+            "verify_ms": sum(r["ms"] * r["steps"] for r in rows.values()) / max(1, steps),
+            "experts_per_layer": sum(sum(h) for h in self.experts.values())
+            / max(1, sum(len(h) for h in self.experts.values())),
+            "draft_ms": 1000 * sum(self.draft) / len(self.draft) if self.draft else 0.0,
+        }
+
+
+def _count_experts() -> None:
+    """Make every MoE layer report how many distinct experts its tokens hit."""
+    route = layers.route_experts
+
+    def counted(router_logits, top_k, normalize):
+        weights, ids = route(router_logits, top_k, normalize)
+        if StepRecorder.active is not None:
+            StepRecorder.active._hits.append(int(ids.unique().numel()))
+        return weights, ids
+
+    layers.route_experts = counted
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--target")
+    p.add_argument("--drafter")
+    p.add_argument("--spec-min-confidence", type=float, default=0.1)
+    p.add_argument("--concurrency", type=int, default=1)
+    p.add_argument("--prompts", type=int, default=16)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--out", default=None, help="write the figures as JSON here")
+    args = p.parse_args()
+
+    target, drafter = demo_pair()
+    target, drafter = args.target or target, args.drafter or drafter
+    prompts = bench_prompts(target, args.prompts)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
+    common = dict(target=target, max_num_seqs=args.concurrency)
+    engines = {
+        "plain": Engine(EngineConfig(**common)),
+        "dflash": Engine(EngineConfig(**common, drafter=drafter,
+                                      spec_min_confidence=args.spec_min_confidence)),
+    }
+    _count_experts()
+    recorders = {name: StepRecorder(e) for name, e in engines.items()}
+    for e in engines.values():  # warm-up, not recorded
+        closed_loop(e, prompts[:1], args.concurrency, params, tqdm(disable=True))
+    runs: dict[str, list[dict]] = {name: [] for name in engines}
+    with tqdm(total=args.rounds * len(engines) * len(prompts), desc="step costs") as bar:
+        for r in range(args.rounds):
+            for name in (list(engines) if r % 2 == 0 else list(engines)[::-1]):
+                recorders[name].on = True
+                runs[name].append(closed_loop(engines[name], prompts, args.concurrency,
+                                              params, bar))
+                recorders[name].on = False
+
+    def rate(name: str) -> tuple[float, float]:
+        tokens = sum(r["tokens"] for r in runs[name])
+        return tokens / sum(r["seconds"] for r in runs[name]), tokens / sum(
+            r["steps"] for r in runs[name])
+
+    (plain_tok_s, _), (spec_tok_s, tau) = rate("plain"), rate("dflash")
+    plain, spec = recorders["plain"].summary(), recorders["dflash"].summary()
+    plain_ms = plain["verify_ms"]
+    out = {
+        "concurrency": args.concurrency,
+        "spec_min_confidence": args.spec_min_confidence,
+        "prompts": len(prompts),
+        "rounds": args.rounds,
+        "plain": plain,
+        "dflash": spec,
+        "tau": tau,
+        "speedup": spec_tok_s / plain_tok_s,
+        # the same tokens per step, costs changed: no drafter, then verify at a plain step's cost
+        "bound_free_drafter": tau * plain_ms / spec["verify_ms"],
+        "bound_free_drafter_flat_verify": tau,
+    }
+    print(f"plain: {plain_ms:.2f} ms a step, {plain['experts_per_layer']:.2f} experts per layer")
+    print(f"dflash: drafter pass {spec['draft_ms']:.2f} ms, verify {spec['verify_ms']:.2f} ms, "
+          f"{spec['experts_per_layer']:.2f} experts per layer, tau {tau:.2f}")
+    print("  tokens verified: steps, ms, experts per layer")
+    for tokens, row in spec["verify_by_tokens"].items():
+        print(f"  {tokens:3d}: {row['steps']:5d} {row['ms']:6.2f} {row['experts_per_layer']:5.2f}")
+    print(f"speedup {out['speedup']:.2f}x; bounds at this tau: free drafter "
+          f"{out['bound_free_drafter']:.2f}x, free drafter and flat verify {tau:.2f}x")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
