@@ -34,6 +34,7 @@ def ray_engine(target: str, drafter: str | None, shards: int, **spec) -> Engine:
         drafter=drafter,
         num_kv_blocks=96,
         spec_min_confidence=spec.get("spec_min_confidence", 0.0),
+        drafter_dtype=spec.get("drafter_dtype", "auto"),
     )
     return Engine(
         EngineConfig(
@@ -45,7 +46,8 @@ def ray_engine(target: str, drafter: str | None, shards: int, **spec) -> Engine:
 
 @pytest.fixture(scope="module")
 def sharded(ray_cluster, tiny):
-    engine = ray_engine(tiny["moe"], tiny["drafter"], 2)
+    # as llms["dflash"]: a bf16 drafter actor fed fp32 features over the channel
+    engine = ray_engine(tiny["moe"], tiny["drafter"], 2, drafter_dtype="bfloat16")
     yield engine
     engine.shutdown()
 
