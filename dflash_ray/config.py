@@ -52,9 +52,9 @@ class EngineConfig(BaseModel):
     drafter_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
         description="the drafter's weights and activations (it only proposes: the target's "
-        "verification keeps the output exact whatever this is); auto: bfloat16 where the "
-        "device multiplies bf16 natively (CUDA, or a CPU whose oneDNN has a bf16 GEMM), "
-        "else dtype",
+        "verification keeps the output exact whatever this is); auto: dtype when that is "
+        "16-bit, else bfloat16 where the device multiplies bf16 natively (CUDA from Ampere, "
+        "a CPU with AVX-512 BF16 or AMX), else dtype",
     )
     max_num_seqs: int = Field(64, ge=1, description="sequences decoding together")
     max_num_batched_tokens: int | None = Field(

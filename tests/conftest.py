@@ -100,8 +100,11 @@ def llms(tiny):
 
     return {
         "plain": LLM(tiny["moe"]),
+        # fp32 drafters: which of the random drafter's drafts get accepted, which some tests
+        # count on, does not then depend on the machine's bf16 GEMM ("auto" is per machine)
+        "dflash": LLM(tiny["moe"], tiny["drafter"], drafter_dtype="float32"),
         # a bf16 drafter beside the fp32 target (what "auto" picks on a CPU with native bf16)
-        "dflash": LLM(tiny["moe"], tiny["drafter"], drafter_dtype="bfloat16"),
+        "dflash_bf16": LLM(tiny["moe"], tiny["drafter"], drafter_dtype="bfloat16"),
         # proposes only the drafts the (random) drafter is confident in: mostly 0-2 of 7
         "dflash_cut": LLM(tiny["moe"], tiny["drafter"], spec_min_confidence=0.02,
                           drafter_dtype="float32"),

@@ -46,8 +46,7 @@ def ray_engine(target: str, drafter: str | None, shards: int, **spec) -> Engine:
 
 @pytest.fixture(scope="module")
 def sharded(ray_cluster, tiny):
-    # as llms["dflash"]: a bf16 drafter actor fed fp32 features over the channel
-    engine = ray_engine(tiny["moe"], tiny["drafter"], 2, drafter_dtype="bfloat16")
+    engine = ray_engine(tiny["moe"], tiny["drafter"], 2, drafter_dtype="float32")  # as llms
     yield engine
     engine.shutdown()
 
@@ -77,11 +76,17 @@ def test_sharded_ray_equals_single_process(sharded, llms):
     assert t.steps > 0 and t.draft > 0 and t.verify > 0 and t.transfer > 0
 
 
-def test_cut_blocks_and_plain_steps_cross_the_actors_like_in_process(ray_cluster, tiny):
+def test_cut_blocks_and_plain_steps_cross_the_actors_like_in_process(
+    ray_cluster, tiny, monkeypatch
+):
     """Blocks cut by drafter confidence (NO_DRAFT entries over the channel) and steps above
-    spec_max_batch (q = 1: the drafter actor only follows the context) give the in-process
-    engine's tokens and acceptance lengths, greedy and seeded sampling."""
-    spec = {"spec_min_confidence": 0.02, "spec_max_batch": 3}
+    spec_max_batch (q = 1: the drafter actor only takes in context, once enough waits) give the
+    in-process engine's tokens and acceptance lengths, greedy and seeded sampling. A bf16
+    drafter actor, fed the fp32 target's features over the channel."""
+    from dflash_ray import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "MAX_WAITING_CONTEXT", 24)  # the engines run here
+    spec = {"spec_min_confidence": 0.02, "spec_max_batch": 3, "drafter_dtype": "bfloat16"}
     sampled = [
         SamplingParams(max_tokens=30, temperature=0.8, top_k=12, seed=3 + i) for i in range(2)
     ]
@@ -89,10 +94,20 @@ def test_cut_blocks_and_plain_steps_cross_the_actors_like_in_process(ray_cluster
     params = [SamplingParams(max_tokens=16 + 6 * i) for i in range(len(PROMPTS))] + sampled
     prompts = PROMPTS + PROMPTS[1:3]
     engine = ray_engine(tiny["moe"], tiny["drafter"], 1, **spec)
+    context_only = []  # steps whose every block is q = 1 but that still take in context
+    execute = engine.executor.execute
+
+    def spy(batch):
+        if batch.drafter_pass and all(d.num_queries == 1 for d in batch.decodes):
+            context_only.append(len(batch.decodes))
+        return execute(batch)
+
+    engine.executor.execute = spy
     try:
         got = generate(engine, prompts, params)
     finally:
         engine.shutdown()
+    assert context_only, "no context-only drafter pass crossed to the actor"
     want = LLM(tiny["moe"], tiny["drafter"], **spec).generate(prompts, params, use_tqdm=False)
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
     assert [o.acceptance_lengths for o in got] == [o.acceptance_lengths for o in want]

@@ -31,11 +31,12 @@ def run_staggered(engine, prompts, params, join_every=2):
     return [final[i] for i in range(len(prompts))]
 
 
-def test_greedy_dflash_equals_plain_single(llms):
+@pytest.mark.parametrize("mode", ["dflash", "dflash_bf16"])
+def test_greedy_dflash_equals_plain_single(llms, mode):
     params = SamplingParams(max_tokens=48)
     for p in PROMPTS[:4]:
         plain = llms["plain"].generate([p], params, use_tqdm=False)[0]
-        spec = llms["dflash"].generate([p], params, use_tqdm=False)[0]
+        spec = llms[mode].generate([p], params, use_tqdm=False)[0]
         assert spec.token_ids == plain.token_ids
         assert len(plain.token_ids) == 48 and plain.finish_reason == "length"
         assert sum(spec.acceptance_lengths) + 1 == len(spec.token_ids)
@@ -44,24 +45,43 @@ def test_greedy_dflash_equals_plain_single(llms):
 def test_drafter_runs_in_its_own_dtype_beside_the_target(llms, tiny):
     """A bf16 drafter keeps its own bf16 copy of the target's embedding and LM head; the
     target stays fp32 (both engines' outputs are checked against plain decoding elsewhere)."""
-    bf16 = llms["dflash"].engine.executor.runner
+    bf16 = llms["dflash_bf16"].engine.executor.runner
     assert bf16.draft_worker.dtype == torch.bfloat16
     assert bf16.draft_worker.head is not bf16.target
     assert bf16.draft_worker.head.lm_head.weight.dtype == torch.bfloat16
     assert bf16.target.lm_head.weight.dtype == torch.float32
     assert bf16.draft_worker.cache.k.dtype == torch.bfloat16
-    fp32 = llms["dflash_cut"].engine.executor.runner
+    fp32 = llms["dflash"].engine.executor.runner
+    assert fp32.draft_worker.dtype == torch.float32
     assert fp32.draft_worker.head is fp32.target  # same dtype: borrowed, not copied
     with pytest.raises(ValueError, match="'int8'"):
         LLM(tiny["moe"], tiny["drafter"], drafter_dtype="int8")
+
+
+def test_drafter_dtype_auto_and_bad_values(tiny):
+    from dflash_ray.runner_config import ModelSpec, RunnerConfig, native_bf16
+
+    def resolved(**kw):
+        return RunnerConfig(tiny["moe"], tiny["drafter"], **kw).drafter_torch_dtype
+
+    # a 16-bit target keeps its dtype for the drafter (and lends it its head)
+    assert resolved(dtype="float16") == torch.float16
+    assert resolved(dtype="bfloat16") == torch.bfloat16
+    assert resolved(dtype="float32", drafter_dtype="float16") == torch.float16
+    fp32_auto = torch.bfloat16 if native_bf16(torch.device("cpu")) else torch.float32
+    assert resolved(dtype="float32") == fp32_auto
+    with pytest.raises(ValueError, match="drafter_dtype 'int8'"):
+        ModelSpec.resolve(RunnerConfig(tiny["moe"], tiny["drafter"], drafter_dtype="int8"))
 
 
 def test_greedy_dflash_equals_plain_staggered_batch(llms):
     params = SamplingParams(max_tokens=40)
     alone = [llms["plain"].generate([p], params, use_tqdm=False)[0] for p in PROMPTS]
     spec = run_staggered(llms["dflash"].engine, PROMPTS, params)
+    spec_bf16 = run_staggered(llms["dflash_bf16"].engine, PROMPTS, params)
     plain = run_staggered(llms["plain"].engine, PROMPTS, params, join_every=3)
     assert [o.token_ids for o in spec] == [o.token_ids for o in alone]
+    assert [o.token_ids for o in spec_bf16] == [o.token_ids for o in alone]
     assert [o.token_ids for o in plain] == [o.token_ids for o in alone]
     assert llms["dflash"].engine.stats.max_batch_size >= 8
     assert any(max(o.acceptance_lengths) > 1 for o in spec), "no draft was ever accepted"
@@ -221,7 +241,7 @@ def check_marginals(outs, exact_per_position):
         assert tv < 2.5 * math.sqrt(support / (2 * math.pi * n)), (position, tv)
 
 
-@pytest.mark.parametrize("mode", ["plain", "dflash", "dflash_cut"])
+@pytest.mark.parametrize("mode", ["plain", "dflash", "dflash_bf16", "dflash_cut"])
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 8, 0.9)])
 def test_sampling_matches_target_distribution(llms, mode, temperature, top_k, top_p):
     prompt = [4, 8, 15, 16, 23]
