@@ -111,8 +111,9 @@ class StepRecorder:
         }
 
 
-def _count_experts() -> None:
-    """Make every MoE layer report how many distinct experts its tokens hit."""
+def _count_experts():
+    """Make every MoE layer report how many distinct experts its tokens hit; returns the
+    original router, to put back."""
     route = layers.route_experts
 
     def counted(router_logits, top_k, normalize):
@@ -122,9 +123,10 @@ def _count_experts() -> None:
         return weights, ids
 
     layers.route_experts = counted
+    return route
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--target")
     p.add_argument("--drafter")
@@ -134,10 +136,13 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out", default=None, help="write the figures as JSON here")
-    args = p.parse_args()
+    args = p.parse_args(argv)
 
-    target, drafter = demo_pair()
-    target, drafter = args.target or target, args.drafter or drafter
+    if args.target and args.drafter:
+        target, drafter = args.target, args.drafter
+    else:
+        target, drafter = demo_pair()
+        target, drafter = args.target or target, args.drafter or drafter
     prompts = bench_prompts(target, args.prompts)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
     common = dict(target=target, max_num_seqs=args.concurrency)
@@ -146,18 +151,23 @@ def main() -> None:
         "dflash": Engine(EngineConfig(**common, drafter=drafter,
                                       spec_min_confidence=args.spec_min_confidence)),
     }
-    _count_experts()
     recorders = {name: StepRecorder(e) for name, e in engines.items()}
-    for e in engines.values():  # warm-up, not recorded
-        closed_loop(e, prompts[:1], args.concurrency, params, tqdm(disable=True))
-    runs: dict[str, list[dict]] = {name: [] for name in engines}
-    with tqdm(total=args.rounds * len(engines) * len(prompts), desc="step costs") as bar:
-        for r in range(args.rounds):
-            for name in (list(engines) if r % 2 == 0 else list(engines)[::-1]):
-                recorders[name].on = True
-                runs[name].append(closed_loop(engines[name], prompts, args.concurrency,
-                                              params, bar))
-                recorders[name].on = False
+    route = _count_experts()
+    try:
+        for e in engines.values():  # warm-up, not recorded
+            closed_loop(e, prompts[:1], args.concurrency, params, tqdm(disable=True))
+        runs: dict[str, list[dict]] = {name: [] for name in engines}
+        with tqdm(total=args.rounds * len(engines) * len(prompts), desc="step costs") as bar:
+            for r in range(args.rounds):
+                for name in (list(engines) if r % 2 == 0 else list(engines)[::-1]):
+                    recorders[name].on = True
+                    runs[name].append(closed_loop(engines[name], prompts, args.concurrency,
+                                                  params, bar))
+                    recorders[name].on = False
+    finally:
+        layers.route_experts = route
+        for e in engines.values():
+            e.shutdown()
 
     def rate(name: str) -> float:
         return sum(r["tokens"] for r in runs[name]) / sum(r["seconds"] for r in runs[name])
@@ -189,6 +199,7 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as f:
             json.dump(out, f, indent=1)
+    return out
 
 
 if __name__ == "__main__":

@@ -55,3 +55,32 @@ def test_bad_values_exit_with_a_message(tiny, capsys):
               "--spec-max-batch", "lots"])
     assert exc.value.code == 2
     assert "expected an integer or 'auto', got 'lots'" in capsys.readouterr().err
+
+
+def test_step_costs_counts_experts_and_restores_the_router(tiny, tmp_path):
+    """bench/step_costs.py on the tiny MoE (4 experts, top-2): a one-token step runs exactly 2
+    experts per layer, a multi-token verify 2 to 4; the router it wraps is put back."""
+    import importlib.util
+    from pathlib import Path
+
+    from dflash_ray import ops
+    from dflash_ray.models import layers
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "step_costs.py"
+    spec = importlib.util.spec_from_file_location("step_costs", path)
+    step_costs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(step_costs)
+    out_file = tmp_path / "costs.json"
+    out = step_costs.main(["--target", tiny["moe"], "--drafter", tiny["drafter"],
+                           "--spec-min-confidence", "0", "--prompts", "2", "--max-tokens", "12",
+                           "--rounds", "2", "--out", str(out_file)])
+    assert json.loads(out_file.read_text()) == json.loads(json.dumps(out))
+    assert layers.route_experts is ops.route_experts
+    plain, spec_rows = out["plain"], out["dflash"]["verify_by_tokens"]
+    assert list(plain["verify_by_tokens"]) == [1] and plain["experts_per_layer"] == 2.0
+    assert plain["verify_by_tokens"][1]["steps"] == 2 * 2 * 11  # rounds x prompts x decodes
+    assert set(spec_rows) <= set(range(1, 9)) and max(spec_rows) > 1  # B = 8, whole blocks
+    for tokens, row in spec_rows.items():
+        assert (row["experts_per_layer"] == 2.0) if tokens == 1 else (
+            2.0 <= row["experts_per_layer"] <= 4.0)
+    assert out["dflash"]["draft_ms"] > 0 and 1.0 <= out["tau"] <= 8.0
