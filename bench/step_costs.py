@@ -31,6 +31,7 @@ from dflash_ray.bench.offline import closed_loop  # noqa: E402
 from dflash_ray.bench.prompts import bench_prompts  # noqa: E402
 from dflash_ray.config import EngineConfig  # noqa: E402
 from dflash_ray.demo import demo_pair  # noqa: E402
+from dflash_ray.draft_worker import proposed_lengths  # noqa: E402
 from dflash_ray.engine import Engine  # noqa: E402
 from dflash_ray.models import layers  # noqa: E402
 from dflash_ray.sampling_params import SamplingParams  # noqa: E402
@@ -71,11 +72,10 @@ class StepRecorder:
             finally:
                 seconds = time.perf_counter() - t
                 StepRecorder.active = None
-                tokens = sum(d.num_queries for d in batch.decodes)
-                if drafts is not None:  # the blocks as cut to the proposed drafts
-                    tokens = len(batch.decodes) + sum(
-                        min(d.num_queries - 1, sum(1 for t in row if t >= 0))
-                        for d, row in zip(batch.decodes, drafts.tokens.tolist(), strict=True))
+                q = [d.num_queries for d in batch.decodes]
+                # the blocks as cut to the proposed drafts: bonus + proposed
+                tokens = sum(q) if drafts is None else len(q) + sum(
+                    proposed_lengths(drafts.tokens, q))
                 self.verify[tokens].append(seconds)
                 self.experts[tokens] += hits
 

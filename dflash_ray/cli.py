@@ -39,7 +39,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         "--drafter-dtype",
         default=None,
         choices=["auto", "float32", "bfloat16", "float16"],
-        help="the drafter's dtype (auto: bfloat16 where the device has a native bf16 GEMM)",
+        help="the drafter's dtype (auto: a 16-bit --dtype, else bfloat16 where the device "
+        "has a native bf16 GEMM, else --dtype)",
     )
 
 

@@ -32,10 +32,10 @@ from .tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 # In a stretch of plain steps (speculation off) the target features of committed tokens wait for
-# the drafter until the running sequences have this many rows waiting (about 9 MiB for the demo
-# pair, 160 MiB for a Qwen3-8B drafter's 5 captured layers in bf16); then one context-only
-# drafter pass takes them in. Concurrency 16 on the demo pair, speculation off: a pass every 8
-# steps ran at 0.99x plain, none at all at 1.00x (the drafter time is pure intake there).
+# the drafter until the running sequences have this many rows waiting (from the feature width:
+# about 9 MiB for the demo pair in fp32, 160 MiB for a Qwen3-8B drafter's 5 layers in bf16);
+# then one context-only drafter pass takes them in. Concurrency 16 on the demo pair, speculation
+# off: a pass every 8 steps ran at 0.99x plain, none at all at 1.00x.
 MAX_WAITING_CONTEXT = 4096
 
 
@@ -226,7 +226,7 @@ class Engine:
         positions the drafter cache lacks, prompt included."""
         if self.block_size == 1 or not sched.decodes:
             return False
-        if any(d.num_queries > 1 for d in sched.decodes):
+        if sched.drafts:
             return True
         waiting = sum(d.seq.num_cached - d.seq.num_drafted_ctx for d in sched.decodes)
         return waiting >= MAX_WAITING_CONTEXT
@@ -237,7 +237,7 @@ class Engine:
         """`drafted`: the step had a drafter pass, which took in every decode's context."""
         st = self.stats
         st.num_steps += 1
-        st.num_spec_steps += any(d.num_queries > 1 for d in sched.decodes)
+        st.num_spec_steps += sched.drafts
         st.num_preemptions += len(sched.preempted)
         st.draft_seconds += result.draft_seconds
         st.verify_seconds += result.verify_seconds

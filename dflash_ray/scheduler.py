@@ -44,6 +44,11 @@ class SchedulerOutput:
     def empty(self) -> bool:
         return not self.prefills and not self.decodes
 
+    @property
+    def drafts(self) -> bool:
+        """Some decode's block verifies drafts (q > 1)."""
+        return any(d.num_queries > 1 for d in self.decodes)
+
 
 def prefill_len(seq: Sequence) -> int:
     """Tokens a prefill processes: the prompt for a new sequence, all but the newest token for a
