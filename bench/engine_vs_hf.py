@@ -16,7 +16,7 @@ import time
 import torch
 
 from dflash_ray import LLM, SamplingParams
-from dflash_ray.kv_cache import SeqSpan, build_layout
+from dflash_ray.worker.caches import SeqSpan, build_layout
 
 
 def make_checkpoint(path: str, layers: int, hidden: int, experts: int, vocab: int) -> None:

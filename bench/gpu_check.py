@@ -68,7 +68,7 @@ def env(args) -> dict:
 @torch.inference_mode()
 def top2_margin(model, ids: list[int], device: str) -> float:
     """The gap between the target's two largest next-token logits after `ids` (one prefill)."""
-    from dflash_ray.kv_cache import PagedKVCache, SeqSpan, build_layout
+    from dflash_ray.worker.caches import PagedKVCache, SeqSpan, build_layout
 
     d, n = model.cfg.decoder, len(ids)
     nb = (n + 15) // 16
@@ -92,10 +92,10 @@ def lossless(args) -> dict:
     from tqdm import tqdm
 
     from dflash_ray import LLM
-    from dflash_ray.bench.offline import closed_loop
-    from dflash_ray.bench.prompts import bench_prompts
+    from dflash_ray.benchmark.offline import closed_loop
+    from dflash_ray.benchmark.prompts import bench_prompts
+    from dflash_ray.core.sampling_params import SamplingParams
     from dflash_ray.demo import demo_pair
-    from dflash_ray.sampling_params import SamplingParams
 
     target, drafter = demo_pair()
     prompts = bench_prompts(target, args.prompts)
@@ -150,8 +150,8 @@ def hf_parity(args) -> dict:
     from transformers import AutoModelForCausalLM
 
     from dflash_ray.demo import demo_pair
-    from dflash_ray.kv_cache import PagedKVCache, SeqSpan, build_layout
     from dflash_ray.models.qwen3 import Qwen3Target
+    from dflash_ray.worker.caches import PagedKVCache, SeqSpan, build_layout
 
     target, _ = demo_pair()
     dev = args.device
@@ -202,10 +202,10 @@ def _random(model: torch.nn.Module, device: str, dtype: torch.dtype) -> torch.nn
 @torch.inference_mode()
 def timing(args) -> dict:
     """Step times of a model of Qwen3-8B's shape against the floor of reading its weights."""
-    from dflash_ray.kv_cache import PagedKVCache, SeqSpan, build_layout, slot_mapping
-    from dflash_ray.models.config import DrafterConfig, TargetConfig
     from dflash_ray.models.dflash import DFlashDrafter
+    from dflash_ray.models.hf_config import DrafterConfig, TargetConfig
     from dflash_ray.models.qwen3 import Qwen3Target
+    from dflash_ray.worker.caches import PagedKVCache, SeqSpan, build_layout, slot_mapping
 
     dev, dtype, blen, ctx = args.device, torch.bfloat16, 16, args.context
     shape, dshape = (SMALL, DRAFTER_SMALL) if args.small else (QWEN3_8B, DRAFTER_8B)

@@ -18,12 +18,12 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from tqdm import tqdm  # noqa: E402
 
-from dflash_ray.bench.offline import closed_loop  # noqa: E402
-from dflash_ray.bench.prompts import bench_prompts  # noqa: E402
+from dflash_ray.benchmark.offline import closed_loop  # noqa: E402
+from dflash_ray.benchmark.prompts import bench_prompts  # noqa: E402
 from dflash_ray.config import EngineConfig  # noqa: E402
+from dflash_ray.core.engine import Engine  # noqa: E402
+from dflash_ray.core.sampling_params import SamplingParams  # noqa: E402
 from dflash_ray.demo import demo_pair  # noqa: E402
-from dflash_ray.engine import Engine  # noqa: E402
-from dflash_ray.sampling_params import SamplingParams  # noqa: E402
 
 
 def main() -> None:

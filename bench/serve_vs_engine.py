@@ -26,7 +26,7 @@ import httpx
 
 from dflash_ray import SamplingParams
 from dflash_ray.config import EngineConfig
-from dflash_ray.engine import Engine
+from dflash_ray.core.engine import Engine
 
 
 def pct(values: list[float], q: float) -> float:
@@ -132,7 +132,7 @@ def main() -> None:
         args.target, args.drafter = demo_pair()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    from dflash_ray.bench.prompts import bench_prompts
+    from dflash_ray.benchmark.prompts import bench_prompts
 
     prompts = bench_prompts(args.target, args.requests)
     engine_cfg = {"target": args.target, "drafter": args.drafter, "max_num_seqs": 64}

@@ -4,10 +4,10 @@
 and Ray is a shell around it (`dflash_ray.cluster`, `dflash_ray.server`).
 """
 
+from .core.engine import Engine, RequestOutput
+from .core.sampling_params import SamplingParams
 from .demo import demo_pair
-from .engine import Engine, RequestOutput
 from .llm import LLM
-from .sampling_params import SamplingParams
 
 __all__ = ["LLM", "Engine", "RequestOutput", "SamplingParams", "demo_pair"]
 __version__ = "0.1.0"

@@ -126,7 +126,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from .bench.offline import load_prompts, run_bench
+    from .benchmark.offline import load_prompts, run_bench
 
     target, drafter = _models(args)
     if drafter is None:

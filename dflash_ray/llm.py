@@ -5,8 +5,8 @@ from __future__ import annotations
 from tqdm import tqdm
 
 from .config import EngineConfig
-from .engine import Engine, RequestOutput
-from .sampling_params import SamplingParams
+from .core.engine import Engine, RequestOutput
+from .core.sampling_params import SamplingParams
 
 
 class LLM:

@@ -27,7 +27,7 @@ mkdir -p "$WORK"
 
 # Stage 1a: byte-level BPE on the training split of the stdlib corpus (seconds).
 if [[ ! -f $WORK/tokenizer/tokenizer.json ]]; then
-    "$PYTHON" -m dflash_ray.train.tokenizer --out "$WORK/tokenizer" --vocab-size "$VOCAB_SIZE"
+    "$PYTHON" -m dflash_ray.train.bpe --out "$WORK/tokenizer" --vocab-size "$VOCAB_SIZE"
 fi
 
 # Stage 1b: the tiny Qwen3-MoE target (7.9 M params, ~15.8 MB in bf16). TARGET_MINUTES counts

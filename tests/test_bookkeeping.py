@@ -7,10 +7,10 @@ import sys
 
 import pytest
 
-from dflash_ray.block_manager import BlockManager
-from dflash_ray.sampling_params import SamplingParams
-from dflash_ray.scheduler import Scheduler, SchedulerConfig
-from dflash_ray.sequence import Sequence, Status
+from dflash_ray.core.block_manager import BlockManager
+from dflash_ray.core.sampling_params import SamplingParams
+from dflash_ray.core.scheduler import Scheduler, SchedulerConfig
+from dflash_ray.core.sequence import Sequence, Status
 
 
 def test_bookkeeping_modules_do_not_import_torch():
@@ -19,8 +19,8 @@ def test_bookkeeping_modules_do_not_import_torch():
         "import sys, types\n"
         "pkg = types.ModuleType('dflash_ray'); pkg.__path__ = ['dflash_ray']\n"
         "sys.modules['dflash_ray'] = pkg\n"
-        "import dflash_ray.scheduler, dflash_ray.block_manager, dflash_ray.sequence\n"
-        "import dflash_ray.spec_policy\n"
+        "import dflash_ray.core.scheduler, dflash_ray.core.block_manager, dflash_ray.core.sequence\n"
+        "import dflash_ray.core.spec_policy\n"
         "print('torch' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

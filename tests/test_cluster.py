@@ -15,8 +15,8 @@ from pydantic import ValidationError
 
 from dflash_ray import LLM, SamplingParams
 from dflash_ray.config import EngineConfig
-from dflash_ray.engine import Engine
-from dflash_ray.runner_config import RunnerConfig
+from dflash_ray.core.engine import Engine
+from dflash_ray.worker.worker_config import RunnerConfig
 
 ray = pytest.importorskip("ray")
 
@@ -83,7 +83,7 @@ def test_cut_blocks_and_plain_steps_cross_the_actors_like_in_process(
     spec_max_batch (q = 1: the drafter actor only takes in context, once enough waits) give the
     in-process engine's tokens and acceptance lengths, greedy and seeded sampling. A bf16
     drafter actor, fed the fp32 target's features over the channel."""
-    from dflash_ray import engine as engine_module
+    from dflash_ray.core import engine as engine_module
 
     monkeypatch.setattr(engine_module, "MAX_WAITING_CONTEXT", 24)  # the engines run here
     spec = {"spec_min_confidence": 0.02, "spec_max_batch": 3, "drafter_dtype": "bfloat16"}

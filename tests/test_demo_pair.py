@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dflash_ray import LLM, SamplingParams, demo_pair
-from dflash_ray.bench.prompts import bench_prompts
+from dflash_ray.benchmark.prompts import bench_prompts
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import pytest
 
 from dflash_ray import LLM, SamplingParams
 from dflash_ray.config import EngineConfig
-from dflash_ray.engine import Engine
+from dflash_ray.core.engine import Engine
 
 from .conftest import VOCAB, save_drafter
 

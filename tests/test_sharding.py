@@ -13,11 +13,11 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from dflash_ray.kv_cache import PagedKVCache, SeqSpan, build_layout
-from dflash_ray.models.config import TargetConfig
+from dflash_ray.models.hf_config import TargetConfig
 from dflash_ray.models.qwen3 import Qwen3Target
+from dflash_ray.models.sharding import ShardingConfig, shard_spec, split
 from dflash_ray.parallel.communicator import GroupCommunicator, connect_store, open_store
-from dflash_ray.parallel.plan import ShardingConfig, shard_spec, split
+from dflash_ray.worker.caches import PagedKVCache, SeqSpan, build_layout
 
 from .conftest import save_qwen3_moe
 from .test_models import rel_err

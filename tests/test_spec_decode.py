@@ -59,7 +59,7 @@ def test_drafter_runs_in_its_own_dtype_beside_the_target(llms, tiny):
 
 
 def test_drafter_dtype_auto_and_bad_values(tiny):
-    from dflash_ray.runner_config import ModelSpec, RunnerConfig, native_bf16
+    from dflash_ray.worker.worker_config import ModelSpec, RunnerConfig, native_bf16
 
     def resolved(**kw):
         return RunnerConfig(tiny["moe"], tiny["drafter"], **kw).drafter_torch_dtype
@@ -132,7 +132,7 @@ def test_plain_stretch_skips_the_drafter_until_context_piles_up(tiny, llms, monk
     """With speculation off (spec_max_batch=0) the drafter sits out, but for a context-only
     pass whenever MAX_WAITING_CONTEXT rows wait for it, which takes them all in. Output stays
     plain's."""
-    from dflash_ray import engine as engine_module
+    from dflash_ray.core import engine as engine_module
 
     limit = 60
     monkeypatch.setattr(engine_module, "MAX_WAITING_CONTEXT", limit)
@@ -263,7 +263,7 @@ def test_confidence_cut_keeps_rejection_sampling_exact(threshold):
     """Whether a sampled draft is verified must not depend on the value sampled: with p and q
     below and threshold 0.6, a rule using the draft's own probability q(x) would verify only
     token 0 and commit it 65 % of the time instead of p[0] = 50 %."""
-    from dflash_ray.draft_worker import proposal_length
+    from dflash_ray.worker.draft_worker import proposal_length
 
     p = torch.tensor([[0.5, 0.3, 0.2], [0.2, 0.5, 0.3]])  # target at block positions 0, 1
     q = torch.tensor([[0.7, 0.2, 0.1]])  # drafter at position 0 (one draft)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from dflash_ray.spec_policy import Adaptive, FixedLimit, make_policy
+from dflash_ray.core.spec_policy import Adaptive, FixedLimit, make_policy
 
 
 def drive(policy: Adaptive, steps: int, n: int, cost) -> list[bool]:
@@ -93,8 +93,8 @@ def test_auto_engine_is_lossless_and_measures_both_kinds(tiny, max_num_seqs):
     """Also with spec_reject_cooldown, where the tiny random drafter's misses make speculative
     regimes alternate q > 1 and q = 1 blocks: the policy still times them as speculative."""
     from dflash_ray.config import EngineConfig
-    from dflash_ray.engine import Engine
-    from dflash_ray.sampling_params import SamplingParams
+    from dflash_ray.core.engine import Engine
+    from dflash_ray.core.sampling_params import SamplingParams
 
     params = SamplingParams(max_tokens=60, temperature=0.0)
     prompts = [[1 + i, 2, 3 + i] for i in range(6)]
@@ -115,7 +115,7 @@ def test_auto_engine_is_lossless_and_measures_both_kinds(tiny, max_num_seqs):
 
 def test_model_server_stats_report_what_auto_measured(tiny):
     """The replica's /stats body, with the engine config as YAML gives it."""
-    from dflash_ray.sampling_params import SamplingParams
+    from dflash_ray.core.sampling_params import SamplingParams
     from dflash_ray.server.model_server import ModelServer
 
     server = ModelServer({"target": tiny["moe"], "drafter": tiny["drafter"],

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 
 from dflash_ray import demo_pair
-from dflash_ray.sampling_params import SamplingParams
-from dflash_ray.sequence import Sequence
-from dflash_ray.stopping import commit_tokens
-from dflash_ray.tokenizer import Tokenizer
+from dflash_ray.core.sampling_params import SamplingParams
+from dflash_ray.core.sequence import Sequence
+from dflash_ray.core.stopping import commit_tokens
+from dflash_ray.core.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")

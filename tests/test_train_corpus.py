@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dflash_ray.train import corpus
-from dflash_ray.train.tokenizer import SPECIAL_TOKENS, save_tokenizer, train_tokenizer
+from dflash_ray.train.bpe import SPECIAL_TOKENS, save_tokenizer, train_tokenizer
 
 
 @pytest.fixture(scope="module")

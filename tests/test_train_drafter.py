@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from dflash_ray import LLM, SamplingParams
-from dflash_ray.kv_cache import PagedKVCache, SeqSpan, build_layout, slot_mapping
 from dflash_ray.models.dflash import DFlashDrafter
 from dflash_ray.models.qwen3 import Qwen3Target
 from dflash_ray.train.drafter import block_logits, training_mask
 from dflash_ray.train.drafter_data import TrainSequence, capture_features
 from dflash_ray.train.train_drafter import DrafterTrainArgs, train
+from dflash_ray.worker.caches import PagedKVCache, SeqSpan, build_layout, slot_mapping
 
 from .conftest import MASK_ID
 from .test_engine import add_char_tokenizer
@@ -129,9 +129,9 @@ def test_prompt_file_online_features_match_cached(tmp_path):
     text, ids), holds some out, skips over-long and duplicate ones, never hands a stored prompt
     out again when the file grows, and names a bad line; online features (recomputed each step)
     train as cached ones."""
+    from dflash_ray.core.chat_template import ChatTemplate
+    from dflash_ray.core.tokenizer import Tokenizer
     from dflash_ray.demo import demo_pair
-    from dflash_ray.server.chat import ChatTemplate
-    from dflash_ray.tokenizer import Tokenizer
 
     target, _ = demo_pair()
     lines = [{"messages": [{"role": "user", "content": "Write a function that adds."}]},

@@ -22,13 +22,13 @@ from dataclasses import dataclass
 import ray
 import torch
 
-from ..draft_worker import NO_DRAFT, Drafts, DraftWorker, PendingFeatures
-from ..models.config import TargetConfig
+from ..core.step_io import SeqResult, StepBatch
+from ..models.hf_config import TargetConfig
+from ..models.sharding import shard_spec
 from ..parallel.communicator import LOCAL, GroupCommunicator, connect_store, open_store
-from ..parallel.plan import shard_spec
-from ..runner_config import ModelSpec, RunnerConfig, kv_blocks_that_fit
-from ..step_io import SeqResult, StepBatch
-from ..target_worker import TargetWorker
+from ..worker.draft_worker import NO_DRAFT, Drafts, DraftWorker, PendingFeatures
+from ..worker.target_worker import TargetWorker
+from ..worker.worker_config import ModelSpec, RunnerConfig, kv_blocks_that_fit
 from .channel import (
     DRAFTER_RANK,
     TARGET_RANK,

@@ -24,9 +24,9 @@ import math
 import ray.util.collective as col
 import torch
 
-from ..draft_worker import Drafts, PendingFeatures
+from ..core.step_io import DecodeItem
 from ..parallel.communicator import release_default_group
-from ..step_io import DecodeItem
+from ..worker.draft_worker import Drafts, PendingFeatures
 
 TARGET_RANK, DRAFTER_RANK = 0, 1
 

@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..kv_cache import PagedKVCache
 from ..ops import AttentionGroup, RotaryTable
 from ..parallel.communicator import LOCAL
-from .config import DrafterConfig
+from ..worker.caches import PagedKVCache
+from .hf_config import DrafterConfig
 from .layers import MLP, Attention, DecoderLayer, Linear, RMSNorm
 from .loader import load_weights
 

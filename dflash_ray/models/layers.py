@@ -22,7 +22,7 @@ from ..ops import (
     silu_and_mul,
 )
 from ..parallel.communicator import Communicator
-from .config import DecoderConfig
+from .hf_config import DecoderConfig
 
 
 class Linear(nn.Linear):

@@ -8,37 +8,18 @@ EP experts) enters only through `ShardSpec` and a `Communicator`; the math is th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..kv_cache import PagedKVCache
 from ..ops import AttentionGroup, RotaryTable
 from ..parallel.communicator import LOCAL, Communicator
-from .config import TargetConfig
+from ..worker.caches import PagedKVCache
+from .hf_config import TargetConfig
 from .layers import MLP, Attention, DecoderLayer, Linear, RMSNorm, SparseMoE
 from .loader import load_weights
-
-
-@dataclass(slots=True)
-class ShardSpec:
-    """This rank's share of the target: heads [head_lo, head_hi) of every attention layer,
-    kv heads [kv_lo, kv_hi), experts [expert_lo, expert_hi), dense-MLP columns [mlp_lo, mlp_hi).
-    The default (None) is the whole model."""
-
-    head_range: tuple[int, int]
-    kv_range: tuple[int, int]
-    expert_range: tuple[int, int]
-    mlp_range: tuple[int, int]
-
-
-def full_shard(cfg: TargetConfig) -> ShardSpec:
-    d = cfg.decoder
-    return ShardSpec(
-        (0, d.num_heads), (0, d.num_kv_heads), (0, cfg.num_experts), (0, d.intermediate_size)
-    )
+from .sharding import ShardSpec, full_shard
 
 
 class Qwen3Target(nn.Module):

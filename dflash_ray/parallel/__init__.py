@@ -1,1 +1,2 @@
-"""Communicators and sharding plans: how one model is split across ranks (TP heads, EP experts)."""
+"""Collective communication for model code (`Communicator`: local no-op, or a torch.distributed
+group over gloo / NCCL). Below models/: imports nothing else of the package."""

@@ -12,10 +12,10 @@ import logging
 from collections.abc import AsyncIterator
 
 from ..config import EngineConfig
-from ..engine import Engine
-from ..outputs import RequestOutput
-from ..sampling_params import InvalidRequest, SamplingParams
-from .chat import ChatTemplate
+from ..core.chat_template import ChatTemplate
+from ..core.engine import Engine
+from ..core.outputs import RequestOutput
+from ..core.sampling_params import InvalidRequest, SamplingParams
 from .protocol import APIError
 
 log = logging.getLogger(__name__)

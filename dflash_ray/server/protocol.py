@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ..sampling_params import InvalidRequest, SamplingParams
+from ..core.sampling_params import InvalidRequest, SamplingParams
 
 
 class APIError(Exception):

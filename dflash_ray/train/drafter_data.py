@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm import tqdm
 
-from ..kv_cache import PagedKVCache, SeqSpan, build_layout
 from ..models.qwen3 import Qwen3Target
+from ..worker.caches import PagedKVCache, SeqSpan, build_layout
 
 if TYPE_CHECKING:
-    from .train_drafter import DrafterTrainArgs
+    from .drafter_args import DrafterTrainArgs
 
 
 @dataclass(slots=True)
@@ -52,9 +52,9 @@ def read_prompt_file(path: str, target_dir: str, max_tokens: int) -> list[list[i
     are skipped (cutting one would break its template); blank lines are ignored."""
     import json
 
-    from ..models.config import TargetConfig
-    from ..server.chat import ChatTemplate
-    from ..tokenizer import Tokenizer
+    from ..core.chat_template import ChatTemplate
+    from ..core.tokenizer import Tokenizer
+    from ..models.hf_config import TargetConfig
 
     tok, chat = Tokenizer.maybe_load(target_dir), None
     vocab = TargetConfig.load(target_dir).vocab_size
@@ -112,8 +112,8 @@ def regenerate(target_dir: str, prompts: list[list[int]], max_tokens: int,
                batch: int = 64, device: str = "cpu",
                dtype: str = "float32") -> list[TrainSequence]:
     """Greedy target continuations of `prompts` (stopping at EOS), in batches, on `device`."""
+    from ..core.sampling_params import SamplingParams
     from ..llm import LLM
-    from ..sampling_params import SamplingParams
 
     llm = LLM(target_dir, max_num_seqs=batch, device=device, dtype=dtype)
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
@@ -178,7 +178,7 @@ def capture_features(target: Qwen3Target, seqs: list[TrainSequence], layer_ids: 
 
 
 def corpus_prompts(target_dir: str, n: int, lengths: tuple[int, int], heldout: bool, seed: int):
-    from ..tokenizer import Tokenizer
+    from ..core.tokenizer import Tokenizer
     from .corpus import iter_texts, split_files
 
     tok = Tokenizer(target_dir)

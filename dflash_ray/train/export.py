@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..models.config import DrafterConfig
 from ..models.dflash import DFlashDrafter
+from ..models.hf_config import DrafterConfig
 from ..models.loader import packing_table
 
 

@@ -36,8 +36,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from .bpe import EOS, build_tokenizer
 from .corpus import heldout_prompts, split_files
-from .tokenizer import EOS, build_tokenizer
 
 
 @dataclass

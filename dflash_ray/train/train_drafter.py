@@ -14,60 +14,25 @@ import random
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from ..models.config import DecoderConfig, DrafterConfig, TargetConfig
 from ..models.dflash import DFlashDrafter
+from ..models.hf_config import DecoderConfig, DrafterConfig, TargetConfig
 from ..models.qwen3 import Qwen3Target
-from ..runner_config import DTYPES
+from ..worker.worker_config import DTYPES
 from .drafter import block_loss, cosine_lr, init_weights, sample_anchors
+from .drafter_args import DrafterTrainArgs
 from .drafter_data import capture_features, feature_mode, regenerated_data, target_dtype
 from .export import save_zlab
 
 
-@dataclass
-class DrafterTrainArgs:
-    target: str
-    out: str
-    num_layers: int = 2
-    block_size: int = 16
-    target_layer_ids: list[int] | None = None
-    num_seqs: int = 800
-    heldout_seqs: int = 48
-    prompt_tokens: tuple[int, int] = (32, 96)
-    response_tokens: int = 192
-    num_anchors: int = 24
-    batch_seqs: int = 8
-    lr: float = 1e-3
-    gamma: float = 7.0
-    minutes: float | None = 20.0
-    steps: int | None = None
-    eval_every: int = 100
-    checkpoint_minutes: float = 3.0
-    threads: int = 2
-    device: str = "cpu"
-    init_from: str | None = None  # a z-lab drafter directory to start from
-    # JSONL prompts to regenerate from (see `read_prompt_file`); None: stdlib corpus windows
-    prompts: str | None = None
-    max_prompt_tokens: int = 1024  # longer prompts in `prompts` are skipped
-    target_dtype: str = "auto"  # the target's weights: bfloat16 on CUDA, float32 on CPU
-    # cached: every sequence's target features in host memory, captured once; online: each
-    # step's batch recomputed by the target (what a real target's data needs); auto: cached
-    # while the estimate fits in half the available memory
-    features: str = "auto"
-    # bf16 autocast (fp32 master weights): 1.8x faster steps measured on a bf16-capable CPU
-    precision: str = "bf16"
-    seed: int = 0
-    log: list[dict] = field(default_factory=list)
-
-
 def default_layer_ids(num_target_layers: int, k: int = 3) -> list[int]:
     """Deep targets: z-lab's rule. Shallow ones (< 8 layers): spread over 0..N-2."""
-    from ..models.config import default_target_layer_ids
+    from ..models.hf_config import default_target_layer_ids
 
     if num_target_layers >= 8:
         return default_target_layer_ids(num_target_layers, 5)
@@ -102,7 +67,7 @@ _SAME_DECODER = ("num_layers", "hidden_size", "intermediate_size", "num_heads", 
 def init_from(drafter: DFlashDrafter, model_dir: str) -> None:
     """Start from an existing drafter's weights (fine-tuning on more data, say). Its shape and
     target conditioning must match what this run builds."""
-    from ..models.config import DrafterConfig
+    from ..models.hf_config import DrafterConfig
 
     mine, theirs = drafter.cfg, DrafterConfig.load(model_dir)
     pairs = [(n, getattr(mine.decoder, n), getattr(theirs.decoder, n)) for n in _SAME_DECODER]
@@ -143,7 +108,7 @@ def train(args: DrafterTrainArgs) -> Path:
     out, work = Path(args.out), Path(args.out) / "work"
     work.mkdir(parents=True, exist_ok=True)
     tcfg = TargetConfig.load(args.target)
-    from ..tokenizer import Tokenizer
+    from ..core.tokenizer import Tokenizer
 
     tok = Tokenizer.maybe_load(args.target)
     mask_id = (tok.token_id("<|MASK|>") if tok else None)

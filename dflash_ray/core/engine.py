@@ -16,15 +16,15 @@ import threading
 import time
 from collections.abc import AsyncIterator
 
+from ..config import EngineConfig
+from ..executors import make_executor
 from .block_manager import BlockManager
-from .config import EngineConfig
-from .executor import make_executor
-from .metrics import EngineStats
 from .outputs import RequestOutput, coalesce
 from .sampling_params import InvalidRequest, SamplingParams
 from .scheduler import Scheduler, SchedulerConfig, SchedulerOutput, prefill_len
 from .sequence import Sequence
 from .spec_policy import make_policy
+from .stats import EngineStats
 from .step_io import DecodeItem, PrefillItem, SamplingSpec, StepBatch, StepResult
 from .stopping import commit_tokens
 from .tokenizer import Tokenizer

@@ -4,8 +4,8 @@
 from __future__ import annotations
 
 from .config import EngineConfig
-from .runner import ModelRunner, RunnerConfig
-from .step_io import StepBatch, StepResult
+from .core.step_io import StepBatch, StepResult
+from .worker.local_executor import ModelRunner, RunnerConfig
 
 
 def make_executor(config: EngineConfig):
@@ -23,7 +23,7 @@ def make_executor(config: EngineConfig):
         spec_min_confidence=config.spec_min_confidence,
     )
     if config.executor == "ray":
-        from .cluster.executor import RayExecutor
+        from .cluster.ray_executor import RayExecutor
 
         return RayExecutor(rc, num_target_shards=config.num_target_shards, **config.cluster)
     return LocalExecutor(rc)

@@ -1,11 +1,13 @@
-"""Chat prompts rendered with the target tokenizer's own Jinja chat template."""
+"""Chat prompts rendered with the target tokenizer's own Jinja chat template: what the server
+renders for chat requests and what drafter training renders for `{"messages": ...}` prompts, so
+the two always agree."""
 
 from __future__ import annotations
 
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from .protocol import APIError
+from .sampling_params import InvalidRequest
 
 # Used when a tokenizer ships no template (ChatML, what Qwen3 uses).
 CHATML = (
@@ -30,6 +32,6 @@ class ChatTemplate:
                 messages=messages, add_generation_prompt=True, enable_thinking=False, **kwargs
             )
         except TemplateError as exc:
-            raise APIError(
-                400, f"messages: the chat template rejected them: {exc}", "messages"
+            raise InvalidRequest(
+                f"messages: the chat template rejected them: {exc}", "messages"
             ) from exc

@@ -22,11 +22,11 @@ from dataclasses import dataclass
 import ray
 from ray.util.placement_group import remove_placement_group
 
-from ..models.config import TargetConfig
-from ..runner_config import ModelSpec, RunnerConfig
-from ..step_io import StepBatch, StepResult
+from ..core.step_io import StepBatch, StepResult
+from ..models.hf_config import TargetConfig
+from ..worker.worker_config import ModelSpec, RunnerConfig
 from .actors import DrafterActor, TargetShardActor
-from .config import ClusterConfig
+from .cluster_config import ClusterConfig
 from .launch import Deadline, cause, enclosing_group, place, spawn, wait_all
 
 log = logging.getLogger(__name__)

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .models.config import DrafterConfig, TargetConfig
-from .step_io import SamplingSpec
+from ..core.step_io import SamplingSpec
+from ..models.hf_config import DrafterConfig, TargetConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -10,7 +10,7 @@ from pathlib import Path
 def bench_prompts(target_dir: str, n: int, prompt_tokens: int = 64, seed: int = 0):
     if (Path(target_dir) / "tokenizer.json").is_file():
         try:
-            from ..tokenizer import Tokenizer
+            from ..core.tokenizer import Tokenizer
             from ..train.corpus import heldout_prompts
 
             prompts = heldout_prompts(Tokenizer(target_dir), n, prompt_tokens, seed)
@@ -18,7 +18,7 @@ def bench_prompts(target_dir: str, n: int, prompt_tokens: int = 64, seed: int = 
                 return prompts[:n]
         except (ImportError, ValueError):
             pass
-    from ..models.config import TargetConfig
+    from ..models.hf_config import TargetConfig
 
     top = min(TargetConfig.load(target_dir).vocab_size - 1, 200)
     rng = random.Random(seed)

@@ -16,8 +16,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..config import EngineConfig
-from ..engine import Engine
-from ..sampling_params import SamplingParams
+from ..core.engine import Engine
+from ..core.sampling_params import SamplingParams
 
 
 def load_prompts(path: str | None, target: str, n: int) -> list:

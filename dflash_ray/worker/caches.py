@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .ops import AttentionGroup
+from ..ops import AttentionGroup
 
 
 class PagedKVCache:

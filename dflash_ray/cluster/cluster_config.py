@@ -6,8 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..models.config import TargetConfig
-from ..parallel.plan import ShardingConfig
+from ..models.hf_config import TargetConfig
+from ..models.sharding import ShardingConfig
 
 
 class ClusterConfig(BaseModel):

@@ -19,11 +19,11 @@ import time
 
 import torch
 
+from ..core.step_io import StepBatch, StepResult
+from .caches import PagedKVCache
 from .draft_worker import DraftWorker
-from .kv_cache import PagedKVCache
-from .runner_config import DTYPES, ModelSpec, RunnerConfig, kv_blocks_that_fit
-from .step_io import StepBatch, StepResult
 from .target_worker import TargetWorker
+from .worker_config import DTYPES, ModelSpec, RunnerConfig, kv_blocks_that_fit
 
 __all__ = ["DTYPES", "ModelRunner", "RunnerConfig"]
 

@@ -1,4 +1,5 @@
-"""Sharding plans: which slice of the target each rank holds.
+"""Sharding plans: which slice of the target each rank holds (`ShardSpec`), and the plan that
+validates a split against a target (`ShardingConfig`).
 
 Tensor parallelism (TP) splits every attention layer's query heads, and the dense-MLP
 intermediate dimension, across ranks; expert parallelism (EP) gives each rank a contiguous run of
@@ -13,10 +14,31 @@ is replicated on TP / num_kv_heads ranks.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
 
-from ..models.config import TargetConfig
-from ..models.qwen3 import ShardSpec
+from .hf_config import TargetConfig
+
+
+@dataclass(slots=True)
+class ShardSpec:
+    """This rank's share of the target: heads [head_lo, head_hi) of every attention layer,
+    kv heads [kv_lo, kv_hi), experts [expert_lo, expert_hi), dense-MLP columns [mlp_lo, mlp_hi).
+    The default (None) is the whole model."""
+
+    head_range: tuple[int, int]
+    kv_range: tuple[int, int]
+    expert_range: tuple[int, int]
+    mlp_range: tuple[int, int]
+
+
+def full_shard(cfg: TargetConfig) -> ShardSpec:
+    d = cfg.decoder
+    return ShardSpec(
+        (0, d.num_heads), (0, d.num_kv_heads), (0, cfg.num_experts), (0, d.intermediate_size)
+    )
+
 
 
 def split(n: int, parts: int, index: int) -> tuple[int, int]:

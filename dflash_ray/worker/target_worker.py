@@ -13,14 +13,15 @@ from dataclasses import dataclass
 
 import torch
 
+from ..core.step_io import DecodeItem, SamplingSpec, SeqResult, StepBatch
+from ..models.layers import prepack
+from ..models.qwen3 import Qwen3Target
+from ..models.sharding import ShardSpec
+from ..parallel.communicator import LOCAL, Communicator
+from ..spec_decode import greedy_accept, processed_probs, rejection_accept, sample
+from .caches import PagedKVCache, SeqSpan, build_layout
 from .draft_worker import Drafts, proposed_lengths
-from .kv_cache import PagedKVCache, SeqSpan, build_layout
-from .models.layers import prepack
-from .models.qwen3 import Qwen3Target, ShardSpec
-from .parallel.communicator import LOCAL, Communicator
-from .runner_config import ModelSpec, RunnerConfig, seeded_generator
-from .spec_decode import greedy_accept, processed_probs, rejection_accept, sample
-from .step_io import DecodeItem, SamplingSpec, SeqResult, StepBatch
+from .worker_config import ModelSpec, RunnerConfig, seeded_generator
 
 
 @dataclass(slots=True)

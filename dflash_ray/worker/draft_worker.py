@@ -14,14 +14,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .kv_cache import PagedKVCache, SeqSpan, build_layout, slot_mapping
-from .models.config import TargetConfig
-from .models.dflash import DFlashDrafter
-from .models.layers import Linear, prepack
-from .models.loader import load_weights
-from .runner_config import ModelSpec, RunnerConfig, seeded_generator
-from .spec_decode import processed_probs, sample
-from .step_io import DecodeItem, SamplingSpec
+from ..core.step_io import DecodeItem, SamplingSpec
+from ..models.dflash import DFlashDrafter
+from ..models.hf_config import TargetConfig
+from ..models.layers import Linear, prepack
+from ..models.loader import load_weights
+from ..spec_decode import processed_probs, sample
+from .caches import PagedKVCache, SeqSpan, build_layout, slot_mapping
+from .worker_config import ModelSpec, RunnerConfig, seeded_generator
 
 NO_DRAFT = -1  # a `Drafts.tokens` entry the target should not verify
 
