@@ -23,9 +23,9 @@ from tqdm import tqdm  # noqa: E402
 from dflash_ray.benchmark.offline import closed_loop  # noqa: E402
 from dflash_ray.benchmark.prompts import bench_prompts  # noqa: E402
 from dflash_ray.config import EngineConfig  # noqa: E402
-from dflash_ray.core.engine import Engine  # noqa: E402
 from dflash_ray.core.sampling_params import SamplingParams  # noqa: E402
 from dflash_ray.demo import demo_pair  # noqa: E402
+from dflash_ray.executors import make_engine  # noqa: E402
 
 
 def main() -> None:
@@ -47,10 +47,10 @@ def main() -> None:
     prompts = bench_prompts(target, args.num_prompts)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
     seqs = max(1, args.concurrency)
-    engines = {"plain": Engine(EngineConfig(target=target, max_num_seqs=seqs))}
+    engines = {"plain": make_engine(EngineConfig(target=target, max_num_seqs=seqs))}
     for t in args.thresholds:
         for cd in args.cooldowns:
-            engines[f"dflash@{t:g}" + (f"/cd{cd}" if cd else "")] = Engine(EngineConfig(
+            engines[f"dflash@{t:g}" + (f"/cd{cd}" if cd else "")] = make_engine(EngineConfig(
                 target=target, drafter=drafter, block_size=args.block_size, max_num_seqs=seqs,
                 spec_min_confidence=t, spec_reject_cooldown=cd))
     for e in engines.values():  # warm-up: first-call allocations, caches

@@ -16,7 +16,7 @@ import time
 import torch
 
 from dflash_ray import LLM, SamplingParams
-from dflash_ray.worker.caches import SeqSpan, build_layout
+from dflash_ray.worker.layout import SeqSpan, build_layout
 
 
 def make_checkpoint(path: str, layers: int, hidden: int, experts: int, vocab: int) -> None:
@@ -70,19 +70,19 @@ def hf_step_ms(path: str, context: int, block: int, repeat: int) -> float:
 def ours_step_ms(llm: LLM, context: int, block: int, repeat: int) -> float:
     """Our runner: the same forward (layout + target + logits of every block row) on a paged
     cache already holding `context` positions."""
-    runner = llm.engine.executor.runner
-    blen = runner.cfg.kv_block_len
+    target = llm.engine.executor.target  # the TargetWorker
+    blen = target.cfg.kv_block_len
     table = list(range((context + block + blen - 1) // blen))
-    dev = runner.device
+    dev = target.device
 
     def forward(start: int, n: int) -> None:
         spans = [SeqSpan(table, start, n, n)]
         slots, groups = build_layout(spans, blen, causal=True, device=dev)
         ids = torch.arange(n, device=dev) % 100 + 1
-        hidden, _ = runner.target(
-            ids, torch.arange(start, start + n, device=dev), runner.target_cache, slots, groups
+        hidden, _ = target.model(
+            ids, torch.arange(start, start + n, device=dev), target.cache, slots, groups
         )
-        runner.target.logits(hidden)
+        target.model.logits(hidden)
 
     forward(0, context)
     return median_ms(lambda: forward(context, block), repeat)

@@ -68,7 +68,8 @@ def env(args) -> dict:
 @torch.inference_mode()
 def top2_margin(model, ids: list[int], device: str) -> float:
     """The gap between the target's two largest next-token logits after `ids` (one prefill)."""
-    from dflash_ray.worker.caches import PagedKVCache, SeqSpan, build_layout
+    from dflash_ray.worker.caches import PagedKVCache
+    from dflash_ray.worker.layout import SeqSpan, build_layout
 
     d, n = model.cfg.decoder, len(ids)
     nb = (n + 15) // 16
@@ -111,7 +112,7 @@ def lossless(args) -> dict:
             if p.token_ids != s.token_ids:
                 k = next((j for j, (a, b) in enumerate(zip(p.token_ids, s.token_ids, strict=False))
                           if a != b), min(len(p.token_ids), len(s.token_ids)))
-                margin, top = top2_margin(llms["plain"].engine.executor.runner.target,
+                margin, top = top2_margin(llms["plain"].engine.executor.target.model,
                                           p.prompt_token_ids + p.token_ids[:k], args.device)
                 margins.append({"margin": margin, "tolerance": rounding_tolerance(dtype, top)})
         row = {"identical": not margins, "mismatched_requests": len(margins),
@@ -151,7 +152,8 @@ def hf_parity(args) -> dict:
 
     from dflash_ray.demo import demo_pair
     from dflash_ray.models.qwen3 import Qwen3Target
-    from dflash_ray.worker.caches import PagedKVCache, SeqSpan, build_layout
+    from dflash_ray.worker.caches import PagedKVCache
+    from dflash_ray.worker.layout import SeqSpan, build_layout
 
     target, _ = demo_pair()
     dev = args.device
@@ -205,7 +207,8 @@ def timing(args) -> dict:
     from dflash_ray.models.dflash import DFlashDrafter
     from dflash_ray.models.hf_config import DrafterConfig, TargetConfig
     from dflash_ray.models.qwen3 import Qwen3Target
-    from dflash_ray.worker.caches import PagedKVCache, SeqSpan, build_layout, slot_mapping
+    from dflash_ray.worker.caches import PagedKVCache
+    from dflash_ray.worker.layout import SeqSpan, build_layout, slot_mapping
 
     dev, dtype, blen, ctx = args.device, torch.bfloat16, 16, args.context
     shape, dshape = (SMALL, DRAFTER_SMALL) if args.small else (QWEN3_8B, DRAFTER_8B)

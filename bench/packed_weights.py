@@ -21,9 +21,9 @@ from tqdm import tqdm  # noqa: E402
 from dflash_ray.benchmark.offline import closed_loop  # noqa: E402
 from dflash_ray.benchmark.prompts import bench_prompts  # noqa: E402
 from dflash_ray.config import EngineConfig  # noqa: E402
-from dflash_ray.core.engine import Engine  # noqa: E402
 from dflash_ray.core.sampling_params import SamplingParams  # noqa: E402
 from dflash_ray.demo import demo_pair  # noqa: E402
+from dflash_ray.executors import make_engine  # noqa: E402
 
 
 def main() -> None:
@@ -44,8 +44,8 @@ def main() -> None:
     for ops in ("ref", "packed"):
         # read when the workers build their models: set it around each engine's construction
         os.environ["DFLASH_OPS"] = "ref" if ops == "ref" else "auto"
-        engines[f"plain/{ops}"] = Engine(EngineConfig(**common))
-        engines[f"dflash/{ops}"] = Engine(EngineConfig(
+        engines[f"plain/{ops}"] = make_engine(EngineConfig(**common))
+        engines[f"dflash/{ops}"] = make_engine(EngineConfig(
             **common, drafter=drafter, spec_min_confidence=args.spec_min_confidence))
     os.environ.pop("DFLASH_OPS")
     for e in engines.values():

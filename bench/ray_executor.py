@@ -30,6 +30,7 @@ from dflash_ray.benchmark.prompts import bench_prompts  # noqa: E402
 from dflash_ray.config import EngineConfig  # noqa: E402
 from dflash_ray.core.engine import Engine  # noqa: E402
 from dflash_ray.core.sampling_params import SamplingParams  # noqa: E402
+from dflash_ray.executors import make_engine  # noqa: E402
 
 
 def random_pair(root: Path) -> tuple[str, str]:
@@ -71,12 +72,12 @@ def random_pair(root: Path) -> tuple[str, str]:
 
 def per_step_ms(engine: Engine, steps0: int, seconds: float, timing0) -> dict:
     """Mean milliseconds per engine step over the last closed loop."""
-    steps = engine.stats.num_steps - steps0
+    steps = engine.stats().counters.num_steps - steps0
     row = {"steps": steps, "step_wall": 1e3 * seconds / steps}
     t = getattr(engine.executor, "timing", None)
     if t is None:
-        row["draft"] = 1e3 * (engine.stats.draft_seconds - timing0[0]) / steps
-        row["verify"] = 1e3 * (engine.stats.verify_seconds - timing0[1]) / steps
+        row["draft"] = 1e3 * (engine.stats().counters.draft_seconds - timing0[0]) / steps
+        row["verify"] = 1e3 * (engine.stats().counters.verify_seconds - timing0[1]) / steps
         return row
     n = t.steps - timing0.steps
     for key in ("draft", "verify", "transfer"):
@@ -89,7 +90,7 @@ def per_step_ms(engine: Engine, steps0: int, seconds: float, timing0) -> dict:
 def snapshot(engine: Engine):
     t = getattr(engine.executor, "timing", None)
     if t is None:
-        return (engine.stats.draft_seconds, engine.stats.verify_seconds)
+        return (engine.stats().counters.draft_seconds, engine.stats().counters.verify_seconds)
     from dataclasses import replace
 
     return replace(t)
@@ -130,7 +131,7 @@ def run(args) -> dict:
     outputs = {}
     bar = tqdm(total=len(setups) * len(args.concurrency) * len(prompts), unit="req")
     for name, kw in setups:
-        engine = Engine(
+        engine = make_engine(
             EngineConfig(
                 target=target,
                 drafter=drafter,
@@ -141,7 +142,7 @@ def run(args) -> dict:
         )
         closed_loop(engine, prompts[: max(args.concurrency)], max(args.concurrency), params, bar)
         for c in args.concurrency:
-            steps0, timing0 = engine.stats.num_steps, snapshot(engine)
+            steps0, timing0 = engine.stats().counters.num_steps, snapshot(engine)
             row = closed_loop(engine, prompts, c, params, bar)
             outputs.setdefault(c, {})[name] = sorted(row.pop("outputs"))
             row.pop("tau_histogram"), row.pop("acceptance_rate_per_position")

@@ -26,7 +26,8 @@ import httpx
 
 from dflash_ray import SamplingParams
 from dflash_ray.config import EngineConfig
-from dflash_ray.core.engine import Engine
+from dflash_ray.core.engine import Engine  # noqa: E402
+from dflash_ray.executors import make_engine
 
 
 def pct(values: list[float], q: float) -> float:
@@ -153,7 +154,7 @@ def main() -> None:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"engine": engine_cfg}), name="bench", route_prefix="/")
     base = f"http://127.0.0.1:{port}"
-    engine = Engine(EngineConfig(**engine_cfg))
+    engine = make_engine(EngineConfig(**engine_cfg))
     rows = []
     try:
         for c in args.concurrency:

@@ -33,8 +33,8 @@ from dflash_ray.config import EngineConfig  # noqa: E402
 from dflash_ray.core.engine import Engine  # noqa: E402
 from dflash_ray.core.sampling_params import SamplingParams  # noqa: E402
 from dflash_ray.demo import demo_pair  # noqa: E402
-from dflash_ray.models import layers  # noqa: E402
-from dflash_ray.worker.draft_worker import proposed_lengths  # noqa: E402
+from dflash_ray.executors import make_engine  # noqa: E402
+from dflash_ray.ops import OPS, override  # noqa: E402
 
 
 class StepRecorder:
@@ -50,32 +50,30 @@ class StepRecorder:
         self.committed = 0  # tokens committed by the timed steps' sequences
         self.seq_steps = 0  # sequences x timed steps
         self.on = False
-        runner = engine.executor.runner
-        self._wrap_verify(runner.target_worker)
-        if runner.draft_worker is not None:
-            self._wrap_draft(runner.draft_worker)
+        executor = engine.executor
+        self._wrap_verify(executor.target)
+        if executor.drafter is not None:
+            self._wrap_draft(executor.drafter)
 
     def _wrap_verify(self, worker) -> None:
         verify = worker.verify
 
-        def timed(batch, drafts):
+        def timed(batch, drafts, drafter_lost=False):
             if not self.on or batch.prefills:
-                return verify(batch, drafts)
+                return verify(batch, drafts, drafter_lost)
             hits: list[int] = []
             StepRecorder.active, self._hits = self, hits
             t = time.perf_counter()
             try:
-                out = verify(batch, drafts)
-                self.committed += sum(len(r.tokens) for r in out.results)
+                out = verify(batch, drafts, drafter_lost)
+                self.committed += sum(len(r.tokens) for r in out)
                 self.seq_steps += len(batch.decodes)
                 return out
             finally:
                 seconds = time.perf_counter() - t
                 StepRecorder.active = None
-                q = [d.num_queries for d in batch.decodes]
-                # the blocks as cut to the proposed drafts: bonus + proposed
-                tokens = sum(q) if drafts is None else len(q) + sum(
-                    proposed_lengths(drafts.tokens, q))
+                # the blocks verified: bonus + proposed drafts
+                tokens = len(batch.decodes) + (sum(drafts.num_proposed) if drafts else 0)
                 self.verify[tokens].append(seconds)
                 self.experts[tokens] += hits
 
@@ -84,10 +82,10 @@ class StepRecorder:
     def _wrap_draft(self, worker) -> None:
         draft = worker.draft
 
-        def timed(decodes):
+        def timed(batch, features):
             t = time.perf_counter()
-            out = draft(decodes)
-            if self.on and any(d.num_queries > 1 for d in decodes):
+            out = draft(batch, features)
+            if self.on and any(d.num_queries > 1 for d in batch.decodes):
                 self.draft.append(time.perf_counter() - t)
             return out
 
@@ -112,9 +110,8 @@ class StepRecorder:
 
 
 def _count_experts():
-    """Make every MoE layer report how many distinct experts its tokens hit; returns the
-    original router, to put back."""
-    route = layers.route_experts
+    """Every MoE layer reports how many distinct experts its tokens hit (inside the block)."""
+    route = OPS.route_experts
 
     def counted(router_logits, top_k, normalize):
         weights, ids = route(router_logits, top_k, normalize)
@@ -122,8 +119,7 @@ def _count_experts():
             StepRecorder.active._hits.append(int(ids.unique().numel()))
         return weights, ids
 
-    layers.route_experts = counted
-    return route
+    return override("route_experts", counted)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -147,25 +143,24 @@ def main(argv: list[str] | None = None) -> dict:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
     common = dict(target=target, max_num_seqs=args.concurrency)
     engines = {
-        "plain": Engine(EngineConfig(**common)),
-        "dflash": Engine(EngineConfig(**common, drafter=drafter,
+        "plain": make_engine(EngineConfig(**common)),
+        "dflash": make_engine(EngineConfig(**common, drafter=drafter,
                                       spec_min_confidence=args.spec_min_confidence)),
     }
     recorders = {name: StepRecorder(e) for name, e in engines.items()}
-    route = _count_experts()
     try:
-        for e in engines.values():  # warm-up, not recorded
-            closed_loop(e, prompts[:1], args.concurrency, params, tqdm(disable=True))
-        runs: dict[str, list[dict]] = {name: [] for name in engines}
-        with tqdm(total=args.rounds * len(engines) * len(prompts), desc="step costs") as bar:
-            for r in range(args.rounds):
-                for name in (list(engines) if r % 2 == 0 else list(engines)[::-1]):
-                    recorders[name].on = True
-                    runs[name].append(closed_loop(engines[name], prompts, args.concurrency,
-                                                  params, bar))
-                    recorders[name].on = False
+        with _count_experts():
+            for e in engines.values():  # warm-up, not recorded
+                closed_loop(e, prompts[:1], args.concurrency, params, tqdm(disable=True))
+            runs: dict[str, list[dict]] = {name: [] for name in engines}
+            with tqdm(total=args.rounds * len(engines) * len(prompts), desc="step costs") as bar:
+                for r in range(args.rounds):
+                    for name in (list(engines) if r % 2 == 0 else list(engines)[::-1]):
+                        recorders[name].on = True
+                        runs[name].append(closed_loop(engines[name], prompts, args.concurrency,
+                                                      params, bar))
+                        recorders[name].on = False
     finally:
-        layers.route_experts = route
         for e in engines.values():
             e.shutdown()
 

@@ -5,15 +5,16 @@ from __future__ import annotations
 from tqdm import tqdm
 
 from .config import EngineConfig
-from .core.engine import Engine, RequestOutput
+from .core.outputs import RequestOutput
 from .core.sampling_params import SamplingParams
+from .executors import make_engine
 
 
 class LLM:
     """`LLM(target=..., drafter=... | None)`; any other `EngineConfig` field as a keyword."""
 
     def __init__(self, target: str, drafter: str | None = None, **kwargs):
-        self.engine = Engine(EngineConfig(target=target, drafter=drafter, **kwargs))
+        self.engine = make_engine(EngineConfig(target=target, drafter=drafter, **kwargs))
 
     @property
     def tokenizer(self):

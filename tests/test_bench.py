@@ -63,8 +63,7 @@ def test_step_costs_counts_experts_and_restores_the_router(tiny, tmp_path):
     import importlib.util
     from pathlib import Path
 
-    from dflash_ray import ops
-    from dflash_ray.models import layers
+    from dflash_ray.ops import OPS, REFERENCE
 
     path = Path(__file__).resolve().parents[1] / "bench" / "step_costs.py"
     spec = importlib.util.spec_from_file_location("step_costs", path)
@@ -75,7 +74,7 @@ def test_step_costs_counts_experts_and_restores_the_router(tiny, tmp_path):
                            "--spec-min-confidence", "0", "--prompts", "2", "--max-tokens", "12",
                            "--rounds", "2", "--out", str(out_file)])
     assert json.loads(out_file.read_text()) == json.loads(json.dumps(out))
-    assert layers.route_experts is ops.route_experts
+    assert OPS.route_experts is REFERENCE["route_experts"]
     plain, spec_rows = out["plain"], out["dflash"]["verify_by_tokens"]
     assert list(plain["verify_by_tokens"]) == [1] and plain["experts_per_layer"] == 2.0
     assert plain["verify_by_tokens"][1]["steps"] == 2 * 2 * 11  # rounds x prompts x decodes

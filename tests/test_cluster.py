@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from dflash_ray import LLM, SamplingParams
 from dflash_ray.config import EngineConfig
 from dflash_ray.core.engine import Engine
-from dflash_ray.worker.worker_config import RunnerConfig
+from dflash_ray.worker.worker_config import WorkerConfig
 
 ray = pytest.importorskip("ray")
 
@@ -29,7 +29,7 @@ GREEDY = SamplingParams(max_tokens=40)
 
 
 def ray_engine(target: str, drafter: str | None, shards: int, **spec) -> Engine:
-    rc = RunnerConfig(
+    rc = WorkerConfig(
         target=target,
         drafter=drafter,
         num_kv_blocks=96,
@@ -83,9 +83,9 @@ def test_cut_blocks_and_plain_steps_cross_the_actors_like_in_process(
     spec_max_batch (q = 1: the drafter actor only takes in context, once enough waits) give the
     in-process engine's tokens and acceptance lengths, greedy and seeded sampling. A bf16
     drafter actor, fed the fp32 target's features over the channel."""
-    from dflash_ray.core import engine as engine_module
+    from dflash_ray.core import scheduler as scheduler_module
 
-    monkeypatch.setattr(engine_module, "MAX_WAITING_CONTEXT", 24)  # the engines run here
+    monkeypatch.setattr(scheduler_module, "MAX_WAITING_CONTEXT", 24)  # the engines run here
     spec = {"spec_min_confidence": 0.02, "spec_max_batch": 3, "drafter_dtype": "bfloat16"}
     sampled = [
         SamplingParams(max_tokens=30, temperature=0.8, top_k=12, seed=3 + i) for i in range(2)
@@ -111,8 +111,9 @@ def test_cut_blocks_and_plain_steps_cross_the_actors_like_in_process(
     want = LLM(tiny["moe"], tiny["drafter"], **spec).generate(prompts, params, use_tqdm=False)
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
     assert [o.acceptance_lengths for o in got] == [o.acceptance_lengths for o in want]
-    assert engine.stats.spec.num_drafts > 0
-    assert engine.stats.spec.num_draft_tokens < engine.stats.spec.num_drafts * 7
+    spec_stats = engine.stats().counters.spec
+    assert spec_stats.num_drafts > 0
+    assert spec_stats.num_draft_tokens < spec_stats.num_drafts * 7
 
 
 def test_killed_drafter_falls_back_to_plain_then_speculates_again(sharded, llms):
@@ -125,9 +126,11 @@ def test_killed_drafter_falls_back_to_plain_then_speculates_again(sharded, llms)
     ids += [sharded.add_request(p, GREEDY) for p in PROMPTS[3:]]  # admitted while it is down
     outs = sharded.run_until_finished(ids)
     assert [o.token_ids for o in outs] == [o.token_ids for o in plain]
-    # speculation stopped with the kill, and never started for requests admitted after it
-    assert all(max(o.acceptance_lengths[2:]) == 1 for o in outs[:3])
-    assert all(max(o.acceptance_lengths) == 1 for o in outs[3:])
+    # speculation stopped with the kill (at most the two decode steps before it verified
+    # drafts), and never started for requests admitted after it
+    assert all(len(o.acceptance_lengths) <= 2 for o in outs[:3])
+    assert all(o.acceptance_lengths == [] for o in outs[3:])
+    assert sharded.stats().counters.num_drafter_losses >= 1
     assert ex.wait_for_drafter(60)
     again = generate(sharded, PROMPTS, GREEDY)
     assert [o.token_ids for o in again] == [o.token_ids for o in plain]
@@ -200,25 +203,25 @@ def test_plain_decoding_one_shard(ray_cluster, tiny, llms):
 
 
 def test_unplaceable_actors_time_out_naming_the_placement(ray_cluster, tiny):
-    rc = RunnerConfig(target=tiny["moe"], drafter=tiny["drafter"], num_kv_blocks=8)
+    rc = WorkerConfig(target=tiny["moe"], drafter=tiny["drafter"], num_kv_blocks=8)
     with pytest.raises(ActorStartError, match=r"placement group .* not placed within 1 s"):
         RayExecutor(rc, 2, num_cpus_per_actor=64, start_timeout_s=1)
 
 
 def test_actor_start_timeout_and_failure_name_the_actor(ray_cluster, tiny, tmp_path):
-    rc = RunnerConfig(target=tiny["moe"], drafter=tiny["drafter"], num_kv_blocks=8)
+    rc = WorkerConfig(target=tiny["moe"], drafter=tiny["drafter"], num_kv_blocks=8)
     with pytest.raises(ActorStartError, match=r"drafter, target shard 0 did not start within"):
         RayExecutor(rc, 1, start_timeout_s=0.5)
     broken = tmp_path / "drafter"
     broken.mkdir()
     shutil.copy(f"{tiny['drafter']}/config.json", broken)  # config only: weights missing
-    rc = RunnerConfig(target=tiny["moe"], drafter=str(broken), num_kv_blocks=8)
+    rc = WorkerConfig(target=tiny["moe"], drafter=str(broken), num_kv_blocks=8)
     with pytest.raises(ActorStartError, match=r"drafter failed to start: .*no \*\.safetensors"):
         RayExecutor(rc, 1)
 
 
 def test_plan_errors_fail_before_any_actor_starts(tiny):
-    rc = RunnerConfig(target=tiny["moe"], drafter=tiny["drafter"])
+    rc = WorkerConfig(target=tiny["moe"], drafter=tiny["drafter"])
     with pytest.raises(
         ValidationError, match="num_attention_heads 4 is not divisible by tp_size 3"
     ):
@@ -235,7 +238,7 @@ def test_gpu_drafter_and_shard_match_cpu(ray_cluster, tiny, llms, gpus_per_actor
     ranks on one device); with a GPU each, the channel is NCCL."""
     if torch.cuda.device_count() < 2 * gpus_per_actor:
         pytest.skip(f"needs {2 * gpus_per_actor:g} GPUs")
-    rc = RunnerConfig(target=tiny["moe"], drafter=tiny["drafter"], device="cuda", num_kv_blocks=96)
+    rc = WorkerConfig(target=tiny["moe"], drafter=tiny["drafter"], device="cuda", num_kv_blocks=96)
     executor = RayExecutor(rc, 1, num_gpus_per_actor=gpus_per_actor)
     assert executor.backend == ("nccl" if gpus_per_actor == 1 else "gloo")
     engine = Engine(

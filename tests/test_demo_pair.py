@@ -55,14 +55,14 @@ def test_packed_cpu_weights_change_nothing_observable(pair, monkeypatch):
     prompts = bench_prompts(target, 3)
     params = SamplingParams(max_tokens=48)
     packed = LLM(target, drafter, spec_min_confidence=0.1, drafter_dtype="float32")
-    runner = packed.engine.executor.runner
-    assert runner.target.lm_head.packed is not None
-    assert runner.target.layers[0].mlp.experts.packed is not None
-    assert runner.draft_worker.drafter.layers[0].self_attn.kv_packed is not None
+    executor = packed.engine.executor
+    assert executor.target.model.lm_head.packed is not None
+    assert executor.target.model.layers[0].mlp.experts.packed is not None
+    assert executor.drafter.drafter.layers[0].self_attn.kv_packed is not None
     got = packed.generate(prompts, params, use_tqdm=False)
     monkeypatch.setenv("DFLASH_OPS", "ref")
     ref = LLM(target, drafter, spec_min_confidence=0.1, drafter_dtype="float32")
-    assert ref.engine.executor.runner.target.lm_head.packed is None
+    assert ref.engine.executor.target.model.lm_head.packed is None
     want = ref.generate(prompts, params, use_tqdm=False)
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
     assert [o.acceptance_lengths for o in got] == [o.acceptance_lengths for o in want]

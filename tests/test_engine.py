@@ -10,7 +10,7 @@ import pytest
 
 from dflash_ray import LLM, SamplingParams
 from dflash_ray.config import EngineConfig
-from dflash_ray.core.engine import Engine
+from dflash_ray.executors import make_engine
 
 from .conftest import VOCAB, save_drafter
 
@@ -78,7 +78,7 @@ def test_preemption_preserves_output(tiny, drafter):
     # 4 positions per block, 40 blocks: six sequences of up to 75 tokens cannot all fit
     tight_llm = LLM(**kw, kv_block_len=4, num_kv_blocks=40)
     tight = tight_llm.generate(prompts, params, use_tqdm=False)
-    assert tight_llm.engine.stats.num_preemptions > 0
+    assert tight_llm.engine.stats().counters.num_preemptions > 0
     assert [o.token_ids for o in tight] == [o.token_ids for o in roomy]
     assert tight_llm.engine.blocks.num_free == 40
 
@@ -90,7 +90,7 @@ def test_sampled_preemption_is_reproducible(tiny):
     roomy = LLM(**kw).generate(prompts, params, use_tqdm=False)
     tight_llm = LLM(**kw, kv_block_len=4, num_kv_blocks=40)
     tight = tight_llm.generate(prompts, params, use_tqdm=False)
-    assert tight_llm.engine.stats.num_preemptions > 0
+    assert tight_llm.engine.stats().counters.num_preemptions > 0
     assert [o.token_ids for o in tight] == [o.token_ids for o in roomy]
 
 
@@ -171,7 +171,7 @@ def test_stepping_after_streams_gets_every_output(llms):
 
 
 def test_shutdown_fails_open_streams_and_refuses_new_requests(tiny):
-    engine = Engine(EngineConfig(target=tiny["moe"]))
+    engine = make_engine(EngineConfig(target=tiny["moe"]))
 
     async def main():
         agen = engine.stream([5, 6, 7], SamplingParams(max_tokens=400, ignore_eos=True))
@@ -188,7 +188,7 @@ def test_shutdown_fails_open_streams_and_refuses_new_requests(tiny):
 
 def test_stream_interval_sends_fewer_larger_deltas(tiny):
     """After the first delta, every delta but the last carries >= stream_interval tokens."""
-    engine = Engine(EngineConfig(target=tiny["moe"], stream_interval=5))
+    engine = make_engine(EngineConfig(target=tiny["moe"], stream_interval=5))
 
     async def collect():
         return [out async for out in engine.stream([5, 6, 7], SamplingParams(max_tokens=23,
@@ -236,7 +236,7 @@ def test_bad_requests_name_the_problem(llms):
 
 def test_bad_models_name_the_field(tiny, tmp_path):
     with pytest.raises(ValueError, match="unsupported target architecture"):
-        Engine(EngineConfig(target=tiny["drafter"]))
+        make_engine(EngineConfig(target=tiny["drafter"]))
     with pytest.raises(ValueError, match="hidden_size"):
         LLM(tiny["moe"], save_drafter(tmp_path / "h", hidden_size=32, head_dim=8))
     with pytest.raises(ValueError, match="vocab_size"):

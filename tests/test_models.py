@@ -8,8 +8,10 @@ from transformers import AutoModelForCausalLM
 
 from dflash_ray.models.layers import prepack
 from dflash_ray.models.qwen3 import Qwen3Target
-from dflash_ray.ops import PackedWeight, can_pack, moe_experts
-from dflash_ray.worker.caches import PagedKVCache, SeqSpan, build_layout
+from dflash_ray.ops import PackedWeight, can_pack
+from dflash_ray.ops.reference import moe_experts
+from dflash_ray.worker.caches import PagedKVCache
+from dflash_ray.worker.layout import SeqSpan, build_layout
 
 from .conftest import VOCAB, save_qwen3, save_qwen3_moe
 

@@ -17,7 +17,8 @@ from dflash_ray.models.hf_config import TargetConfig
 from dflash_ray.models.qwen3 import Qwen3Target
 from dflash_ray.models.sharding import ShardingConfig, shard_spec, split
 from dflash_ray.parallel.communicator import GroupCommunicator, connect_store, open_store
-from dflash_ray.worker.caches import PagedKVCache, SeqSpan, build_layout
+from dflash_ray.worker.caches import PagedKVCache
+from dflash_ray.worker.layout import SeqSpan, build_layout
 
 from .conftest import save_qwen3_moe
 from .test_models import rel_err

@@ -45,24 +45,24 @@ def test_greedy_dflash_equals_plain_single(llms, mode):
 def test_drafter_runs_in_its_own_dtype_beside_the_target(llms, tiny):
     """A bf16 drafter keeps its own bf16 copy of the target's embedding and LM head; the
     target stays fp32 (both engines' outputs are checked against plain decoding elsewhere)."""
-    bf16 = llms["dflash_bf16"].engine.executor.runner
-    assert bf16.draft_worker.dtype == torch.bfloat16
-    assert bf16.draft_worker.head is not bf16.target
-    assert bf16.draft_worker.head.lm_head.weight.dtype == torch.bfloat16
-    assert bf16.target.lm_head.weight.dtype == torch.float32
-    assert bf16.draft_worker.cache.k.dtype == torch.bfloat16
-    fp32 = llms["dflash"].engine.executor.runner
-    assert fp32.draft_worker.dtype == torch.float32
-    assert fp32.draft_worker.head is fp32.target  # same dtype: borrowed, not copied
+    bf16 = llms["dflash_bf16"].engine.executor
+    assert bf16.drafter.dtype == torch.bfloat16
+    assert bf16.drafter.head is not bf16.target.model
+    assert bf16.drafter.head.lm_head.weight.dtype == torch.bfloat16
+    assert bf16.target.model.lm_head.weight.dtype == torch.float32
+    assert bf16.drafter.cache.kv.k.dtype == torch.bfloat16
+    fp32 = llms["dflash"].engine.executor
+    assert fp32.drafter.dtype == torch.float32
+    assert fp32.drafter.head is fp32.target.model  # same dtype: borrowed, not copied
     with pytest.raises(ValueError, match="'int8'"):
         LLM(tiny["moe"], tiny["drafter"], drafter_dtype="int8")
 
 
 def test_drafter_dtype_auto_and_bad_values(tiny):
-    from dflash_ray.worker.worker_config import ModelSpec, RunnerConfig, native_bf16
+    from dflash_ray.worker.worker_config import ModelSpec, WorkerConfig, native_bf16
 
     def resolved(**kw):
-        return RunnerConfig(tiny["moe"], tiny["drafter"], **kw).drafter_torch_dtype
+        return WorkerConfig(tiny["moe"], tiny["drafter"], **kw).drafter_torch_dtype
 
     # a 16-bit target keeps its dtype for the drafter (and lends it its head)
     assert resolved(dtype="float16") == torch.float16
@@ -71,7 +71,7 @@ def test_drafter_dtype_auto_and_bad_values(tiny):
     fp32_auto = torch.bfloat16 if native_bf16(torch.device("cpu")) else torch.float32
     assert resolved(dtype="float32") == fp32_auto
     with pytest.raises(ValueError, match="drafter_dtype 'int8'"):
-        ModelSpec.resolve(RunnerConfig(tiny["moe"], tiny["drafter"], drafter_dtype="int8"))
+        ModelSpec.resolve(WorkerConfig(tiny["moe"], tiny["drafter"], drafter_dtype="int8"))
 
 
 def test_greedy_dflash_equals_plain_staggered_batch(llms):
@@ -83,7 +83,7 @@ def test_greedy_dflash_equals_plain_staggered_batch(llms):
     assert [o.token_ids for o in spec] == [o.token_ids for o in alone]
     assert [o.token_ids for o in spec_bf16] == [o.token_ids for o in alone]
     assert [o.token_ids for o in plain] == [o.token_ids for o in alone]
-    assert llms["dflash"].engine.stats.max_batch_size >= 8
+    assert llms["dflash"].engine.stats().counters.max_batch_size >= 8
     assert any(max(o.acceptance_lengths) > 1 for o in spec), "no draft was ever accepted"
 
 
@@ -92,11 +92,11 @@ def test_confidence_cut_blocks_stay_lossless(llms):
     really happens (fewer drafts verified than the block holds, but some)."""
     params = SamplingParams(max_tokens=40)
     engine = llms["dflash_cut"].engine
-    before = dataclasses.replace(engine.stats.spec, accepted_per_pos=[])
+    before = dataclasses.replace(engine.stats().counters.spec, accepted_per_pos=[])
     plain = llms["plain"].generate(PROMPTS, params, use_tqdm=False)
     cut = run_staggered(engine, PROMPTS, params)
     assert [o.token_ids for o in cut] == [o.token_ids for o in plain]
-    s = engine.stats.spec
+    s = engine.stats().counters.spec
     drafts = s.num_drafts - before.num_drafts
     proposed = s.num_draft_tokens - before.num_draft_tokens
     assert drafts > 0
@@ -125,36 +125,36 @@ def test_spec_max_batch_decodes_plain_above_the_limit_and_resumes(tiny, llms):
     first_big = next(i for i, (n, _) in enumerate(seen) if n > 3)
     assert any(spec for _, spec in seen[:first_big])
     assert any(spec for _, spec in seen[first_big:]), "speculation never resumed"
-    assert engine.stats.spec.num_accepted_tokens > 0
+    assert engine.stats().counters.spec.num_accepted_tokens > 0
 
 
 def test_plain_stretch_skips_the_drafter_until_context_piles_up(tiny, llms, monkeypatch):
     """With speculation off (spec_max_batch=0) the drafter sits out, but for a context-only
     pass whenever MAX_WAITING_CONTEXT rows wait for it, which takes them all in. Output stays
     plain's."""
-    from dflash_ray.core import engine as engine_module
+    from dflash_ray.core import scheduler as scheduler_module
 
     limit = 60
-    monkeypatch.setattr(engine_module, "MAX_WAITING_CONTEXT", limit)
+    monkeypatch.setattr(scheduler_module, "MAX_WAITING_CONTEXT", limit)
     params = SamplingParams(max_tokens=150)
     engine = LLM(tiny["moe"], tiny["drafter"], spec_max_batch=0).engine
-    worker = engine.executor.runner.draft_worker
+    worker = engine.executor.drafter
     passes = []  # per pass: the rows each running sequence brought
     draft = worker.draft
 
-    def spy(decodes):
-        passes.append([d.start - d.drafted_ctx for d in decodes])
-        return draft(decodes)
+    def spy(batch, features):
+        passes.append([batch.decodes[i].context_rows for i in batch.drafter_decodes()])
+        return draft(batch, features)
 
     worker.draft = spy
     out = run_staggered(engine, PROMPTS[:3], params)
     plain = llms["plain"].generate(PROMPTS[:3], params, use_tqdm=False)
     assert [o.token_ids for o in out] == [o.token_ids for o in plain]
-    assert engine.stats.spec.num_drafts == 0
+    assert engine.stats().counters.spec.num_drafts == 0
     # 3 x (prompt + 150) rows in all: several passes, each as soon as the limit is reached
     assert len(passes) >= 4
     assert all(limit <= sum(rows) < limit + 3 for rows in passes)
-    assert engine.stats.num_steps > 3 * len(passes)
+    assert engine.stats().counters.num_steps > 3 * len(passes)
 
 
 def spy_blocks(engine) -> list[dict]:
@@ -209,7 +209,7 @@ def exact_marginals(llm, prompt, positions, temperature, top_k, top_p):
     target's own logits: P(t2) = sum_t1 P(t1 | prompt) P(t2 | prompt, t1), and so on."""
     from tests.test_models import Harness
 
-    target = llm.engine.executor.runner.cfg.target
+    target = llm.engine.executor.cfg.target
 
     def probs(ids):
         logits, _ = Harness(target).forward({0: ids})

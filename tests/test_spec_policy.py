@@ -93,15 +93,15 @@ def test_auto_engine_is_lossless_and_measures_both_kinds(tiny, max_num_seqs):
     """Also with spec_reject_cooldown, where the tiny random drafter's misses make speculative
     regimes alternate q > 1 and q = 1 blocks: the policy still times them as speculative."""
     from dflash_ray.config import EngineConfig
-    from dflash_ray.core.engine import Engine
     from dflash_ray.core.sampling_params import SamplingParams
+    from dflash_ray.executors import make_engine
 
     params = SamplingParams(max_tokens=60, temperature=0.0)
     prompts = [[1 + i, 2, 3 + i] for i in range(6)]
     outs = {}
     for name, kw in (("plain", {}), ("auto", {"drafter": tiny["drafter"], "spec_max_batch": "auto",
                                               "spec_reject_cooldown": 1})):
-        e = Engine(EngineConfig(target=tiny["moe"], max_num_seqs=max_num_seqs, **kw))
+        e = make_engine(EngineConfig(target=tiny["moe"], max_num_seqs=max_num_seqs, **kw))
         rids = [e.add_request(p, params) for p in prompts]
         outs[name] = [o.token_ids for o in e.run_until_finished(rids)]
         if name == "auto":
@@ -109,7 +109,7 @@ def test_auto_engine_is_lossless_and_measures_both_kinds(tiny, max_num_seqs):
             assert costs.pop("tau") >= 1.0
             bucket = "1" if max_num_seqs == 1 else "4-7"
             assert costs[bucket]["spec"] is not None and costs[bucket]["plain"] is not None
-            assert e.stats.num_spec_steps > 0
+            assert e.stats().counters.num_spec_steps > 0
     assert outs["auto"] == outs["plain"]
 
 

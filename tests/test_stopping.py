@@ -6,8 +6,10 @@ from __future__ import annotations
 import pytest
 
 from dflash_ray import demo_pair
+from dflash_ray.core.outputs import RequestMetrics
 from dflash_ray.core.sampling_params import SamplingParams
 from dflash_ray.core.sequence import Sequence
+from dflash_ray.core.step_io import SamplingSpec
 from dflash_ray.core.stopping import commit_tokens
 from dflash_ray.core.tokenizer import Tokenizer
 
@@ -18,7 +20,8 @@ def tok():
 
 
 def seq(**params) -> Sequence:
-    return Sequence(seq_id=0, prompt_ids=[1], params=SamplingParams(**params), arrival=0.0)
+    return Sequence(seq_id=0, prompt_ids=[1], params=SamplingParams(**params),
+                    sampling=SamplingSpec(0.0, 1.0, 0, 0), metrics=RequestMetrics(0.0))
 
 
 def test_stop_id_inside_a_block_drops_the_rest(tok):

@@ -16,7 +16,8 @@ from dflash_ray.models.qwen3 import Qwen3Target
 from dflash_ray.train.drafter import block_logits, training_mask
 from dflash_ray.train.drafter_data import TrainSequence, capture_features
 from dflash_ray.train.train_drafter import DrafterTrainArgs, train
-from dflash_ray.worker.caches import PagedKVCache, SeqSpan, build_layout, slot_mapping
+from dflash_ray.worker.caches import PagedKVCache
+from dflash_ray.worker.layout import SeqSpan, build_layout, slot_mapping
 
 from .conftest import MASK_ID
 from .test_engine import add_char_tokenizer

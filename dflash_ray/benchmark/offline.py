@@ -18,6 +18,7 @@ from tqdm import tqdm
 from ..config import EngineConfig
 from ..core.engine import Engine
 from ..core.sampling_params import SamplingParams
+from ..executors import make_engine
 
 
 def load_prompts(path: str | None, target: str, n: int) -> list:
@@ -40,7 +41,7 @@ def closed_loop(engine: Engine, prompts: list, concurrency: int, params: Samplin
                 bar: tqdm) -> dict:
     """Run `prompts` through `engine` with `concurrency` requests in flight; the result's raw
     counters (see `summarize`) come with the figures derived from them."""
-    s0 = engine.stats
+    s0 = engine.stats().counters
     spec0 = s0.spec
     drafts0, accepted0, proposed0 = spec0.num_drafts, list(spec0.accepted_per_pos), \
         spec0.num_draft_tokens
@@ -58,10 +59,14 @@ def closed_loop(engine: Engine, prompts: list, concurrency: int, params: Samplin
                 finished.append(out)
                 bar.update(1)
     seconds = time.perf_counter() - start
-    st, spec = engine.stats, engine.stats.spec
+    st = engine.stats().counters
+    spec = st.spec
     raw = {
         "seconds": seconds,
         "tokens": sum(len(o.token_ids) for o in finished),
+        # tokens and steps after each request's first token (its prefill's)
+        "decode_tokens": sum(max(0, len(o.token_ids) - 1) for o in finished),
+        "decode_steps": sum(o.metrics.num_steps for o in finished),
         "steps": st.num_steps - steps0,
         "draft_seconds": st.draft_seconds - draft0,
         "verify_seconds": st.verify_seconds - verify0,
@@ -75,7 +80,8 @@ def closed_loop(engine: Engine, prompts: list, concurrency: int, params: Samplin
     return {**summarize([raw]), "outputs": [o.token_ids for o in finished]}
 
 
-RAW = ("seconds", "tokens", "steps", "draft_seconds", "verify_seconds", "drafts", "proposed")
+RAW = ("seconds", "tokens", "decode_tokens", "decode_steps", "steps", "draft_seconds",
+       "verify_seconds", "drafts", "proposed")
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -88,7 +94,7 @@ def summarize(runs: list[dict]) -> dict:
         hist.update({int(k): v for k, v in r["tau_histogram"].items()})
         acc = r["accepted_per_position"]
         per_pos = [a + b for a, b in zip_longest(per_pos, acc, fillvalue=0)]
-    steps, drafts, verifies = max(1, raw["steps"]), raw["drafts"], sum(hist.values())
+    steps, drafts = max(1, raw["steps"]), raw["drafts"]
     return {
         **raw,
         "tau_histogram": dict(sorted(hist.items())),
@@ -99,8 +105,9 @@ def summarize(runs: list[dict]) -> dict:
         "draft_ms_per_step": 1e3 * raw["draft_seconds"] / steps,
         "verify_ms_per_step": 1e3 * raw["verify_seconds"] / steps,
         # tokens a request commits per decode step (plain and cooldown steps count 1) ...
-        "mean_tau": sum(k * v for k, v in hist.items()) / verifies if verifies else 0.0,
-        # ... and per verify step that carried drafts (vLLM's mean acceptance length)
+        "mean_tau": raw["decode_tokens"] / raw["decode_steps"] if raw["decode_steps"] else 0.0,
+        # ... and per verify step that carried drafts (the acceptance length; the histogram
+        # counts those steps only)
         "acceptance_length": 1 + sum(per_pos) / drafts if drafts else 0.0,
         "acceptance_rate_per_position": [a / drafts for a in per_pos] if drafts else [],
         # drafts verified per verify step that carried any (< B-1 when blocks are cut)
@@ -123,8 +130,8 @@ def run_bench(target: str, drafter: str, prompts: list, concurrency: list[int],
     kw.setdefault("max_num_seqs", max(concurrency))
     # plain decoding is B = 1 and has no speculation settings
     plain_kw = {k: v for k, v in kw.items() if k != "block_size" and not k.startswith("spec_")}
-    engines = {"plain": Engine(EngineConfig(target=target, **plain_kw)),
-               "dflash": Engine(EngineConfig(target=target, drafter=drafter, **kw))}
+    engines = {"plain": make_engine(EngineConfig(target=target, **plain_kw)),
+               "dflash": make_engine(EngineConfig(target=target, drafter=drafter, **kw))}
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
     warm = SamplingParams(max_tokens=min(16, max_tokens), temperature=0.0)
     runs: dict[int, dict[str, list]] = {c: {"plain": [], "dflash": []} for c in concurrency}

@@ -2,33 +2,32 @@
 them with `ray.remote` and its placement options); each method is one RPC, and `step` is the only
 one called per engine step.
 
-A drafter step (only on the engine's drafter-pass steps): receive the speculating sequences'
-waiting target features, draft the q > 1 blocks, send the drafts. A target shard step: rank 0
-sends those features and receives the drafts, then broadcasts the drafts (with an ok flag) to
-the other ranks; every rank runs the forward (the layers all-reduce over the shard group); rank
-0 accepts and keeps the committed tokens' features until the drafter's next pass. When the
-channel breaks (the drafter died) rank 0 verifies the drafted sequences as plain decodes
-instead, so the step still commits correct tokens, and says so in its result.
+Neither actor has a step of its own: a target shard runs `worker.step.target_step`, the same
+function the in-process executor runs, with the drafter reached through the tensor channel
+(`ChannelDrafter`) instead of called directly; the drafter actor runs `DraftWorker.draft`
+between receiving the features and sending the drafts. When the channel breaks (the drafter
+died) `target_step` verifies without drafts, so the step still commits correct tokens, and says
+so in its result.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
-import time
-from dataclasses import dataclass
 
 import ray
 import torch
 
-from ..core.step_io import SeqResult, StepBatch
+from ..core.step_io import Span, StepBatch, StepResult
 from ..models.hf_config import TargetConfig
 from ..models.sharding import shard_spec
 from ..parallel.communicator import LOCAL, GroupCommunicator, connect_store, open_store
-from ..worker.draft_worker import NO_DRAFT, Drafts, DraftWorker, PendingFeatures
+from ..worker.draft_worker import DraftWorker
+from ..worker.drafts import Drafts
+from ..worker.step import DrafterLost, target_step
 from ..worker.target_worker import TargetWorker
-from ..worker.worker_config import ModelSpec, RunnerConfig, kv_blocks_that_fit
+from ..worker.trace import tracing
+from ..worker.worker_config import ModelSpec, WorkerConfig
 from .channel import (
     DRAFTER_RANK,
     TARGET_RANK,
@@ -42,49 +41,24 @@ from .channel import (
 log = logging.getLogger(__name__)
 
 
-# Step timestamps are time.monotonic(), one clock for every process of a node: the executor
-# lines the two sides up to tell transfer time from waiting on the other side.
-
-
-@dataclass(slots=True)
-class DrafterStepOut:
-    posted: float  # waiting for the features from here
-    received: float
-    drafted: float  # drafts ready, sending from here
-
-
-@dataclass(slots=True)
-class TargetStepOut:
-    results: list[SeqResult]
-    channel_ok: bool  # False: the drafter channel broke this step (drafted rows went plain)
-    verify_seconds: float
-    sending: float = 0.0  # features to the drafter from here (0: nothing crossed)
-    received: float = 0.0  # drafts in
-
-
-def _sync(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.monotonic()
-
-
-def _started(rc: RunnerConfig, kv_bytes: int) -> dict:
+def _started(cfg: WorkerConfig, per_token: int, per_seq: int = 0) -> dict:
     return {
-        "kv_blocks_fit": kv_blocks_that_fit(rc, kv_bytes),
-        "kv_bytes_per_token": kv_bytes,
+        "cache_budget": cfg.cache_budget(),
+        "kv_bytes_per_token": per_token,
+        "state_bytes_per_seq": per_seq,
         "pid": os.getpid(),
         "gpu_ids": ray.get_gpu_ids(),
     }
 
 
 class DrafterActor:
-    def __init__(self, rc: RunnerConfig):
-        self.rc, self.spec = rc, ModelSpec.resolve(rc)
-        self.worker = DraftWorker(rc, self.spec)
+    def __init__(self, cfg: WorkerConfig):
+        self.cfg, self.spec = cfg, ModelSpec.resolve(cfg)
+        self.worker = DraftWorker(cfg, self.spec)
         self.channel: Channel | None = None
 
     def ready(self) -> dict:
-        return _started(self.rc, self.worker.kv_bytes_per_token())
+        return _started(self.cfg, self.worker.kv_bytes_per_token())
 
     def allocate(self, num_blocks: int) -> None:
         self.worker.allocate(num_blocks)
@@ -92,48 +66,62 @@ class DrafterActor:
     def connect_channel(self, name: str, backend: str) -> None:
         self.channel = Channel(name, DRAFTER_RANK, backend, self.worker.device)
 
-    def step(self, batch: StepBatch, released: list[int]) -> DrafterStepOut:
-        """Draft `batch.decodes` (every one speculating); forget `released` sequences."""
-        try:
-            return self._step(batch, released)
-        except BaseException:
-            # Close the channel so target rank 0 fails its transfer now instead of waiting.
-            if self.channel is not None:
-                self.channel.close()
-                self.channel = None
-            raise
+    def step(self, batch: StepBatch) -> list[Span]:
+        """Take in the features, draft, send the drafts; returns the step's spans here."""
+        with tracing() as spans:
+            try:
+                # features cross in the target's dtype; the drafter casts them to its own
+                features = recv_features(self.channel, batch, self.spec.feature_dim,
+                                         self.cfg.torch_dtype)
+                drafts = self.worker.draft(batch, features)
+                send_drafts(self.channel, batch, drafts, self.spec.vocab_size)
+            except BaseException:
+                # Close the channel so target rank 0 fails its transfer now instead of waiting.
+                if self.channel is not None:
+                    self.channel.close()
+                    self.channel = None
+                raise
+        return spans
 
-    def _step(self, batch: StepBatch, released: list[int]) -> DrafterStepOut:
-        w, ch = self.worker, self.channel
-        w.release(released)
-        posted = time.monotonic()
-        # features cross in the target's dtype; the drafter casts them to its own
-        w.absorb(recv_features(ch, batch.decodes, self.spec.feature_dim, w.cfg.torch_dtype))
-        received = _sync(w.device)
-        drafts = w.draft(batch.decodes)
-        drafted = _sync(w.device)
-        send_drafts(ch, batch.decodes, drafts, self.spec.vocab_size)
-        return DrafterStepOut(posted, received, drafted)
+
+class ChannelDrafter:
+    """Target rank 0's source of drafts under Ray: the features go to the drafter actor over
+    the channel and the drafts come back. A broken channel is `DrafterLost`."""
+
+    def __init__(self, shard: TargetShardActor):
+        self.shard = shard
+
+    def draft(self, batch: StepBatch, features: torch.Tensor) -> Drafts:
+        channel = self.shard.channel
+        if channel is None:
+            raise DrafterLost("no drafter channel")
+        spec = self.shard.spec
+        try:
+            send_features(channel, features)
+            return recv_drafts(channel, batch, spec.block_size - 1, spec.vocab_size)
+        except Exception as exc:
+            log.warning("drafter channel broke (%s); verifying this step without drafts", exc)
+            self.shard.close_channel()
+            raise DrafterLost(str(exc)) from exc
 
 
 class TargetShardActor:
-    def __init__(self, rc: RunnerConfig, rank: int, world_size: int):
-        self.rc, self.spec = rc, ModelSpec.resolve(rc)
+    def __init__(self, cfg: WorkerConfig, rank: int, world_size: int):
+        self.cfg, self.spec = cfg, ModelSpec.resolve(cfg)
         self.rank, self.world_size = rank, world_size
         shard = None
         self.comm = LOCAL
         if world_size > 1:
-            cfg = TargetConfig.load(rc.target)
-            shard = shard_spec(cfg, rank, world_size, world_size)
+            shard = shard_spec(TargetConfig.load(cfg.target), rank, world_size, world_size)
             self.comm = GroupCommunicator(rank, world_size)
-        self.worker = TargetWorker(rc, self.spec, shard, self.comm)
+        self.worker = TargetWorker(cfg, self.spec, shard, self.comm)
         self.channel: Channel | None = None
+        self.drafter = ChannelDrafter(self) if rank == 0 else None
         self._store = None
-        # features of committed tokens the drafter has not received yet
-        self._pending = PendingFeatures()
 
     def ready(self) -> dict:
-        return _started(self.rc, self.worker.kv_bytes_per_token())
+        w = self.worker
+        return _started(self.cfg, w.kv_bytes_per_token(), w.state_bytes_per_seq())
 
     def open_store(self, timeout_s: float) -> tuple[str, int]:
         """Rank 0 serves the shard group's rendezvous; returns its address."""
@@ -149,10 +137,10 @@ class TargetShardActor:
         self.worker.allocate(num_blocks)
 
     def connect_channel(self, name: str, backend: str) -> None:
-        self._close_channel()
+        self.close_channel()
         self.channel = Channel(name, TARGET_RANK, backend, self.worker.device)
 
-    def _close_channel(self) -> None:
+    def close_channel(self) -> None:
         if self.channel is not None:
             try:
                 self.channel.close()
@@ -160,71 +148,10 @@ class TargetShardActor:
                 log.warning("closing drafter channel %s failed", self.channel.name, exc_info=True)
             self.channel = None
 
-    def step(
-        self, batch: StepBatch, drafted: list[int], feed: list[int] | None, released: list[int]
-    ) -> TargetStepOut | None:
-        """`drafted`: indices of the decodes the drafter takes this step (all others come with
-        q = 1); `feed`: indices of the decodes whose committed features the drafter will need
-        (with every prefill's), None without a drafter. Rank 0 returns the results."""
-        w = self.worker
-        self._forget(released + batch.dropped)
-        w.release(released)
-        decodes = [batch.decodes[i] for i in drafted]
-        width = self.spec.block_size - 1
-        ok, got, sending, received = True, None, 0.0, 0.0
-        if self.rank == 0 and drafted:
-            try:
-                sending = time.monotonic()
-                send_features(self.channel, decodes, self._pending)
-                got = recv_drafts(self.channel, decodes, width, self.spec.vocab_size)
-                received = _sync(w.device)
-            except Exception as exc:
-                ok = self._channel_broke(exc)
-        if self.world_size > 1 and drafted:
-            # [ok, tokens...]: every rank needs the block tokens, and the same fallback choice.
-            header = torch.zeros(1 + len(drafted) * width, dtype=torch.long, device=w.device)
-            if self.rank == 0 and ok:
-                header[0] = 1
-                header[1:] = got.tokens.flatten()
-            self.comm.broadcast(header)
-            ok = bool(header[0])
-            if self.rank != 0 and ok:
-                got = Drafts(header[1:].view(len(drafted), width), [None] * len(drafted))
-        drafts = None
-        if drafted and ok:
-            drafts = self._full_drafts(len(batch.decodes), drafted, got)
-        elif drafted:
-            plain = set(drafted)
-            batch.decodes = [
-                dataclasses.replace(d, num_queries=1) if i in plain else d
-                for i, d in enumerate(batch.decodes)
-            ]
-        if self.rank != 0:
-            w.forward(batch, drafts)
-            return None
-        t1 = time.monotonic()
-        verified = w.verify(batch, drafts)
-        if feed is not None and ok:
-            keep = [p.seq_id for p in batch.prefills] + [batch.decodes[i].seq_id for i in feed]
-            self._pending.add({sid: verified.features[sid] for sid in keep})
-        t2 = _sync(w.device)
-        return TargetStepOut(verified.results, ok, t2 - t1, sending, received)
-
-    def _forget(self, seq_ids: list[int]) -> None:
-        self._pending.drop(seq_ids)
-
-    def _full_drafts(self, n: int, drafted: list[int], got: Drafts) -> Drafts:
-        """The drafted rows placed among all n decodes (the others are q = 1: no drafts)."""
-        tokens = torch.full(
-            (n, got.tokens.shape[1]), NO_DRAFT, dtype=torch.long, device=self.worker.device
-        )
-        tokens[drafted] = got.tokens
-        probs: list[torch.Tensor | None] = [None] * n
-        for j, i in enumerate(drafted):
-            probs[i] = got.probs[j]
-        return Drafts(tokens, probs)
-
-    def _channel_broke(self, exc: Exception) -> bool:
-        log.warning("drafter channel broke (%s); verifying this step without drafts", exc)
-        self._close_channel()
-        return False
+    def step(self, batch: StepBatch, drafter_connected: bool) -> StepResult | None:
+        """One step of this shard; rank 0 returns the result. `drafter_connected`: False once
+        the executor has given the drafter up (its channel is closed here)."""
+        if not drafter_connected:
+            self.close_channel()
+        result = target_step(self.worker, batch, self.drafter)
+        return result if self.rank == 0 else None

@@ -1,32 +1,36 @@
 """The tensor channel between the drafter actor and target rank 0, over `ray.util.collective`
-(gloo on CPU, NCCL through cupy on GPU), and what crosses it each step.
+(gloo on CPU, NCCL through cupy on GPU), and what crosses it each step with a drafter pass.
 
-Two messages per step that drafts, in this order on both sides (the same every step, so neither
+Two messages per such step, in this order on both sides (the same every step, so neither
 side ever waits on the other in the opposite direction):
 
-1. target -> drafter: the target features [rows, K*H] of the tokens each drafted sequence
-   committed since its last draft (its prefill, or last step's accepted tokens + bonus). Target
-   rank 0 keeps them from the verify that produced them until the drafter needs them, so they
-   cross exactly when used and no counts travel: sequence d has `d.start - d.drafted_ctx` rows.
-2. drafter -> target: the drafts [n, B-1] and, for the s sampled sequences, the distributions
-   [s, B-1, V] they were drawn from (rejection sampling needs them), packed as one fp32 message
-   (token ids are exact in fp32 below 2^24).
+1. target -> drafter: the target features [rows, K*H] of the tokens each of the drafter's
+   decodes committed since its last pass (its prefill, or the accepted tokens + bonus of the
+   steps since). Target rank 0 keeps them from the verify that produced them until the drafter
+   needs them, so they cross exactly when used and no counts travel: decode d has
+   `d.context_rows` rows.
+2. drafter -> target: the drafts [N, B-1] of every decode and, for the s sampled decodes the
+   drafter drafts, the distributions [s, B-1, V] they were drawn from (rejection sampling needs
+   them), packed as one fp32 message (token ids are exact in fp32 below 2^24).
 
 Every shape follows from the `StepBatch` both sides got as their actor-call argument. Messages
 are latency-bound here (about 1 ms each on a loaded 2-core box, whatever their size), hence two.
-Receives land in buffers kept across steps (grown when a batch needs more).
+Receives land in buffers kept across steps (grown when a batch needs more). Each transfer is a
+span of the step (`worker.trace`), with its bytes.
 """
 
 from __future__ import annotations
 
 import math
+import time
 
 import ray.util.collective as col
 import torch
 
-from ..core.step_io import DecodeItem
+from ..core.step_io import StepBatch
 from ..parallel.communicator import release_default_group
-from ..worker.draft_worker import Drafts, PendingFeatures
+from ..worker.drafts import Drafts
+from ..worker.trace import record
 
 TARGET_RANK, DRAFTER_RANK = 0, 1
 
@@ -66,33 +70,32 @@ class Channel:
             release_default_group()
 
 
-def sampled(decodes: list[DecodeItem]) -> list[int]:
-    return [i for i, d in enumerate(decodes) if d.sampling.temperature > 0]
+def sampled(batch: StepBatch) -> list[int]:
+    """Decodes whose drafts come with distributions: the drafter's sampled ones."""
+    return [i for i in batch.drafter_decodes() if not batch.decodes[i].sampling.greedy]
 
 
-def context_rows(decodes: list[DecodeItem]) -> list[int]:
-    """Feature rows each drafted sequence needs before its draft."""
-    return [d.start - d.drafted_ctx for d in decodes]
+def send_features(ch: Channel, features: torch.Tensor) -> None:
+    """Target side: the drafter's decodes' waiting features, concatenated in batch order."""
+    start = time.monotonic()
+    ch.send(features)
+    record("channel", "send_features", start, features.numel() * features.element_size())
 
 
-def send_features(ch: Channel, decodes: list[DecodeItem], pending: PendingFeatures) -> None:
-    """Target side: the pending features of the drafted sequences, taken out of `pending`."""
-    ch.send(torch.cat([pending.take(d.seq_id, rows)
-                       for d, rows in zip(decodes, context_rows(decodes), strict=True)]))
+def recv_features(ch: Channel, batch: StepBatch, feature_dim: int,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """Drafter side: [rows, K*H], a view of the receive buffer (drafted right away)."""
+    start = time.monotonic()
+    rows = sum(batch.decodes[i].context_rows for i in batch.drafter_decodes())
+    features = ch.recv("features", (rows, feature_dim), dtype)
+    record("channel", "recv_features", start, features.numel() * features.element_size())
+    return features
 
 
-def recv_features(
-    ch: Channel, decodes: list[DecodeItem], feature_dim: int, dtype: torch.dtype
-) -> dict[int, torch.Tensor]:
-    """Drafter side: seq_id -> [rows, K*H], views of the receive buffer (drafted right away)."""
-    rows = context_rows(decodes)
-    flat = ch.recv("features", (sum(rows), feature_dim), dtype)
-    return dict(zip([d.seq_id for d in decodes], flat.split(rows), strict=True))
-
-
-def send_drafts(ch: Channel, decodes: list[DecodeItem], drafts: Drafts, vocab: int) -> None:
+def send_drafts(ch: Channel, batch: StepBatch, drafts: Drafts, vocab: int) -> None:
+    start = time.monotonic()
     n, width = drafts.tokens.shape
-    rows = sampled(decodes)
+    rows = sampled(batch)
     packed = ch.buffer("drafts_out", n * width + len(rows) * width * vocab, torch.float32)
     packed[: n * width] = drafts.tokens.flatten()
     probs = packed[n * width :].view(len(rows), width, vocab)
@@ -103,15 +106,18 @@ def send_drafts(ch: Channel, decodes: list[DecodeItem], drafts: Drafts, vocab: i
             probs[j, :m] = q
         probs[j, m:] = 0
     ch.send(packed)
+    record("channel", "send_drafts", start, packed.numel() * 4)
 
 
-def recv_drafts(ch: Channel, decodes: list[DecodeItem], width: int, vocab: int) -> Drafts:
+def recv_drafts(ch: Channel, batch: StepBatch, width: int, vocab: int) -> Drafts:
     """Target side; the probs are views of the receive buffer (used within this step)."""
-    n, rows = len(decodes), sampled(decodes)
+    start = time.monotonic()
+    n, rows = len(batch.decodes), sampled(batch)
     packed = ch.recv("drafts", (n * width + len(rows) * width * vocab,), torch.float32)
     tokens = packed[: n * width].view(n, width).long()
     packed_probs = packed[n * width :].view(len(rows), width, vocab)
     probs: list[torch.Tensor | None] = [None] * n
     for j, i in enumerate(rows):
-        probs[i] = packed_probs[j, : decodes[i].num_queries - 1]
-    return Drafts(tokens, probs)
+        probs[i] = packed_probs[j, : batch.decodes[i].num_queries - 1]
+    record("channel", "recv_drafts", start, packed.numel() * 4)
+    return Drafts.of(tokens, probs, [d.num_queries for d in batch.decodes])

@@ -2,18 +2,19 @@
 
 Owns placement (one placement group: a drafter bundle, then one bundle per shard), start-up with
 a deadline, the per-step fan-out (one call per actor, issued together, waited on together) and
-recovery:
+recovery. The step itself is the workers' (`worker.step`); this class only decides where they
+live and how their tensors travel:
 
-- the drafter dies: the step still completes (target rank 0 verifies the drafted rows as plain
-  decodes); every sequence alive then continues with plain decoding to its end, a new drafter
-  starts in the background, and sequences prefilled once it is connected speculate again;
+- the drafter dies: the step still completes (target rank 0 verifies without drafts) and says
+  the drafter was lost, so the engine decodes every sequence alive then plain to its end; a new
+  drafter starts in the background, and sequences admitted once it is connected speculate
+  again (`drafter_ready`);
 - a target shard dies or a step passes `step_timeout_s`: the step raises (the engine fails the
   live requests with it), every actor is torn down, and the next step rebuilds the whole group.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 import uuid
@@ -22,9 +23,10 @@ from dataclasses import dataclass
 import ray
 from ray.util.placement_group import remove_placement_group
 
-from ..core.step_io import StepBatch, StepResult
+from ..core.step_io import ExecutorInfo, StepBatch, StepResult
 from ..models.hf_config import TargetConfig
-from ..worker.worker_config import ModelSpec, RunnerConfig
+from ..worker.caches import plan_cache
+from ..worker.worker_config import ModelSpec, WorkerConfig
 from .actors import DrafterActor, TargetShardActor
 from .cluster_config import ClusterConfig
 from .launch import Deadline, cause, enclosing_group, place, spawn, wait_all
@@ -57,14 +59,14 @@ class StepTiming:
 
 
 class RayExecutor:
-    def __init__(self, rc: RunnerConfig, num_target_shards: int = 1, **options):
+    def __init__(self, cfg: WorkerConfig, num_target_shards: int = 1, **options):
         """`options`: any other `ClusterConfig` field."""
-        self.rc = rc
+        self.wcfg = cfg
         self.cfg = ClusterConfig(num_target_shards=num_target_shards, **options)
-        self.spec = ModelSpec.resolve(rc)  # bad configs fail here, before any actor starts
-        self.cfg.sharding(TargetConfig.load(rc.target))
-        self.backend = self.cfg.backend(rc.device)
-        self.on_gpu = rc.device.startswith("cuda")
+        self.spec = ModelSpec.resolve(cfg)  # bad configs fail here, before any actor starts
+        self.cfg.sharding(TargetConfig.load(cfg.target))
+        self.backend = self.cfg.backend(cfg.device)
+        self.on_gpu = cfg.device.startswith("cuda")
         if not ray.is_initialized():
             ray.init()
         self._uid = uuid.uuid4().hex[:8]
@@ -76,66 +78,49 @@ class RayExecutor:
         self._drafter = None  # connected drafter actor, or None while it is dead or starting
         self._starting = None  # (actor, ready ref, started at) of a drafter coming up
         self._drafter_failures = 0
-        self._speculating: set[int] = set()  # prefilled while the current drafter was connected
-        self._released_target: list[int] = []
-        self._released_drafter: list[int] = []
         self._broken = False
-        self.num_kv_blocks = rc.num_kv_blocks
-        self.kv_bytes_per_token = 0
+        self._info: ExecutorInfo | None = None
         self._start_all()
 
     # ---- the executor interface -----------------------------------------------------------
 
-    def info(self) -> dict:
-        return self.spec.info(self.num_kv_blocks, self.rc.kv_block_len, self.kv_bytes_per_token)
+    def info(self) -> ExecutorInfo:
+        return self._info
 
-    def release(self, seq_ids: list[int]) -> None:
-        """Queued; it rides along with the next step's calls (no extra Ray call)."""
-        self._speculating.difference_update(seq_ids)
-        self._released_target += seq_ids
-        if self._drafter is not None:
-            self._released_drafter += seq_ids
+    def drafter_ready(self) -> bool:
+        """Asked at the start of every engine step: rebuilds a broken shard group first (so a
+        rebuilt drafter serves the step's new requests), and connects a restarted drafter once
+        it is up."""
+        if self._broken:
+            self._start_all()
+        self._poll_drafter()
+        return self._drafter is not None
 
     def execute(self, batch: StepBatch) -> StepResult:
         if self._broken:
             self._start_all()
-        self._poll_drafter()
         t0 = time.perf_counter()
-        target_batch, draft_batch, drafted, feed = self._split(batch)
+        drafter = self._drafter
         refs = {}
         for rank, shard in enumerate(self._shards):
-            released = self._released_target if rank == 0 else []
-            ref = shard.step.remote(target_batch, drafted, feed, released)
-            refs[ref] = f"target shard {rank}"
-        self._released_target = []
-        drafter = self._drafter
-        if draft_batch is not None:
-            refs[drafter.step.remote(draft_batch, self._released_drafter)] = "drafter"
-            self._released_drafter = []
+            refs[shard.step.remote(batch, drafter is not None)] = f"target shard {rank}"
+        drafting = drafter is not None and bool(batch.drafter_decodes())
+        if drafting:
+            refs[drafter.step.remote(batch)] = "drafter"
         outs = self._collect(refs)
-        lead = outs["target shard 0"]
-        d_out = outs.get("drafter")
-        if draft_batch is not None and (d_out is None or not lead.channel_ok):
+        lead: StepResult = outs["target shard 0"]
+        spans = lead.spans + outs.get("drafter", [])
+        lost = lead.drafter_lost or (drafting and "drafter" not in outs)
+        if lost:
             self._lose_drafter(drafter, "its channel to target rank 0 broke")
-        draft_s = self._account(time.perf_counter() - t0, lead, d_out)
-        return StepResult(lead.results, draft_seconds=draft_s, verify_seconds=lead.verify_seconds)
-
-    def _account(self, wall: float, lead, d_out) -> float:
-        """Add one step to `timing`; returns its draft seconds. A transfer counts from the
-        later of (sender starts, receiver waits) to its arrival; the rest of the wait on the
-        other side is Ray's (calls reaching the actors at different times)."""
+        result = StepResult(lead.results, spans, drafter_lost=lost)
         t = self.timing
         t.steps += 1
-        t.wall += wall
-        t.verify += lead.verify_seconds
-        if d_out is None or not lead.received:
-            return 0.0
-        draft_s = d_out.drafted - d_out.received
-        t.draft += draft_s
-        features = d_out.received - max(d_out.posted, lead.sending)
-        drafts = lead.received - d_out.drafted
-        t.transfer += max(0.0, features) + max(0.0, drafts)
-        return draft_s
+        t.wall += time.perf_counter() - t0
+        t.draft += result.draft_seconds
+        t.verify += result.verify_seconds
+        t.transfer += result.transfer_seconds
+        return result
 
     def shutdown(self) -> None:
         self._teardown()
@@ -157,33 +142,6 @@ class RayExecutor:
         return self._drafter is not None
 
     # ---- one step ---------------------------------------------------------------------------
-
-    def _split(
-        self, batch: StepBatch
-    ) -> tuple[StepBatch, StepBatch | None, list[int], list[int] | None]:
-        """(target batch, drafter batch or None, indices of the decodes the drafter takes,
-        indices of the decodes whose features it needs or None). Sequences admitted while no
-        drafter was connected go to the target as plain blocks (q = 1): the drafter has no
-        context for them. A step without a drafter pass (`StepBatch.drafter_pass`) leaves their
-        features waiting on target rank 0."""
-        self._speculating.difference_update(batch.dropped)
-        if self._drafter is None:
-            plain = [
-                d if d.num_queries == 1 else dataclasses.replace(d, num_queries=1)
-                for d in batch.decodes
-            ]
-            return StepBatch(batch.prefills, plain, batch.dropped), None, [], None
-        self._speculating.update(p.seq_id for p in batch.prefills)
-        feed = [i for i, d in enumerate(batch.decodes) if d.seq_id in self._speculating]
-        decodes = [
-            d if d.seq_id in self._speculating else dataclasses.replace(d, num_queries=1)
-            for d in batch.decodes
-        ]
-        target_batch = StepBatch(batch.prefills, decodes, batch.dropped)
-        if not feed or not batch.drafter_pass:
-            return target_batch, None, [], feed
-        draft_batch = StepBatch([], [batch.decodes[i] for i in feed])
-        return target_batch, draft_batch, feed, feed
 
     def _collect(self, refs: dict) -> dict:
         """Every actor's result by name. A failed drafter is replaced (the target side falls back
@@ -242,12 +200,10 @@ class RayExecutor:
         )
         ray.kill(drafter, no_restart=True)
         self._drafter = None
-        self._speculating.clear()
-        self._released_drafter = []
         self._start_drafter()
 
     def _start_drafter(self) -> None:
-        actor = self._actor(DrafterActor, 0, self.rc)
+        actor = self._actor(DrafterActor, 0, self.wcfg)
         self._starting = (actor, actor.ready.remote(), time.monotonic())
 
     def _poll_drafter(self) -> None:
@@ -288,7 +244,7 @@ class RayExecutor:
         name = f"dflash-{self._uid}-channel{self._generation}"
         wait_all(
             {
-                drafter.allocate.remote(self.num_kv_blocks): "drafter",
+                drafter.allocate.remote(self._info.num_kv_blocks): "drafter",
                 drafter.connect_channel.remote(name, self.backend): "drafter",
                 self._shards[0].connect_channel.remote(name, self.backend): "target shard 0",
             },
@@ -313,7 +269,7 @@ class RayExecutor:
         self._teardown()
         self._generation += 1
         deadline = Deadline(self.cfg.start_timeout_s)
-        has_drafter = self.rc.drafter is not None
+        has_drafter = self.wcfg.drafter is not None
         n = self.cfg.num_target_shards
         first = 1 if has_drafter else 0  # bundle 0 is the drafter's, then one per shard
         bundles = [self._bundle() for _ in range(first + n)]
@@ -324,9 +280,9 @@ class RayExecutor:
         self._pg = enclosing or place(bundles, self.cfg.placement_strategy, deadline)
         try:  # on failure, removing the placement group also ends the actors started in it
             self._shards = [
-                self._actor(TargetShardActor, first + r, self.rc, r, n) for r in range(n)
+                self._actor(TargetShardActor, first + r, self.wcfg, r, n) for r in range(n)
             ]
-            drafter = self._actor(DrafterActor, 0, self.rc) if has_drafter else None
+            drafter = self._actor(DrafterActor, 0, self.wcfg) if has_drafter else None
             names = {s.ready.remote(): f"target shard {r}" for r, s in enumerate(self._shards)}
             if drafter is not None:
                 names[drafter.ready.remote()] = "drafter"
@@ -343,11 +299,10 @@ class RayExecutor:
                     "form the target shard group",
                     deadline,
                 )
-            if self.num_kv_blocks is None:
-                self.num_kv_blocks = min(s["kv_blocks_fit"] for s in started)
-            self.kv_bytes_per_token = sum(s["kv_bytes_per_token"] for s in started)
+            if self._info is None:  # the first start sizes the caches; rebuilds keep the sizes
+                self._info = self._size(started)
             allocs = {
-                s.allocate.remote(self.num_kv_blocks): f"target shard {r}"
+                s.allocate.remote(self._info.num_kv_blocks): f"target shard {r}"
                 for r, s in enumerate(self._shards)
             }
             wait_all(allocs, "allocate the KV cache", deadline)
@@ -359,6 +314,18 @@ class RayExecutor:
         self._drafter = drafter
         self._broken = False
 
+    def _size(self, started: list[dict]) -> ExecutorInfo:
+        """KV blocks and state slots that every actor's cache budget holds (each actor has a
+        device of its own; blocks are shared ids, so the smallest budget decides)."""
+        c = self.wcfg
+        plans = [plan_cache(s["cache_budget"], s["kv_bytes_per_token"], s["state_bytes_per_seq"],
+                            c.kv_block_len, c.max_num_seqs) for s in started]
+        blocks = c.num_kv_blocks or min(b for b, _ in plans)
+        slots = min(s for _, s in plans)
+        per_token = sum(s["kv_bytes_per_token"] for s in started)
+        per_seq = sum(s["state_bytes_per_seq"] for s in started)
+        return self.spec.info(c, blocks, slots, per_token, per_seq)
+
     def _teardown(self) -> None:
         actors = list(self._shards) + [self._drafter] + [self._starting and self._starting[0]]
         for actor in actors:
@@ -367,5 +334,3 @@ class RayExecutor:
         if self._pg is not None and self._pg_owned:
             remove_placement_group(self._pg)
         self._pg, self._shards, self._drafter, self._starting = None, [], None, None
-        self._speculating.clear()
-        self._released_target, self._released_drafter = [], []

@@ -1,8 +1,11 @@
-"""KV-cache block allocation on ints: which physical blocks each sequence owns.
+"""Cache allocation on ints: which KV blocks and which per-sequence state slot each sequence
+owns.
 
 One block holds `block_len` positions in both the target cache and the drafter cache (they share
 block ids). A sequence's table grows before a forward writes past its end and shrinks after
-rollback; a finished, aborted or preempted sequence returns every block.
+rollback; a finished, aborted or preempted sequence returns every block and its slot. Slots are
+for caches whose size is per sequence, not per token (a recurrent state); `num_slots` comes from
+the bytes such a state takes, or is the sequence limit when the model keeps none.
 """
 
 from __future__ import annotations
@@ -11,12 +14,15 @@ from collections import deque
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_len: int):
-        if num_blocks < 1 or block_len < 1:
-            raise ValueError(f"num_blocks ({num_blocks}) and block_len ({block_len}) must be >= 1")
+    def __init__(self, num_blocks: int, block_len: int, num_slots: int):
+        if num_blocks < 1 or block_len < 1 or num_slots < 1:
+            raise ValueError(f"num_blocks ({num_blocks}), block_len ({block_len}) and num_slots "
+                             f"({num_slots}) must be >= 1")
         self.num_blocks = num_blocks
         self.block_len = block_len
+        self.num_slots = num_slots
         self._free: deque[int] = deque(range(num_blocks))
+        self._free_slots: list[int] = list(range(num_slots - 1, -1, -1))
 
     @property
     def num_free(self) -> int:
@@ -25,6 +31,10 @@ class BlockManager:
     @property
     def num_used(self) -> int:
         return self.num_blocks - len(self._free)
+
+    @property
+    def num_free_slots(self) -> int:
+        return len(self._free_slots)
 
     def blocks_for(self, num_positions: int) -> int:
         return (num_positions + self.block_len - 1) // self.block_len
@@ -51,3 +61,12 @@ class BlockManager:
     def free(self, table: list[int]) -> None:
         self._free.extend(table)
         table.clear()
+
+    def take_slot(self) -> int:
+        if not self._free_slots:
+            raise RuntimeError(f"out of sequence state slots (all {self.num_slots} in use)")
+        return self._free_slots.pop()
+
+    def free_slot(self, slot: int | None) -> None:
+        if slot is not None:
+            self._free_slots.append(slot)

@@ -78,7 +78,3 @@ class SamplingParams:
                 f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}",
                 "stop_token_ids",
             )
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0

@@ -3,7 +3,7 @@
 Invariant between steps for a running sequence with n tokens (prompt + output):
 the target cache holds positions 0..n-2 (`num_cached == n - 1`; the newest token, the bonus, is
 not cached yet), and the drafter cache holds `num_drafted_ctx <= num_cached` positions; the rows
-in between are target features the runner keeps until the next draft pass materializes them.
+in between are target features the target worker keeps until the drafter's next pass.
 """
 
 from __future__ import annotations
@@ -11,7 +11,9 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from .outputs import RequestMetrics
 from .sampling_params import SamplingParams
+from .step_io import SamplingSpec
 
 
 class Status(enum.Enum):
@@ -25,21 +27,25 @@ class Sequence:
     seq_id: int
     prompt_ids: list[int]
     params: SamplingParams
-    arrival: float
+    sampling: SamplingSpec  # what the workers see of `params`, built once
+    metrics: RequestMetrics
     output_ids: list[int] = field(default_factory=list)
     status: Status = Status.WAITING
     num_cached: int = 0  # target KV positions held
     num_drafted_ctx: int = 0  # drafter KV positions held
+    # the drafter has this sequence's context (set at admission while a drafter is up; cleared
+    # for good when the drafter is lost): only then may its blocks draft
+    drafter_follows: bool = False
     block_table: list[int] = field(default_factory=list)
+    slot: int | None = None  # per-sequence state slot while running (recurrent caches)
     finish_reason: str | None = None
+    # per verify step that carried drafts: tokens it committed (bonus included)
     acceptance_lengths: list[int] = field(default_factory=list)
     num_draft_tokens: int = 0  # proposed
-    num_accepted_tokens: int = 0
-    num_preemptions: int = 0
+    num_accepted_tokens: int = 0  # accepted drafts that were committed
     # steps left decoding plain (q = 1) after a verify step rejected all its drafts
     draft_cooldown: int = 0
-    first_token_time: float | None = None
-    # detokenizer state (owned by the engine's postprocess)
+    # detokenizer state (owned by `stopping`)
     text: str = ""
     text_sent: int = 0  # characters of text handed out (the rest may still hold a stop string)
     read_offset: int = 0

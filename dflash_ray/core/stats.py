@@ -1,19 +1,25 @@
-"""Speculative-decoding and serving statistics collected in the core (no Prometheus, no Ray).
+"""Speculative-decoding and serving statistics counted in the core (no Prometheus, no Ray).
 
-The exporter at the edge turns these counters into `dflash:*` metrics named like vLLM's. Mean
-acceptance length = 1 + accepted / drafts; acceptance rate = accepted / draft tokens.
+`EngineStats` are the engine's running counters; `Engine.stats()` hands out a copy with the
+current gauges (`EngineSnapshot`), and every step's own figures go to the engine's listeners as
+a `StepStats`, so an exporter at the edge turns them into metrics without touching the core.
+Names follow vLLM's: mean acceptance length = 1 + accepted / drafts (= the mean of the requests'
+`acceptance_lengths`, see `outputs`); acceptance rate = accepted / draft tokens.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+
+from .outputs import RequestOutput
 
 
 @dataclass(slots=True)
 class SpecDecodingStats:
     num_drafts: int = 0  # verify steps that carried drafts
     num_draft_tokens: int = 0  # proposed
-    num_accepted_tokens: int = 0
+    num_accepted_tokens: int = 0  # accepted drafts committed to the output
     accepted_per_pos: list[int] = field(default_factory=list)
 
     def observe(self, num_proposed: int, num_accepted: int) -> None:
@@ -40,10 +46,57 @@ class SpecDecodingStats:
 class EngineStats:
     spec: SpecDecodingStats = field(default_factory=SpecDecodingStats)
     num_steps: int = 0
-    num_spec_steps: int = 0  # steps where some decode's block could draft (q > 1)
+    num_spec_steps: int = 0  # steps where some decode's block verified drafts
     prompt_tokens: int = 0
     generation_tokens: int = 0
     num_preemptions: int = 0
+    num_drafter_losses: int = 0
     draft_seconds: float = 0.0
     verify_seconds: float = 0.0
+    transfer_seconds: float = 0.0  # tensors between processes (Ray executor)
+    transfer_bytes: int = 0
     max_batch_size: int = 0
+    finished: dict[str, int] = field(default_factory=dict)  # finish_reason -> requests
+
+
+@dataclass(slots=True)
+class EngineSnapshot:
+    """`Engine.stats()`: the counters so far plus the gauges of this moment."""
+
+    counters: EngineStats
+    num_running: int
+    num_waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    speculating: bool  # the policy's choice for the latest step
+    drafter_up: bool
+    policy: dict | None  # what spec_max_batch: auto measured, if in use
+
+    @property
+    def kv_cache_usage(self) -> float:
+        return self.kv_blocks_used / self.kv_blocks_total
+
+
+def copy_stats(stats: EngineStats) -> EngineStats:
+    spec = dataclasses.replace(stats.spec, accepted_per_pos=list(stats.spec.accepted_per_pos))
+    return dataclasses.replace(stats, spec=spec, finished=dict(stats.finished))
+
+
+@dataclass(slots=True)
+class StepStats:
+    """One engine step, as listeners see it."""
+
+    time: float  # time.monotonic() at its end
+    seconds: float
+    num_prefills: int
+    num_prefill_tokens: int
+    num_decodes: int
+    speculative: bool  # the policy's choice
+    drafter_pass: bool
+    # per decode that verified drafts: (proposed, accepted drafts committed)
+    drafts: list[tuple[int, int]]
+    draft_seconds: float
+    verify_seconds: float
+    transfer_seconds: float
+    transfer_bytes: int
+    outputs: list[RequestOutput]  # this step's deltas (finished ones carry final metrics)

@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..ops import AttentionGroup, RotaryTable
+from ..ops import OPS, AttentionGroup, RotaryTable
 from ..parallel.communicator import LOCAL
-from ..worker.caches import PagedKVCache
+from .cache_spec import CacheSpec
 from .hf_config import DrafterConfig
 from .layers import MLP, Attention, DecoderLayer, Linear, RMSNorm
 from .loader import load_weights
@@ -47,8 +47,11 @@ class DFlashDrafter(nn.Module):
         for layer in self.layers:
             layer.self_attn.pack_kv_rows()
 
+    def cache_specs(self) -> list[CacheSpec]:
+        return [layer.self_attn.cache_spec() for layer in self.layers]
+
     def project_context(self, features: torch.Tensor) -> torch.Tensor:
-        """features [T, K*Ht] -> fused context C [T, H]."""
+        """features [T, K*Ht] -> fused context C [T, H] (the training forward's form)."""
         return self.hidden_norm(self.fc(features))
 
     def materialize_context(
@@ -56,23 +59,24 @@ class DFlashDrafter(nn.Module):
         features: torch.Tensor,  # [Tc, K*Ht] target features of newly committed tokens
         positions: torch.Tensor,  # [Tc]
         slots: torch.Tensor,  # [Tc]
-        cache: PagedKVCache,
+        cache,
     ) -> None:
         if features.shape[0] == 0:
             return
-        c = self.project_context(features)
-        cos, sin = self.rope(positions, c.dtype)
-        for i, layer in enumerate(self.layers):
-            k, v = layer.self_attn.project_kv(c, cos, sin)
-            k_cache, v_cache = cache.layer(i)
-            k_cache[slots] = k
-            v_cache[slots] = v
+        cos, sin = self.rope(positions, features.dtype)
+        fc = None if torch.is_grad_enabled() else self.fc.packed
+        OPS.context_intake(
+            features, fc or self.fc.weight, self.hidden_norm.weight, self.hidden_norm.eps,
+            [layer.self_attn.intake_layer() for layer in self.layers],
+            self.cfg.decoder.num_kv_heads, cos, sin,
+            [cache.layer(i) for i in range(len(self.layers))], slots,
+        )
 
     def forward(
         self,
         block_embeds: torch.Tensor,  # [Tq, H]
         positions: torch.Tensor,  # [Tq]
-        cache: PagedKVCache,
+        cache,  # cache.layer(i): layer i's (k_cache, v_cache)
         write_slots: torch.Tensor,  # [Tq]
         groups: list[AttentionGroup],  # non-causal masks over [context, block]
     ) -> torch.Tensor:

@@ -54,6 +54,15 @@ class DecoderConfig:
     rope_scaling: float
     max_position: int
     attention_bias: bool
+    # per layer: "full_attention" (the only kind built so far); empty means all full attention
+    layer_types: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.layer_types:
+            self.layer_types = ("full_attention",) * self.num_layers
+        if len(self.layer_types) != self.num_layers:
+            raise ValueError(f"layer_types has {len(self.layer_types)} entries for "
+                             f"num_hidden_layers {self.num_layers}")
 
     @classmethod
     def from_dict(cls, cfg: dict) -> DecoderConfig:
@@ -71,12 +80,14 @@ class DecoderConfig:
             rope_scaling=scaling,
             max_position=int(cfg.get("max_position_embeddings", 32768)),
             attention_bias=bool(cfg.get("attention_bias", False)),
+            layer_types=tuple(cfg.get("layer_types") or ()),
         )
 
 
 @dataclass(slots=True)
 class TargetConfig:
-    arch: str  # "qwen3" | "qwen3_moe"
+    architecture: str  # the checkpoint's class name, e.g. "Qwen3MoeForCausalLM"
+    arch: str  # its family: "qwen3" | "qwen3_moe"
     decoder: DecoderConfig
     vocab_size: int
     tie_word_embeddings: bool
@@ -95,12 +106,11 @@ class TargetConfig:
     def load(cls, model_dir: str | Path) -> TargetConfig:
         cfg = read_config(model_dir)
         archs = cfg.get("architectures") or []
-        arch = next((TARGET_ARCHITECTURES[a] for a in archs if a in TARGET_ARCHITECTURES), None)
-        if arch is None:
-            arch = (
-                cfg.get("model_type") if cfg.get("model_type") in ("qwen3", "qwen3_moe") else None
-            )
-        if arch is None or "DFlashDraftModel" in archs:
+        by_type = {family: name for name, family in TARGET_ARCHITECTURES.items()}
+        architecture = next((a for a in archs if a in TARGET_ARCHITECTURES), None)
+        if architecture is None:  # an export that names its class otherwise: model_type says
+            architecture = by_type.get(cfg.get("model_type"))
+        if architecture is None or "DFlashDraftModel" in archs:
             raise ValueError(
                 f"unsupported target architecture {archs or cfg.get('model_type')!r} in "
                 f"{model_dir}; supported: {sorted(TARGET_ARCHITECTURES)}"
@@ -110,7 +120,9 @@ class TargetConfig:
         if gen_path.is_file():
             eos = json.loads(gen_path.read_text()).get("eos_token_id", eos)
         eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        arch = TARGET_ARCHITECTURES[architecture]
         out = cls(
+            architecture=architecture,
             arch=arch,
             decoder=DecoderConfig.from_dict(cfg),
             vocab_size=int(cfg["vocab_size"]),

@@ -2,7 +2,8 @@
 
 Parameter names mirror Hugging Face's Qwen3 modules so checkpoints load by renaming a prefix.
 Attention reads and writes a paged KV cache; which keys a query sees (causal for the target,
-non-causal for the drafter's block) is decided by the `AttentionGroup` masks, not here.
+non-causal for the drafter's block) is decided by the `AttentionGroup` masks, not here. Every
+hot op goes through the registry (`ops.OPS`), so a kernel can take its place.
 """
 
 from __future__ import annotations
@@ -10,18 +11,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..ops import (
-    AttentionGroup,
-    PackedWeight,
-    can_pack,
-    get_op,
-    linear,
-    moe_experts,
-    rms_norm,
-    route_experts,
-    silu_and_mul,
-)
+from ..ops import OPS, AttentionGroup, IntakeLayer, PackedWeight, can_pack
 from ..parallel.communicator import Communicator
+from .cache_spec import AttentionCacheSpec
 from .hf_config import DecoderConfig
 
 
@@ -36,7 +28,7 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # the packed op has no autograd: anything that wants gradients takes the weight itself
         packed = None if torch.is_grad_enabled() else self.packed
-        return linear(x, packed or self.weight, self.bias)
+        return OPS.linear(x, packed or self.weight, self.bias)
 
 
 def prepack(model: nn.Module) -> bool:
@@ -56,10 +48,9 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
-        self._op = get_op("rms_norm")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._op(x, self.weight, self.eps)
+        return OPS.rms_norm(x, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -83,14 +74,12 @@ class Attention(nn.Module):
         self.eps = cfg.rms_norm_eps
         self.scale = hd**-0.5
         self.comm = comm
-        self._rope = get_op("apply_rope")
-        self._attend = get_op("paged_attention")
 
     packed_name = "qkv_proj"
-    kv_packed: PackedWeight | None = None  # the k/v rows of qkv_proj, for `project_kv`
+    kv_packed: PackedWeight | None = None  # the k/v rows of qkv_proj, for the context intake
 
     def pack_kv_rows(self) -> None:
-        """Pack the k/v rows for `project_kv` (the drafter's context path; the target never
+        """Pack the k/v rows for the context intake (the drafter's context path; the target never
         calls it, so only the drafter pays this copy)."""
         self.kv_packed = PackedWeight(self.qkv_proj.weight[self.num_heads * self.head_dim :])
 
@@ -103,17 +92,29 @@ class Attention(nn.Module):
             "v_proj": (self.num_heads + self.num_kv_heads) * hd,
         }
 
+    def cache_spec(self) -> AttentionCacheSpec:
+        return AttentionCacheSpec(self.num_kv_heads, self.head_dim)
+
     def project_kv(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values only (the drafter's context rows): x [T, H] -> each [T, nkv, hd]."""
+        """Keys and values only of context rows, x [T, H] -> each [T, nkv, hd]: the training
+        forward's (autograd, no cache) form of what `ops.context_intake` writes for serving."""
+        kv_rows = self.num_heads * self.head_dim
+        b = None if self.qkv_proj.bias is None else self.qkv_proj.bias[kv_rows:]
+        kv = OPS.linear(x, self.qkv_proj.weight[kv_rows:], b)
+        kv = kv.view(-1, 2 * self.num_kv_heads, self.head_dim)
+        k = OPS.apply_rope(OPS.rms_norm(kv[:, : self.num_kv_heads], self.k_norm.weight, self.eps),
+                           cos, sin)
+        return k, kv[:, self.num_kv_heads :]
+
+    def intake_layer(self) -> IntakeLayer:
+        """This layer's part of the drafter's context intake (`ops.context_intake`): the k/v
+        rows of qkv_proj (packed where `pack_kv_rows` ran) and the k norm."""
         kv_rows = self.num_heads * self.head_dim
         packed = None if torch.is_grad_enabled() else self.kv_packed
-        w = packed or self.qkv_proj.weight[kv_rows:]
-        b = None if self.qkv_proj.bias is None else self.qkv_proj.bias[kv_rows:]
-        kv = linear(x, w, b).view(-1, 2 * self.num_kv_heads, self.head_dim)
-        k = self._rope(rms_norm(kv[:, : self.num_kv_heads], self.k_norm.weight, self.eps), cos, sin)
-        return k, kv[:, self.num_kv_heads :]
+        bias = None if self.qkv_proj.bias is None else self.qkv_proj.bias[kv_rows:]
+        return IntakeLayer(packed or self.qkv_proj.weight[kv_rows:], bias, self.k_norm.weight)
 
     def qkv(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
@@ -123,7 +124,7 @@ class Attention(nn.Module):
         qkv = self.qkv_proj(x).view(-1, nh + 2 * nkv, self.head_dim)
         # q and k heads are normed and rotated together: one norm, one RoPE
         w = torch.cat((self.q_norm.weight.expand(nh, -1), self.k_norm.weight.expand(nkv, -1)))
-        qk = self._rope(rms_norm(qkv[:, : nh + nkv], w, self.eps), cos, sin)
+        qk = OPS.apply_rope(OPS.rms_norm(qkv[:, : nh + nkv], w, self.eps), cos, sin)
         return qk[:, :nh], qk[:, nh:], qkv[:, nh + nkv :]
 
     def forward(
@@ -137,9 +138,8 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         q, k, v = self.qkv(x, cos, sin)
         k_cache, v_cache = kv
-        k_cache[write_slots] = k
-        v_cache[write_slots] = v
-        out = self._attend(q, k_cache, v_cache, groups, self.scale)
+        OPS.store_kv(k_cache, v_cache, write_slots, k, v)
+        out = OPS.paged_attention(q, k_cache, v_cache, groups, self.scale)
         return self.comm.all_reduce(self.o_proj(out.reshape(x.shape[0], -1)))
 
 
@@ -160,7 +160,7 @@ class MLP(nn.Module):
         return {"gate_proj": 0, "up_proj": self.intermediate}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.comm.all_reduce(self.down_proj(silu_and_mul(self.gate_up_proj(x))))
+        return self.comm.all_reduce(self.down_proj(OPS.silu_and_mul(self.gate_up_proj(x))))
 
 
 class Experts(nn.Module):
@@ -201,21 +201,19 @@ class SparseMoE(nn.Module):
         lo, hi = expert_range
         self.experts = Experts(hi - lo, hidden, intermediate, lo)
         self.top_k, self.normalize, self.comm = top_k, normalize, comm
-        self._experts = get_op("moe_experts")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, ids = route_experts(self.gate(x), self.top_k, self.normalize)
+        weights, ids = OPS.route_experts(self.gate(x), self.top_k, self.normalize)
         e = self.experts
-        if e.packed is not None and not torch.is_grad_enabled():
-            # per-expert packed lists: the reference op's form (kernels take stacked tensors)
-            y = moe_experts(x, *e.packed, weights, ids, e.offset)
-        else:
-            y = self._experts(x, e.gate_up_proj, e.down_proj, weights, ids, e.offset)
-        return self.comm.all_reduce(y)
+        # per-expert packed weights where `prepack` ran (CPU), else the stacked tensors
+        packed = None if torch.is_grad_enabled() else e.packed
+        gate_up, down = packed or (e.gate_up_proj, e.down_proj)
+        return self.comm.all_reduce(OPS.moe_experts(x, gate_up, down, weights, ids, e.offset))
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: DecoderConfig, attn: Attention, mlp: nn.Module):
+        # the only layer kind so far: full attention (see DecoderConfig.layer_types)
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = attn

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..ops import AttentionGroup, RotaryTable
 from ..parallel.communicator import LOCAL, Communicator
-from ..worker.caches import PagedKVCache
+from .cache_spec import CacheSpec
 from .hf_config import TargetConfig
 from .layers import MLP, Attention, DecoderLayer, Linear, RMSNorm, SparseMoE
 from .loader import load_weights
@@ -32,7 +32,10 @@ class Qwen3Target(nn.Module):
         d, s = cfg.decoder, self.shard
         self.embed_tokens = nn.Embedding(cfg.vocab_size, d.hidden_size)
         layers = []
-        for i in range(d.num_layers):
+        for i, kind in enumerate(d.layer_types):
+            if kind != "full_attention":
+                raise ValueError(f"{cfg.architecture}: layer {i} is {kind!r}; only "
+                                 "'full_attention' layers are supported")
             attn = Attention(
                 d, s.head_range[1] - s.head_range[0], s.kv_range[1] - s.kv_range[0], comm
             )
@@ -60,6 +63,10 @@ class Qwen3Target(nn.Module):
     def num_kv_heads(self) -> int:
         return self.shard.kv_range[1] - self.shard.kv_range[0]
 
+    def cache_specs(self) -> list[CacheSpec]:
+        """Per layer, the cache it needs (`worker/caches.py` allocates them)."""
+        return [layer.self_attn.cache_spec() for layer in self.layers]
+
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)
 
@@ -71,7 +78,7 @@ class Qwen3Target(nn.Module):
         self,
         input_ids: torch.Tensor,  # [T]
         positions: torch.Tensor,  # [T]
-        cache: PagedKVCache,
+        cache,  # the model's caches: cache.layer(i) is layer i's (see worker/caches.py)
         write_slots: torch.Tensor,  # [T]
         groups: list[AttentionGroup],
         capture: list[int] | None = None,

@@ -52,7 +52,7 @@ class HandleBackend:
         self.handle = handle
         self._streaming = handle.options(stream=True)  # made once, not per request
 
-    def generate(self, prompt, messages, params: dict, request_id: str):
+    def generate(self, prompt, messages, params, request_id: str):
         return self._streaming.generate.remote(prompt, messages, params, request_id)
 
     async def call(self, method: str):

@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 from ray.serve.exceptions import BackPressureError
 
+from ..core.sampling_params import SamplingParams
 from .protocol import (
     APIError,
     ChatCompletionRequest,
@@ -42,7 +43,8 @@ class IngressSettings(BaseModel):
 
 
 class Backend(Protocol):
-    def generate(self, prompt, messages, params: dict, request_id: str) -> AsyncIterator[dict]:
+    def generate(self, prompt, messages, params: SamplingParams,
+                 request_id: str) -> AsyncIterator[dict]:
         """A stream of RequestOutput dicts; the first item may be {"error": {...}}."""
 
     async def call(self, method: str) -> Any:
@@ -127,7 +129,7 @@ def make_api(backend_factory, settings: IngressSettings) -> FastAPI:
         backend = backend_factory()
         streams = []
         for i in range(req.n):
-            params = _params_dict(req, i)
+            params = req.sampling_params(i)  # converted once, here at the edge
             streams.append(_Stream(backend.generate(prompt, messages, params, f"{rid}-{i}")))
         try:
             # Wait for every choice's first output: request errors surface here, before any
@@ -154,12 +156,6 @@ def make_api(backend_factory, settings: IngressSettings) -> FastAPI:
             _sse(streams, rid, settings, chat, include_usage), media_type="text/event-stream")
 
     return api
-
-
-def _params_dict(req: _SamplingFields, choice: int) -> dict:
-    sp = req.sampling_params(choice)
-    return {"max_tokens": sp.max_tokens, "temperature": sp.temperature, "top_p": sp.top_p,
-            "top_k": sp.top_k, "seed": sp.seed, "stop": sp.stop, "ignore_eos": sp.ignore_eos}
 
 
 class _Stream:

@@ -13,9 +13,9 @@ from collections.abc import AsyncIterator
 
 from ..config import EngineConfig
 from ..core.chat_template import ChatTemplate
-from ..core.engine import Engine
 from ..core.outputs import RequestOutput
 from ..core.sampling_params import InvalidRequest, SamplingParams
+from ..executors import make_engine
 from .protocol import APIError
 
 log = logging.getLogger(__name__)
@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 class ModelServer:
     def __init__(self, engine_config: dict, model_name: str, max_pending: int = 256):
-        self.engine = Engine(EngineConfig(**engine_config))
+        self.engine = make_engine(EngineConfig(**engine_config))
         self.model_name = model_name
         self.max_pending = max_pending
         self._pending = 0
@@ -38,26 +38,27 @@ class ModelServer:
         }
 
     def stats(self) -> dict:
-        s = self.engine.stats
+        snap = self.engine.stats()
+        s = snap.counters
         out = {
             "num_steps": s.num_steps,
             "max_batch_size": s.max_batch_size,
-            "kv_blocks_used": self.engine.blocks.num_used,
-            "kv_blocks_total": self.engine.blocks.num_blocks,
-            "running": len(self.engine.scheduler.running),
-            "waiting": len(self.engine.scheduler.waiting),
+            "kv_blocks_used": snap.kv_blocks_used,
+            "kv_blocks_total": snap.kv_blocks_total,
+            "running": snap.num_running,
+            "waiting": snap.num_waiting,
             "mean_acceptance_length": s.spec.mean_acceptance_length,
             "generation_tokens": s.generation_tokens,
             "spec_steps": s.num_spec_steps,
+            "drafter_up": snap.drafter_up,
         }
-        policy = self.engine.scheduler.policy.summary()
-        if policy is not None:  # spec_max_batch: auto, what it measured
-            out["spec_policy"] = policy
+        if snap.policy is not None:  # spec_max_batch: auto, what it measured
+            out["spec_policy"] = snap.policy
         return out
 
     async def generate(
-        self, prompt: str | list[int] | None, messages: list[dict] | None, params: dict,
-        request_id: str,
+        self, prompt: str | list[int] | None, messages: list[dict] | None,
+        params: SamplingParams, request_id: str,
     ) -> AsyncIterator[dict]:
         """Stream RequestOutput dicts. A refused request yields one {"error": ...} item instead
         of raising, so the ingress sees the status code intact across the Serve boundary."""
@@ -73,8 +74,7 @@ class ModelServer:
             try:
                 if messages is not None:
                     prompt = self.chat.render(messages)
-                sampling = SamplingParams(**params)
-                stream = self.engine.stream(prompt, sampling, request_id)
+                stream = self.engine.stream(prompt, params, request_id)
                 first = await anext(stream)  # add_request validates before the first step
             except InvalidRequest as exc:
                 yield _error(APIError(400, str(exc), exc.field))

@@ -62,6 +62,8 @@ class _SamplingFields(BaseModel):
     logprobs: Any = None
     user: str | None = None
     ignore_eos: bool = Field(False, description="vLLM extension: generate past EOS")
+    stop_token_ids: list[int] | None = Field(
+        None, description="vLLM extension: token ids that end generation (kept in the output)")
 
     @field_validator("temperature", "top_p")
     @classmethod
@@ -97,7 +99,8 @@ class _SamplingFields(BaseModel):
 
     def sampling_params(self, choice: int = 0) -> SamplingParams:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        kwargs: dict[str, Any] = {"stop": stops, "ignore_eos": self.ignore_eos}
+        kwargs: dict[str, Any] = {"stop": stops, "ignore_eos": self.ignore_eos,
+                                  "stop_token_ids": list(self.stop_token_ids or [])}
         for name in ("max_tokens", "temperature", "top_p", "top_k"):
             value = getattr(self, name)
             if value is not None:

@@ -20,7 +20,8 @@ import torch
 from tqdm import tqdm
 
 from ..models.qwen3 import Qwen3Target
-from ..worker.caches import PagedKVCache, SeqSpan, build_layout
+from ..worker.caches import PagedKVCache
+from ..worker.layout import SeqSpan, build_layout
 
 if TYPE_CHECKING:
     from .drafter_args import DrafterTrainArgs

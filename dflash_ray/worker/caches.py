@@ -1,12 +1,12 @@
-"""Paged KV storage on one device, and the per-forward attention layout built from block tables.
+"""Cache storage on one device, one store per kind of layer cache, with an explicit commit.
 
-Owns the tensors; the block manager (ints only) owns which block belongs to whom. A sequence's
-block table maps position p to slot `table[p // block_len] * block_len + p % block_len`; the
-target cache and the drafter cache share block ids, so one table serves both.
-
-Rollback is per cache type (`rollback`): for attention caches, rejected positions are forgotten by
-shrinking the sequence length (their slots are overwritten later), so it is a no-op here. A cache
-with recurrent state (Qwen3.5 linear attention) would snapshot and restore instead.
+Owns the tensors; the block manager (ints only) owns which KV block and which state slot belongs
+to whom. After every verify the target worker calls `commit` once with, per sequence, how many
+of the block's positions were kept (accepted drafts + bonus): that is the rollback of the
+rejected rest. Each kind does what it needs: attention K/V forgets rejected positions by length
+(the bookkeeping's `num_cached` stops before them and their slots are overwritten later), so its
+commit has nothing to do; a recurrent state must be restored to the state after the last kept
+position, so a kind that needs the kept counts says so (`needs_commit`).
 """
 
 from __future__ import annotations
@@ -15,10 +15,25 @@ from dataclasses import dataclass
 
 import torch
 
-from ..ops import AttentionGroup
+from ..models.cache_spec import AttentionCacheSpec, CacheSpec
+
+
+@dataclass(slots=True)
+class Commit:
+    """One sequence's part of a verify: `num_verified` positions from `start`, of which the
+    first `num_kept` are kept."""
+
+    slot: int
+    start: int
+    num_verified: int
+    num_kept: int
 
 
 class PagedKVCache:
+    """Keys and values of attention layers in pages of `block_len` positions."""
+
+    needs_commit = False
+
     def __init__(
         self,
         num_layers: int,
@@ -37,101 +52,60 @@ class PagedKVCache:
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k[i], self.v[i]
 
-    def rollback(self, seq_ids: list[int], new_lens: list[int]) -> None:
-        """Attention KV needs nothing: lengths live in the bookkeeping."""
+    def commit(self, commits: list[Commit]) -> None:
+        """Nothing to restore: rejected positions are forgotten by length (module docstring)."""
 
-    @staticmethod
-    def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype) -> int:
-        return (
-            2 * num_layers * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
-        )
+    def release(self, slots: list[int]) -> None:
+        """Pages are the block manager's to reuse; nothing is held per sequence."""
 
 
-@dataclass(slots=True)
-class SeqSpan:
-    """One sequence's part of a forward: `num_new` tokens at positions
-    `num_cached .. num_cached+num_new-1`, of which `num_queries` (the last ones) ask attention."""
+class ModelCache:
+    """Every layer's cache of one model: `layer(i)` is what layer i reads and writes."""
 
-    block_table: list[int]
-    num_cached: int
-    num_new: int
-    num_queries: int
+    def __init__(self, specs: list[CacheSpec], num_blocks: int, block_len: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        kinds = {type(s) for s in specs}
+        if kinds - {AttentionCacheSpec}:
+            raise ValueError(f"no cache store for layer kinds {sorted(k.__name__ for k in kinds)}")
+        heads = {(s.num_kv_heads, s.head_dim) for s in specs}
+        if len(heads) != 1:
+            raise ValueError(f"attention layers of different shapes {sorted(heads)}")
+        (num_kv_heads, head_dim), = heads
+        self.kv = PagedKVCache(len(specs), num_blocks, block_len, num_kv_heads, head_dim, dtype,
+                               device)
+        self.stores = [self.kv]
+        self._layers = [(self.kv, i) for i in range(len(specs))]
 
+    @property
+    def needs_commit(self) -> bool:
+        return any(s.needs_commit for s in self.stores)
 
-def slot_mapping(spans: list[SeqSpan], block_len: int, device) -> torch.Tensor:
-    """Cache slots of every new token of every span, flattened in span order: [sum(num_new)]."""
-    rows = []
-    for s in spans:
-        t = s.block_table
-        rows.extend(
-            t[p // block_len] * block_len + p % block_len
-            for p in range(s.num_cached, s.num_cached + s.num_new)
-        )
-    return torch.tensor(rows, dtype=torch.long, device=device)
+    def layer(self, i: int):
+        store, index = self._layers[i]
+        return store.layer(index)
 
+    def commit(self, commits: list[Commit]) -> None:
+        for store in self.stores:
+            store.commit(commits)
 
-def build_layout(
-    spans: list[SeqSpan],
-    block_len: int,
-    causal: bool,
-    device: torch.device | str,
-    query_offset: int = 0,
-) -> tuple[torch.Tensor, list[AttentionGroup]]:
-    """Write slots for every new token, and attention groups for the query tokens.
-
-    Returns write_slots [sum(num_new)] and groups. Queries of span i are rows
-    `query_offset + sum(num_queries[:i]) ...` of the flattened query batch. Spans with long query
-    runs (prefills) each get their own group; the short ones (decode blocks) share one, so a
-    decode batch costs one SDPA call per layer.
-    """
-    write_slots = slot_mapping(spans, block_len, device)
-
-    short = [i for i, s in enumerate(spans) if s.num_queries <= 32]
-    long = [[i] for i, s in enumerate(spans) if s.num_queries > 32]
-    starts, acc = [], query_offset
-    for s in spans:
-        starts.append(acc)
-        acc += s.num_queries
-    groups = [
-        _group([spans[i] for i in idx], [starts[i] for i in idx], block_len, causal, device)
-        for idx in ([short] if short else []) + long
-    ]
-    return write_slots, groups
+    def release(self, slots: list[int]) -> None:
+        for store in self.stores:
+            store.release(slots)
 
 
-def _group(
-    spans: list[SeqSpan], starts: list[int], block_len: int, causal: bool, device
-) -> AttentionGroup:
-    n = len(spans)
-    max_q = max(s.num_queries for s in spans)
-    key_lens = [s.num_cached + s.num_new for s in spans]
-    max_k = max(key_lens)
-    max_blocks = (max_k + block_len - 1) // block_len
-    tables = torch.tensor(
-        [
-            s.block_table[:max_blocks] + [0] * (max_blocks - len(s.block_table[:max_blocks]))
-            for s in spans
-        ],
-        dtype=torch.long,
-    )  # [N, max_blocks]
-    kpos = torch.arange(max_k)
-    key_slots = tables[:, kpos // block_len] * block_len + kpos % block_len  # [N, K]
-    qi = torch.arange(max_q)
-    num_q = torch.tensor([s.num_queries for s in spans])
-    query_valid = qi[None, :] < num_q[:, None]  # [N, Q]
-    query_rows = torch.where(query_valid, torch.tensor(starts)[:, None] + qi[None, :], 0)
-    klen = torch.tensor(key_lens)
-    mask = kpos[None, None, :] < klen[:, None, None]  # [N, 1, K] -> broadcast over Q
-    mask = mask.expand(n, max_q, max_k)
-    if causal:
-        # query j of span i sits at position key_len - num_queries + j
-        qpos = klen[:, None] - num_q[:, None] + qi[None, :]  # [N, Q]
-        mask = mask & (kpos[None, None, :] <= qpos[:, :, None])
-    # padded query rows attend to key 0 so SDPA never sees an all-False row (output dropped)
-    mask = mask | (~query_valid[:, :, None] & (kpos == 0)[None, None, :])
-    return AttentionGroup(
-        query_rows=query_rows.to(device),
-        query_valid=query_valid.to(device),
-        key_slots=key_slots.to(device),
-        mask=mask[:, None].to(device),
-    )
+def bytes_per_token(specs: list[CacheSpec], dtype: torch.dtype) -> int:
+    return sum(s.bytes_per_token(dtype) for s in specs)
+
+
+def bytes_per_seq(specs: list[CacheSpec], dtype: torch.dtype) -> int:
+    return sum(s.bytes_per_seq(dtype) for s in specs)
+
+
+def plan_cache(budget: int, per_token: int, per_seq: int, block_len: int,
+               max_seqs: int) -> tuple[int, int]:
+    """(KV blocks, state slots) for `budget` bytes. Per-sequence state is reserved first, for
+    `max_seqs` sequences or as many as fit in half the budget; the rest holds KV blocks. Without
+    per-sequence state every running sequence has a slot for free."""
+    slots = max_seqs if per_seq == 0 else max(1, min(max_seqs, budget // 2 // per_seq))
+    blocks = (budget - slots * per_seq) // (per_token * block_len) if per_token else 1
+    return max(1, blocks), slots

@@ -1,22 +1,21 @@
-"""What a runner is built from (`RunnerConfig`) and what follows from the checkpoints
-(`ModelSpec`), shared by the in-process runner, the drafter and target workers and the Ray
-executor, so every process resolves block size, captured layers and KV sizing the same way."""
+"""What the workers are built from (`WorkerConfig`) and what follows from the checkpoints
+(`ModelSpec`), shared by the in-process executor, the draft and target workers and the Ray
+actors, so every process resolves block size, captured layers and cache sizing the same way."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 
-from ..core.step_io import SamplingSpec
+from ..core.step_io import ExecutorInfo
 from ..models.hf_config import DrafterConfig, TargetConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(slots=True)
-class RunnerConfig:
+class WorkerConfig:
     target: str
     drafter: str | None = None
     device: str = "cpu"
@@ -26,9 +25,15 @@ class RunnerConfig:
     kv_block_len: int = 16
     num_kv_blocks: int | None = None  # None: sized from kv_cache_gb
     kv_cache_gb: float | None = None  # None: 85% of free GPU memory, or 1 GiB on CPU
+    max_num_seqs: int = 64  # sequences that need per-sequence cache state at once
     # propose drafts while the drafter's probability of the draft prefix stays >= this
     # (0: always verify the whole block, as z-lab and SGLang do)
     spec_min_confidence: float = 0.0
+
+    @classmethod
+    def from_engine(cls, config) -> WorkerConfig:
+        """The fields of an `EngineConfig` the workers need."""
+        return cls(**{name: getattr(config, name) for name in cls.__slots__})
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -47,6 +52,14 @@ class RunnerConfig:
             return self.torch_dtype
         return torch.bfloat16 if native_bf16(torch.device(self.device)) else self.torch_dtype
 
+    def cache_budget(self) -> int:
+        """Bytes this process's caches may take."""
+        device = torch.device(self.device)
+        if self.kv_cache_gb is None and device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            return int(free * 0.85)
+        return int((self.kv_cache_gb or 1.0) * (1 << 30))
+
 
 @dataclass(slots=True)
 class ModelSpec:
@@ -61,7 +74,7 @@ class ModelSpec:
     max_position: int
 
     @classmethod
-    def resolve(cls, cfg: RunnerConfig) -> ModelSpec:
+    def resolve(cls, cfg: WorkerConfig) -> ModelSpec:
         """Validate the configs against each other; raise ValueError naming the bad field."""
         if cfg.dtype not in DTYPES:
             raise ValueError(f"dtype {cfg.dtype!r} is not one of {sorted(DTYPES)}")
@@ -91,17 +104,12 @@ class ModelSpec:
             max_position=target.decoder.max_position,
         )
 
-    def info(self, num_kv_blocks: int, kv_block_len: int, kv_bytes_per_token: int) -> dict:
-        """What an executor's `info()` tells the engine."""
-        return {
-            "num_kv_blocks": num_kv_blocks,
-            "kv_block_len": kv_block_len,
-            "block_size": self.block_size,
-            "eos_token_ids": self.eos_token_ids,
-            "vocab_size": self.vocab_size,
-            "max_position": self.max_position,
-            "kv_bytes_per_token": kv_bytes_per_token,
-        }
+    def info(self, cfg: WorkerConfig, num_kv_blocks: int, num_slots: int, per_token: int,
+             per_seq: int) -> ExecutorInfo:
+        """What an executor tells the engine."""
+        return ExecutorInfo(self.block_size, self.eos_token_ids, self.vocab_size,
+                            self.max_position, num_kv_blocks, cfg.kv_block_len, num_slots,
+                            per_token, per_seq)
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -112,27 +120,3 @@ def native_bf16(device: torch.device) -> bool:
         has_isa = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
         return has_isa and torch.backends.mkldnn.is_available()
     return False
-
-
-def kv_blocks_that_fit(cfg: RunnerConfig, bytes_per_token: int) -> int:
-    """KV blocks of `bytes_per_token` per position that this process's device budget holds."""
-    device = torch.device(cfg.device)
-    gb = cfg.kv_cache_gb
-    if gb is None and device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        budget = int(free * 0.85)
-    else:
-        budget = int((gb or 1.0) * (1 << 30))
-    return max(1, budget // (bytes_per_token * cfg.kv_block_len))
-
-
-# The drafter and the target draw from different streams of one seed, so a seeded request is
-# reproducible whether both run in one process or in two.
-_STREAM_SALT = {"target": 0, "drafter": 0x9E3779B97F4A7C15}
-
-
-def seeded_generator(spec: SamplingSpec, device: torch.device, stream: str) -> torch.Generator:
-    gen = torch.Generator(device=device)
-    seed = spec.seed if spec.seed is not None else int.from_bytes(os.urandom(8), "little")
-    gen.manual_seed((seed ^ _STREAM_SALT[stream]) & ((1 << 63) - 1))
-    return gen

@@ -1,7 +1,7 @@
-"""Reference tensor ops of the target and the drafter, plus the registry that may swap in kernels.
+"""Reference tensor ops of the target and the drafter: plain torch, the definition of correct.
 
-Every hot op here is plain torch and is the definition of correct; a kernel under `dflash_kernels`
-with the same signature may replace it through `get_op` (override with `DFLASH_OPS=ref`). The
+A kernel (`dflash_kernels`) or a platform path (`cpu_packed`) with the same signature may stand
+in for any of them through the registry (`ops.OPS`); `DFLASH_OPS=ref` forces these. The
 numerics deliberately follow Hugging Face's Qwen3 code (RMSNorm in fp32, RoPE tables in fp32) so
 our logits match transformers' within float rounding.
 
@@ -11,60 +11,20 @@ length, K padded key length, H hidden, nh/nkv heads, hd head dim, E experts, k e
 
 from __future__ import annotations
 
-import logging
-import os
-import platform
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-log = logging.getLogger(__name__)
-
-
-class PackedWeight:
-    """A linear layer's weight laid out once in oneDNN's blocked CPU format (fp32 or bf16).
-
-    Measured on this project's 2-core AVX-512 CPU, a [640, 192] weight among others cycling
-    through cache: unpacked fp32 (MKL) took 43 / 57 / 77 us for 1 / 5 / 16 rows, packed 31 / 26
-    / 40 us; bf16 re-lays the weight out on every call unpacked (27 vs 15 us at 1 row). A whole
-    engine's one-row fp32 steps still ran faster unpacked, so `linear` keeps that case on the
-    source weight. Holds a copy: packing doubles a model's weight memory on CPU
-    (`DFLASH_OPS=ref` turns it off). Inference only: no autograd, stale if the source changes.
-    """
-
-    __slots__ = ("data", "source")
-
-    def __init__(self, weight: torch.Tensor):
-        self.source = weight.detach()  # the original (shared, not copied): the one-row path
-        self.data = torch.ops.mkldnn._reorder_linear_weight(self.source.contiguous())
-
-
-def can_pack(weight: torch.Tensor) -> bool:
-    """Whether `PackedWeight` applies: an x86 CPU (where it was measured), fp32 or bf16 (bf16
-    only where oneDNN has a bf16 GEMM for this CPU), oneDNN built in, `DFLASH_OPS` not `ref`."""
-    if (weight.device.type != "cpu" or platform.machine().lower() not in ("x86_64", "amd64")
-            or not torch.backends.mkldnn.is_available()
-            or os.environ.get("DFLASH_OPS", "auto") == "ref"):
-        return False
-    if weight.dtype == torch.bfloat16:
-        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return weight.dtype == torch.float32
+from .cpu_packed import PackedWeight
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor | PackedWeight,
            bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear`, through oneDNN when the weight is packed (same values up to GEMM rounding).
-
-    One fp32 row (a plain decode step) keeps the unpacked path: there MKL's call overhead is
-    lower than oneDNN's (7 vs 16 us for a 640 x 192 weight in cache; measured in a whole
-    engine, packing every GEMM made plain decoding 0.82x while verify steps gained).
-    """
+    """x [T, in] @ weight [out, in].T (+ bias): `F.linear`, or a packed weight's oneDNN GEMM."""
     if isinstance(weight, PackedWeight):
-        if x.dtype == torch.float32 and x.numel() == x.shape[-1]:
-            return F.linear(x, weight.source, bias)
-        return torch.ops.mkldnn._linear_pointwise(x, weight.data, bias, "none", [], "")
+        return weight.apply(x, bias)
     return F.linear(x, weight, bias)
 
 
@@ -158,6 +118,44 @@ def paged_attention(
     return out
 
 
+def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, k: torch.Tensor,
+             v: torch.Tensor) -> None:
+    """Write k, v [T, nkv, hd] into slots [T] of one layer's k_cache / v_cache [S, nkv, hd]."""
+    k_cache[slots] = k
+    v_cache[slots] = v
+
+
+@dataclass(slots=True)
+class IntakeLayer:
+    """What the drafter's context intake needs of one drafter layer's attention."""
+
+    kv_weight: torch.Tensor | PackedWeight  # [2 * nkv * hd, H]: the k/v rows of qkv_proj
+    kv_bias: torch.Tensor | None
+    k_norm: torch.Tensor  # [hd]
+
+
+def context_intake(
+    features: torch.Tensor,  # [Tc, K*Ht] target features of newly committed tokens
+    fc: torch.Tensor | PackedWeight,  # [H, K*Ht]
+    hidden_norm: torch.Tensor,  # [H]
+    eps: float,
+    layers: Sequence[IntakeLayer],
+    num_kv_heads: int,
+    cos: torch.Tensor,  # [Tc, hd] at the tokens' positions
+    sin_signed: torch.Tensor,
+    kv: Sequence[tuple[torch.Tensor, torch.Tensor]],  # per layer: its (k_cache, v_cache)
+    slots: torch.Tensor,  # [Tc]
+) -> None:
+    """The DFlash drafter's context intake: C = hidden_norm(fc(features)), then every layer's
+    k/v projection of C (k normed and rotated) written straight into its cache. Context rows
+    never run attention or an MLP: their K/V is all the drafter ever reads of them."""
+    c = rms_norm(linear(features, fc), hidden_norm, eps)
+    for layer, (k_cache, v_cache) in zip(layers, kv, strict=True):
+        proj = linear(c, layer.kv_weight, layer.kv_bias).view(c.shape[0], 2 * num_kv_heads, -1)
+        k = apply_rope(rms_norm(proj[:, :num_kv_heads], layer.k_norm, eps), cos, sin_signed)
+        store_kv(k_cache, v_cache, slots, k, proj[:, num_kv_heads:])
+
+
 def route_experts(
     router_logits: torch.Tensor, top_k: int, normalize: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,34 +206,3 @@ def moe_experts(
             lo = hi
         per_slot[pair_t] = torch.cat(ys) * weights.reshape(-1, 1).index_select(0, pair_t)
     return per_slot.view(-1, k, x.shape[1]).sum(dim=1)
-
-
-# ---- registry ---------------------------------------------------------------------------------
-
-_REFERENCE: dict[str, Callable] = {
-    "rms_norm": rms_norm,
-    "apply_rope": apply_rope,
-    "paged_attention": paged_attention,
-    "moe_experts": moe_experts,
-}
-_chosen: dict[str, Callable] = {}
-
-
-def get_op(name: str) -> Callable:
-    """The implementation of `name`, chosen once: a dflash_kernels kernel when it imports and the
-    override `DFLASH_OPS=ref` is not set, else the reference above."""
-    if name in _chosen:
-        return _chosen[name]
-    impl = _REFERENCE[name]
-    if os.environ.get("DFLASH_OPS", "auto") != "ref":
-        try:
-            import dflash_kernels
-
-            kernel = dflash_kernels.get(name)
-            if kernel is not None:
-                impl = kernel
-                log.info("op %s: using kernel %s", name, kernel.__qualname__)
-        except ImportError as exc:  # the kernels package is optional
-            log.info("op %s: reference (dflash_kernels unavailable: %s)", name, exc)
-    _chosen[name] = impl
-    return impl
