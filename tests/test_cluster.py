@@ -252,3 +252,45 @@ def test_gpu_drafter_and_shard_match_cpu(ray_cluster, tiny, llms, gpus_per_actor
     want = llms["dflash"].generate(PROMPTS, GREEDY, use_tqdm=False)
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
     print(f"transfer {1e3 * timing.transfer / timing.steps:.3f} ms/step over {timing.steps} steps")
+
+
+def record_steps(engine: Engine) -> list[dict]:
+    """Per executed step: {worker: [methods it ran, in order]} from the step's spans."""
+    steps = []
+    execute = engine.executor.execute
+
+    def spy(batch):
+        result = execute(batch)
+        ran: dict[str, list[str]] = {}
+        for s in sorted(result.spans, key=lambda s: s.start):
+            ran.setdefault(s.worker, []).append(s.method)
+        steps.append(ran)
+        return result
+
+    engine.executor.execute = spy
+    return steps
+
+
+def test_ray_and_in_process_steps_run_the_same_worker_methods(sharded, tiny):
+    """One orchestration: the steps of the same requests run the same worker methods in the
+    same order in one process and across the actors (Ray adds only the channel's transfers)."""
+    local = LLM(tiny["moe"], tiny["drafter"], drafter_dtype="float32").engine
+    params = [GREEDY, SamplingParams(max_tokens=40, temperature=0.8, seed=5)]
+    ran = {}
+    for name, engine in (("local", local), ("ray", sharded)):
+        steps = record_steps(engine)
+        try:
+            generate(engine, PROMPTS[:2], params)
+        finally:
+            del engine.executor.execute  # the spy
+        ran[name] = steps
+    workers = [{w: m for w, m in s.items() if w != "channel"} for s in ran["ray"]]
+    assert workers == ran["local"]
+    drafted = [s for s in ran["local"] if "drafter" in s]
+    assert drafted and all(s["target"] == ["release", "take_features", "share_drafts", "verify"]
+                           and s["drafter"] == ["draft"] for s in drafted)
+    channel = [s["channel"] for s in ran["ray"] if "drafter" in s]
+    assert all(sorted(c) == ["recv_drafts", "recv_features", "send_drafts", "send_features"]
+               for c in channel)
+    counters = sharded.stats().counters
+    assert counters.transfer_bytes > 0 and counters.transfer_seconds > 0

@@ -265,3 +265,41 @@ def test_extreme_sampling_params_still_generate(llms, kwargs):
         greedy = llms["dflash"].generate([[1, 2, 3]], SamplingParams(max_tokens=12),
                                          use_tqdm=False)[0]
         assert out.token_ids == greedy.token_ids
+
+
+def test_one_acceptance_length_for_requests_engine_and_listeners(tiny):
+    """Requests' speculation stats add up exactly to the engine's counters and to what the
+    step listeners saw, with one definition: tokens committed per verify step with drafts."""
+    engine = LLM(tiny["moe"], tiny["drafter"], drafter_dtype="float32",
+                 spec_min_confidence=0.02).engine
+    steps = []
+    engine.add_listener(steps.append)
+    before = engine.stats().counters
+    prompts = [[(3 * i + j) % 30 for j in range(2 + i)] for i in range(5)]
+    outs = engine.run_until_finished(
+        [engine.add_request(p, SamplingParams(max_tokens=20 + 3 * i, stop_token_ids=[7]))
+         for i, p in enumerate(prompts)])
+    after = engine.stats().counters
+    spec, spec0 = after.spec, before.spec
+    lengths = [a for o in outs for a in o.acceptance_lengths]
+    assert spec.num_drafts - spec0.num_drafts == len(lengths) > 0
+    assert spec.num_accepted_tokens - spec0.num_accepted_tokens == sum(lengths) - len(lengths)
+    assert spec.num_accepted_tokens - spec0.num_accepted_tokens == sum(
+        o.num_accepted_tokens for o in outs)
+    assert spec.num_draft_tokens - spec0.num_draft_tokens == sum(o.num_draft_tokens for o in outs)
+    drafts = [d for s in steps for d in s.drafts]
+    assert len(drafts) == len(lengths) and sum(a for _, a in drafts) == sum(lengths) - len(lengths)
+    assert after.generation_tokens - before.generation_tokens == sum(len(o.token_ids)
+                                                                     for o in outs)
+    assert sum(len(o.new_token_ids) for s in steps for o in s.outputs) == sum(
+        len(o.token_ids) for o in outs)
+    for o in outs:
+        m = o.metrics
+        assert m.arrival_time <= m.scheduled_time <= m.first_token_time <= m.finished_time
+        assert m.last_token_time == m.finished_time and m.e2e_seconds >= m.ttft_seconds >= 0
+        # every token but the prefill's came from a decode step; drafted steps are a subset
+        assert len(o.acceptance_lengths) <= m.num_steps <= len(o.token_ids) - 1
+        assert o.acceptance_length == (sum(o.acceptance_lengths) / len(o.acceptance_lengths)
+                                       if o.acceptance_lengths else 0.0)
+    assert {o.finish_reason for o in outs} <= {"stop", "length"}
+    assert after.finished.get("stop", 0) + after.finished.get("length", 0) >= len(outs)

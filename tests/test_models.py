@@ -224,3 +224,24 @@ def test_packed_drafter_matches_reference(tiny, dtype):
     assert rel_err(got, want) < tol
     for g, w in zip(got_kv, want_kv, strict=True):
         assert rel_err(g[:14], w[:14]) < tol
+
+
+def test_registry_covers_every_parsed_architecture_and_refuses_unknown_layer_kinds(tmp_path):
+    import json
+    import shutil
+
+    from dflash_ray.models.hf_config import TARGET_ARCHITECTURES
+    from dflash_ray.models.registry import TARGETS, load_target
+
+    assert set(TARGETS) == set(TARGET_ARCHITECTURES)
+    path = save_qwen3(tmp_path / "q")
+    model = load_target(path, torch.float32, "cpu")
+    assert [type(s).__name__ for s in model.cache_specs()] == ["AttentionCacheSpec"] * 4
+    hybrid = tmp_path / "hybrid"
+    shutil.copytree(path, hybrid)
+    cfg = json.loads((hybrid / "config.json").read_text())
+    cfg["layer_types"] = ["linear_attention", "linear_attention", "linear_attention",
+                          "full_attention"]
+    (hybrid / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="layer 0 is 'linear_attention'"):
+        load_target(str(hybrid), torch.float32, "cpu")

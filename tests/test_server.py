@@ -97,6 +97,16 @@ def test_openai_client_completions_and_chat_equal_offline(served, text_models):
     assert "".join(c.choices[0].delta.content or "" for c in parts) == offline.text
     assert [m.id for m in client.models.list().data] == ["tiny"]
 
+    # stop_token_ids (vLLM's extension) reaches the engine: it stops at that token, kept
+    stop = want.token_ids[10]
+    cut = llm.generate("hello world", SamplingParams(max_tokens=24, stop_token_ids=[stop]),
+                       use_tqdm=False)[0]
+    assert cut.finish_reason == "stop" and len(cut.token_ids) < 24
+    got = client.completions.create(model="tiny", prompt="hello world", max_tokens=24,
+                                    temperature=0, extra_body={"stop_token_ids": [stop]})
+    assert got.choices[0].text == cut.text and got.choices[0].finish_reason == "stop"
+    assert got.usage.completion_tokens == len(cut.token_ids)
+
 
 def test_concurrent_streams_share_engine_steps(served, text_models):
     llm = LLM(*text_models)

@@ -319,3 +319,38 @@ def test_reject_cooldown_keeps_sampling_exact(tiny):
     outs = llm.generate([prompt] * n, params, use_tqdm=False)
     check_marginals(outs, exact_marginals(llm, prompt, 3, 0.7, 8, 0.9))
     assert len(blocks_after_misses(steps, 1)[0]) > 100  # the cooldown acted on many of them
+
+
+def test_rollback_of_a_rejected_block_is_one_explicit_commit(tiny):
+    """After every verify the target worker commits its caches once, with per decode the
+    positions verified (bonus + proposed) and kept (committed tokens): the rejected rest is
+    rolled back by that call, not by a side effect."""
+    engine = LLM(tiny["moe"], tiny["drafter"], drafter_dtype="float32").engine
+    cache = engine.executor.target.cache
+    commits, results = [], []
+    commit, execute = cache.commit, engine.executor.execute
+
+    def spy_commit(entries):
+        commits.append(list(entries))
+        commit(entries)
+
+    def spy_execute(batch):
+        result = execute(batch)
+        results.append((batch, result))
+        return result
+
+    cache.commit, engine.executor.execute = spy_commit, spy_execute
+    out = run_staggered(engine, PROMPTS[:4], SamplingParams(max_tokens=30))
+    assert len(commits) == len(results)  # one call per step
+    rejected = 0
+    for entries, (batch, result) in zip(commits, results, strict=True):
+        decoded = {r.seq_id: r for r in result.results}
+        assert [e.start for e in entries] == [d.start for d in batch.decodes]
+        for e, d in zip(entries, batch.decodes, strict=True):
+            r = decoded[d.seq_id]
+            assert e.slot == d.slot
+            assert e.num_verified == 1 + r.num_proposed and e.num_kept == len(r.tokens)
+            rejected += e.num_verified - e.num_kept
+    assert rejected > 0, "no block had a rejected tail to roll back"
+    plain = LLM(tiny["moe"]).generate(PROMPTS[:4], SamplingParams(max_tokens=30), use_tqdm=False)
+    assert [o.token_ids for o in out] == [o.token_ids for o in plain]

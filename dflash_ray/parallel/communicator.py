@@ -28,9 +28,6 @@ class Communicator:
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
-    def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
     def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
         return x
 
@@ -82,10 +79,6 @@ class GroupCommunicator(Communicator):
             raise ValueError(f"backend {backend!r} is not 'gloo' or 'nccl'")
         self.all_reduce(torch.zeros(1, device=device))  # fail here, not in the first forward
 
-    @property
-    def connected(self) -> bool:
-        return self._pg is not None
-
     def _group(self) -> dist.ProcessGroup:
         if self._pg is None:
             raise RuntimeError(f"rank {self.rank}: the process group is not connected")
@@ -96,12 +89,6 @@ class GroupCommunicator(Communicator):
         x = x.contiguous()
         self._group().allreduce([x]).wait()
         return x
-
-    def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
-        """[..., d] per rank -> [..., world_size * d], rank order."""
-        parts = [torch.empty_like(x) for _ in range(self.world_size)]
-        self._group().allgather([parts], [x.contiguous()]).wait()
-        return torch.cat(parts, dim=-1)
 
     def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
         """Overwrite x on every rank with rank `src`'s, in place."""

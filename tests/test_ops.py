@@ -1,0 +1,61 @@
+"""The op registry: model code reaches every hot op through it, a kernel with the reference's
+signature takes an op's place where one exists, and DFLASH_OPS=ref forces the references."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections import Counter
+from contextlib import ExitStack
+
+from dflash_ray import LLM, SamplingParams
+from dflash_ray.ops import OPS, REFERENCE, override
+
+
+def test_model_code_calls_every_hot_op_through_the_registry(tiny):
+    """Swap every op for a counting wrapper: a DFlash engine's steps (target prefill and
+    verify, drafter context intake and block pass) must call each one."""
+    llm = LLM(tiny["moe"], tiny["drafter"], drafter_dtype="float32")
+    calls: Counter = Counter()
+
+    def counting(name, impl):
+        def op(*args, **kwargs):
+            calls[name] += 1
+            return impl(*args, **kwargs)
+        return op
+
+    with ExitStack() as stack:
+        for name in REFERENCE:
+            stack.enter_context(override(name, counting(name, getattr(OPS, name))))
+        out = llm.generate([[1, 2, 3, 4]], SamplingParams(max_tokens=12), use_tqdm=False)[0]
+    assert len(out.token_ids) == 12
+    assert set(calls) == set(REFERENCE), f"never called through the registry: " \
+        f"{sorted(set(REFERENCE) - set(calls))}"
+
+
+CHOICE = """
+import sys, types
+fake = types.ModuleType("dflash_kernels")
+def rms_norm_kernel(x, weight, eps):
+    raise AssertionError("not run here")
+fake.get = lambda name: rms_norm_kernel if name == "rms_norm" else None
+sys.modules["dflash_kernels"] = fake
+from dflash_ray.ops import OPS, REFERENCE
+print(OPS.rms_norm is rms_norm_kernel, OPS.rms_norm is REFERENCE["rms_norm"],
+      all(getattr(OPS, n) is REFERENCE[n] for n in REFERENCE if n != "rms_norm"))
+"""
+
+
+def choice(env_ops: str | None) -> str:
+    env = {k: v for k, v in os.environ.items() if k != "DFLASH_OPS"}
+    if env_ops is not None:
+        env["DFLASH_OPS"] = env_ops
+    out = subprocess.run([sys.executable, "-c", CHOICE], capture_output=True, text=True,
+                         env=env, check=True)
+    return out.stdout.strip()
+
+
+def test_a_kernel_replaces_its_op_and_dflash_ops_ref_forces_the_references():
+    assert choice(None) == "True False True"  # the kernel for rms_norm, references elsewhere
+    assert choice("ref") == "False True True"  # the override wins over the kernel
