@@ -58,7 +58,7 @@ def test_drafter_runs_in_its_own_dtype_beside_the_target(llms, tiny):
         LLM(tiny["moe"], tiny["drafter"], drafter_dtype="int8")
 
 
-def test_drafter_dtype_auto_and_bad_values(tiny):
+def test_drafter_dtype_auto_and_bad_values(tiny, monkeypatch):
     from dflash_ray.worker.worker_config import ModelSpec, WorkerConfig, native_bf16
 
     def resolved(**kw):
@@ -72,6 +72,14 @@ def test_drafter_dtype_auto_and_bad_values(tiny):
     assert resolved(dtype="float32") == fp32_auto
     with pytest.raises(ValueError, match="drafter_dtype 'int8'"):
         ModelSpec.resolve(WorkerConfig(tiny["moe"], tiny["drafter"], drafter_dtype="int8"))
+    # DFLASH_CPU_BF16 makes this machine resolve as the other CPU class would
+    monkeypatch.setenv("DFLASH_CPU_BF16", "native")
+    assert resolved(dtype="float32") == torch.bfloat16
+    monkeypatch.setenv("DFLASH_CPU_BF16", "emulated")
+    assert resolved(dtype="float32") == torch.float32
+    monkeypatch.setenv("DFLASH_CPU_BF16", "yes")
+    with pytest.raises(ValueError, match="DFLASH_CPU_BF16='yes'"):
+        resolved(dtype="float32")
 
 
 def test_greedy_dflash_equals_plain_staggered_batch(llms):

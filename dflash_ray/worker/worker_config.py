@@ -4,6 +4,7 @@ actors, so every process resolves block size, captured layers and cache sizing t
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -113,10 +114,18 @@ class ModelSpec:
 
 
 def native_bf16(device: torch.device) -> bool:
-    """Whether `device` multiplies bf16 matrices natively (not by converting to fp32)."""
+    """Whether `device` multiplies bf16 matrices natively (not by converting to fp32).
+
+    `DFLASH_CPU_BF16=native|emulated` overrides the answer for CPUs, so a machine of one class
+    can run what `drafter_dtype: auto` does on the other (the test suite runs both)."""
     if device.type == "cuda":  # Ampere and later (older GPUs emulate bf16)
         return torch.cuda.get_device_capability(device) >= (8, 0)
     if device.type == "cpu":  # AVX-512 BF16 or AMX; oneDNN emulates bf16 on plain AVX-512
+        forced = os.environ.get("DFLASH_CPU_BF16")
+        if forced is not None:
+            if forced not in ("native", "emulated"):
+                raise ValueError(f"DFLASH_CPU_BF16={forced!r}: use 'native' or 'emulated'")
+            return forced == "native"
         has_isa = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
         return has_isa and torch.backends.mkldnn.is_available()
     return False
