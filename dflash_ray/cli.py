@@ -134,9 +134,21 @@ def _bench(args: argparse.Namespace) -> int:
     prompts = load_prompts(args.prompts, target, args.num_prompts)
     engine = _engine_kwargs(args, drafter)
     result = run_bench(target, drafter, prompts, args.concurrency, args.max_tokens, args.out,
-                       engine, rounds=args.rounds)
+                       engine, rounds=args.rounds, metrics_port=args.metrics_port)
     if args.json:
         print(json.dumps(result))
+    return 0
+
+
+def _dashboard_snapshot(args: argparse.Namespace) -> int:
+    from .metrics.snapshot import snapshot
+
+    drawn = snapshot(args.prometheus, args.out, args.minutes, args.prefix, args.model_name,
+                     args.replica)
+    with_data = sum(1 for n in drawn.values() if n)
+    print(f"{args.out}/dashboard.png: {with_data} of {len(drawn)} panels with data")
+    if args.json:
+        print(json.dumps(drawn))
     return 0
 
 
@@ -173,6 +185,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default="bench_results", help="directory for bench.json and PNGs")
     b.add_argument("--json", action="store_true", help="also print the result JSON")
     b.set_defaults(func=_bench)
+    b.add_argument("--metrics-port", type=int, default=None,
+                   help="export the DFlash engine's metrics on http://127.0.0.1:PORT/metrics "
+                   "(prometheus_client; names in dflash_ray/metrics/catalog.py)")
+    s = sub.add_parser("dashboard-snapshot", help="draw the Grafana dashboard's panels from a "
+                       "live Prometheus into one PNG")
+    s.add_argument("--prometheus", default="http://127.0.0.1:9090", help="Prometheus base URL")
+    s.add_argument("--out", default="dashboard_snapshot", help="directory for dashboard.png")
+    s.add_argument("--minutes", type=float, default=15.0, help="how far back")
+    s.add_argument("--prefix", default="ray_", help="metric prefix: ray_ for the Serve app, "
+                   "'' for an offline engine's exporter")
+    s.add_argument("--model-name", default=".*", help="model_name label (regex)")
+    s.add_argument("--replica", default=".*", help="replica label (regex)")
+    s.add_argument("--json", action="store_true", help="also print series per panel")
+    s.set_defaults(func=_dashboard_snapshot)
     sub.add_parser("train-drafter", help="train a DFlash drafter for a target "
                    "(dflash-ray train-drafter --help)", add_help=False)
     return parser

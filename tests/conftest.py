@@ -9,6 +9,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# the metrics agent exports every second (default 10 s), so the metrics tests wait less
+os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -303,3 +303,19 @@ def test_one_acceptance_length_for_requests_engine_and_listeners(tiny):
                                        if o.acceptance_lengths else 0.0)
     assert {o.finish_reason for o in outs} <= {"stop", "length"}
     assert after.finished.get("stop", 0) + after.finished.get("length", 0) >= len(outs)
+
+
+def test_a_failing_listener_never_fails_a_request(tiny, caplog):
+    engine = LLM(tiny["moe"]).engine
+    calls = []
+
+    def broken(step):
+        calls.append(step)
+        raise RuntimeError("exporter bug")
+
+    engine.add_listener(broken)
+    with caplog.at_level("ERROR"):
+        rid = engine.add_request([1, 2, 3], SamplingParams(max_tokens=8))
+        out = engine.run_until_finished([rid])
+    assert len(out[0].token_ids) == 8 and len(calls) == 8  # prefill + 7 decode steps
+    assert sum("listener" in r.getMessage() for r in caplog.records) == 1  # logged once

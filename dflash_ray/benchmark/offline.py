@@ -117,7 +117,7 @@ def summarize(runs: list[dict]) -> dict:
 
 def run_bench(target: str, drafter: str, prompts: list, concurrency: list[int],
               max_tokens: int, out_dir: str | None, engine_kwargs: dict | None = None,
-              rounds: int = 3) -> dict:
+              rounds: int = 3, metrics_port: int | None = None) -> dict:
     """Plain and DFlash engines side by side at each concurrency level, `rounds` times.
 
     Both engines first run one untimed request wave per level (the GEMM libraries set up per
@@ -132,6 +132,14 @@ def run_bench(target: str, drafter: str, prompts: list, concurrency: list[int],
     plain_kw = {k: v for k, v in kw.items() if k != "block_size" and not k.startswith("spec_")}
     engines = {"plain": make_engine(EngineConfig(target=target, **plain_kw)),
                "dflash": make_engine(EngineConfig(target=target, drafter=drafter, **kw))}
+    if metrics_port is not None:  # the DFlash engine's metrics, as the Serve app exports them
+        from ..metrics.exporter import Exporter
+        from ..metrics.prometheus import PrometheusBackend
+
+        backend = PrometheusBackend()
+        engines["dflash"].add_listener(Exporter(backend, "bench").on_step)
+        backend.serve(metrics_port)
+        tqdm.write(f"metrics on http://127.0.0.1:{metrics_port}/metrics")
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
     warm = SamplingParams(max_tokens=min(16, max_tokens), temperature=0.0)
     runs: dict[int, dict[str, list]] = {c: {"plain": [], "dflash": []} for c in concurrency}

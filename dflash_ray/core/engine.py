@@ -60,6 +60,7 @@ class Engine:
         self.tokenizer = Tokenizer.maybe_load(config.target)
         self._stats = EngineStats()
         self._listeners: list[Callable[[StepStats], None]] = []
+        self._failed_listeners: set = set()
         self._speculating = False
         self._drafter_up = self.block_size > 1
         self._released: list[int] = []  # finished or aborted since the last step
@@ -128,6 +129,10 @@ class Engine:
         with self._lock:
             self._listeners.append(listener)
 
+    def remove_listener(self, listener: Callable[[StepStats], None]) -> None:
+        with self._lock:
+            self._listeners.remove(listener)
+
     def stats(self) -> EngineSnapshot:
         """A consistent copy of the counters and the current gauges."""
         with self._lock:
@@ -178,13 +183,25 @@ class Engine:
                 step = StepStats(
                     time.monotonic(), seconds, len(batch.prefills),
                     sum(len(p.token_ids) for p in batch.prefills), len(batch.decodes),
-                    sched.speculative and sched.drafts, batch.drafter_pass, drafts,
-                    result.draft_seconds, result.verify_seconds, result.transfer_seconds,
-                    result.transfer_bytes, outputs,
+                    len(batch.preempted), self._speculating, batch.drafter_pass,
+                    result.drafter_lost, drafts, result.draft_seconds, result.verify_seconds,
+                    result.transfer_seconds, result.transfer_bytes, outputs,
+                    len(self.scheduler.running), len(self.scheduler.waiting),
+                    self.blocks.num_used / self.blocks.num_blocks, self._drafter_up,
                 )
-                for listener in self._listeners:
-                    listener(step)
+                self._notify(step)
             return outputs
+
+    def _notify(self, step: StepStats) -> None:
+        """Listeners see every step; one that fails is logged (once) and never fails the
+        step: metrics must not cost a request."""
+        for listener in self._listeners:
+            try:
+                listener(step)
+            except Exception:
+                if listener not in self._failed_listeners:
+                    self._failed_listeners.add(listener)
+                    log.exception("step listener %r failed (logged once)", listener)
 
     def _guarded(self, call, *args):
         """An executor call. When it fails, the executor's state for every live request is
@@ -231,7 +248,7 @@ class Engine:
             seq, r = d.seq, by_id[d.seq.seq_id]
             if r.num_proposed and not r.num_accepted:
                 seq.draft_cooldown = self.config.spec_reject_cooldown
-            if took_context:  # every followed decode's waiting context went in
+            if took_context and seq.drafter_follows:  # its waiting context went in
                 seq.num_drafted_ctx = seq.num_cached
             seq.num_cached += len(r.tokens)  # = start + accepted + 1: rejected rows rolled back
             seq.metrics.num_steps += 1

@@ -84,15 +84,17 @@ def copy_stats(stats: EngineStats) -> EngineStats:
 
 @dataclass(slots=True)
 class StepStats:
-    """One engine step, as listeners see it."""
+    """One engine step, as listeners see it (the gauges as of the step's end)."""
 
     time: float  # time.monotonic() at its end
     seconds: float
     num_prefills: int
     num_prefill_tokens: int
     num_decodes: int
-    speculative: bool  # the policy's choice
+    num_preempted: int
+    speculative: bool  # some block verified drafts (the policy speculated)
     drafter_pass: bool
+    drafter_lost: bool
     # per decode that verified drafts: (proposed, accepted drafts committed)
     drafts: list[tuple[int, int]]
     draft_seconds: float
@@ -100,3 +102,7 @@ class StepStats:
     transfer_seconds: float
     transfer_bytes: int
     outputs: list[RequestOutput]  # this step's deltas (finished ones carry final metrics)
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    drafter_up: bool

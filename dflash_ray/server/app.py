@@ -14,6 +14,7 @@ from ray import serve
 from ..config import EngineConfig
 from .ingress import IngressSettings, make_api
 from .model_server import ModelServer
+from .ray_metrics import RayBackend
 
 
 class AppArgs(BaseModel):
@@ -25,6 +26,8 @@ class AppArgs(BaseModel):
     demo: bool = Field(False, description="serve the trained pair shipped with the package")
     engine: dict[str, Any] = Field(default_factory=dict, description="EngineConfig fields")
     max_pending: int = Field(256, ge=1, description="requests in flight before 503")
+    metrics: bool = Field(True, description="export the engine's metrics through Ray's metrics "
+                          "agent (names in dflash_ray/metrics/catalog.py)")
     ingress: IngressSettings = Field(default_factory=IngressSettings)
 
     @model_validator(mode="after")
@@ -42,7 +45,10 @@ class AppArgs(BaseModel):
 
 @serve.deployment(name="DFlashServer", max_ongoing_requests=512)
 class DFlashServer(ModelServer):
-    pass
+    def __init__(self, engine_config: dict, model_name: str, max_pending: int, metrics: bool):
+        replica = serve.get_replica_context().replica_tag
+        super().__init__(engine_config, model_name, max_pending,
+                         RayBackend() if metrics else None, replica)
 
 
 class HandleBackend:
@@ -72,5 +78,5 @@ class Ingress:
 
 def build_app(args: dict) -> serve.Application:
     a = AppArgs(**args)
-    server = DFlashServer.bind(a.engine, a.model_name, a.max_pending)
+    server = DFlashServer.bind(a.engine, a.model_name, a.max_pending, a.metrics)
     return Ingress.bind(server, a.ingress.model_dump())

@@ -16,14 +16,23 @@ from ..core.chat_template import ChatTemplate
 from ..core.outputs import RequestOutput
 from ..core.sampling_params import InvalidRequest, SamplingParams
 from ..executors import make_engine
+from ..metrics.exporter import Backend, Exporter
 from .protocol import APIError
 
 log = logging.getLogger(__name__)
 
 
 class ModelServer:
-    def __init__(self, engine_config: dict, model_name: str, max_pending: int = 256):
+    def __init__(self, engine_config: dict, model_name: str, max_pending: int = 256,
+                 metrics_backend: Backend | None = None, replica: str = "0"):
+        """`metrics_backend`: where the engine's metrics go (Ray's metrics agent in a Serve
+        replica); None exports none."""
         self.engine = make_engine(EngineConfig(**engine_config))
+        if metrics_backend is not None:
+            exporter = Exporter(metrics_backend, model_name, replica,
+                                has_drafter=self.engine.block_size > 1)
+            self.engine.add_listener(exporter.on_step)
+            exporter.watch(self.engine)
         self.model_name = model_name
         self.max_pending = max_pending
         self._pending = 0

@@ -160,6 +160,7 @@ def usage(prompt_tokens: int, outs: list[dict]) -> dict:
         "completion_tokens": completion,
         "total_tokens": prompt_tokens * len(outs) + completion,
         "acceptance_length": round(committed / steps, 4) if steps else None,
+        "num_drafts": steps,  # verify steps that carried drafts
         "num_draft_tokens": sum(o["num_draft_tokens"] for o in outs),
         "num_accepted_tokens": sum(o["num_accepted_tokens"] for o in outs),
     }
