@@ -116,13 +116,36 @@ def test_cut_blocks_and_plain_steps_cross_the_actors_like_in_process(
     assert spec_stats.num_draft_tokens < spec_stats.num_drafts * 7
 
 
+def exported(engine: Engine):
+    """Attach an exporter (prometheus_client) to `engine`; returns a function reading it."""
+    from prometheus_client import generate_latest
+
+    from dflash_ray.metrics.exporter import Exporter
+    from dflash_ray.metrics.prometheus import PrometheusBackend
+
+    from .test_metrics import samples
+
+    backend = PrometheusBackend()
+    exporter = Exporter(backend, "tiny")
+    engine.add_listener(exporter.on_step)
+    def read() -> dict:
+        exporter.sample(engine)
+        return samples(generate_latest(backend.registry).decode(), prefix="")
+
+    return read, exporter
+
+
 def test_killed_drafter_falls_back_to_plain_then_speculates_again(sharded, llms):
     plain = llms["plain"].generate(PROMPTS, GREEDY, use_tqdm=False)
+    read, exporter = exported(sharded)
     ex = sharded.executor
     ids = [sharded.add_request(p, GREEDY) for p in PROMPTS[:3]]
     for _ in range(3):
         sharded.step()
-    ray.kill(ex.actors()["drafter"])
+    drafter = ex.actors()["drafter"]
+    ray.kill(drafter)
+    with pytest.raises(ray.exceptions.RayActorError):  # dead before the next step
+        ray.get(drafter.ready.remote(), timeout=30)
     ids += [sharded.add_request(p, GREEDY) for p in PROMPTS[3:]]  # admitted while it is down
     outs = sharded.run_until_finished(ids)
     assert [o.token_ids for o in outs] == [o.token_ids for o in plain]
@@ -131,6 +154,9 @@ def test_killed_drafter_falls_back_to_plain_then_speculates_again(sharded, llms)
     assert all(len(o.acceptance_lengths) <= 2 for o in outs[:3])
     assert all(o.acceptance_lengths == [] for o in outs[3:])
     assert sharded.stats().counters.num_drafter_losses >= 1
+    s = read()
+    assert s["dflash_drafter_fallbacks_total"] == 1
+    sharded.remove_listener(exporter.on_step)
     assert ex.wait_for_drafter(60)
     again = generate(sharded, PROMPTS, GREEDY)
     assert [o.token_ids for o in again] == [o.token_ids for o in plain]
@@ -294,3 +320,15 @@ def test_ray_and_in_process_steps_run_the_same_worker_methods(sharded, tiny):
                for c in channel)
     counters = sharded.stats().counters
     assert counters.transfer_bytes > 0 and counters.transfer_seconds > 0
+
+
+def test_ray_executor_exports_transfer_metrics(sharded):
+    read, exporter = exported(sharded)
+    try:
+        generate(sharded, PROMPTS[:3], GREEDY)
+    finally:
+        sharded.remove_listener(exporter.on_step)
+    s = read()
+    assert s["dflash_hidden_state_transfer_bytes_total"] > 0
+    assert s["dflash_hidden_state_transfer_seconds_count"] > 0
+    assert s["dflash_drafter_up"] == 1

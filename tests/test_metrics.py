@@ -80,9 +80,11 @@ def test_exporter_counts_what_the_outputs_say(tiny):
     llm = LLM(tiny["moe"], tiny["drafter"], drafter_dtype="float32", kv_block_len=4,
               num_kv_blocks=40)
     backend = PrometheusBackend()
-    llm.engine.add_listener(Exporter(backend, "tiny").on_step)
+    exporter = Exporter(backend, "tiny")
+    llm.engine.add_listener(exporter.on_step)
     prompts = [[(3 * i + j) % 30 for j in range(5 + i)] for i in range(6)]
     outs = llm.generate(prompts, SamplingParams(max_tokens=60), use_tqdm=False)
+    exporter.sample(llm.engine)  # counters reach the backend once a second, or when sampled
     s = samples(generate_latest(backend.registry).decode(), prefix="")
     assert value(s, "generation_tokens", "") == sum(len(o.token_ids) for o in outs)
     assert value(s, "prompt_tokens", "") == sum(len(p) for p in prompts)

@@ -137,7 +137,9 @@ def run_bench(target: str, drafter: str, prompts: list, concurrency: list[int],
         from ..metrics.prometheus import PrometheusBackend
 
         backend = PrometheusBackend()
-        engines["dflash"].add_listener(Exporter(backend, "bench").on_step)
+        exporter = Exporter(backend, "bench")
+        engines["dflash"].add_listener(exporter.on_step)
+        exporter.watch(engines["dflash"])
         backend.serve(metrics_port)
         tqdm.write(f"metrics on http://127.0.0.1:{metrics_port}/metrics")
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)

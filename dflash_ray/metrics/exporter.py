@@ -7,16 +7,24 @@ engine's one definition of acceptance. Latency histograms come from the requests
 timestamps (`RequestMetrics`): time to first token and queue time at the first output,
 inter-token latency per later delta (its gap since the previous delta over its tokens), end to
 end at the finish.
+
+Cost on the stepping thread: histograms are observed as they happen, but counters add up in a
+dict and reach the backend once a second, and gauges are sampled once a second (`watch`), not
+per step: each record through a backend costs microseconds, and a step of a busy batch would
+otherwise make dozens of them.
 """
 
 from __future__ import annotations
 
 import threading
-from collections import Counter
+import time
+from collections import defaultdict
 from typing import Protocol
 
 from ..core.stats import StepStats
 from .catalog import METRICS, Metric
+
+FLUSH_S = 1.0
 
 
 class Handle(Protocol):
@@ -38,62 +46,40 @@ class Exporter:
         self.labels = {"model_name": model_name, "replica": replica}
         self.has_drafter = has_drafter
         self._last_token: dict[str, float] = {}  # request id -> its latest delta's time
+        # (counter, own label or None) -> amount not yet handed to the backend
+        self._counts: dict[tuple[str, tuple[str, str] | None], float] = defaultdict(float)
+        self._lock = threading.Lock()  # the stepping thread adds, the watcher flushes
+        self._flushed = time.monotonic()
         self._stop = threading.Event()
 
-    def _with(self, **extra) -> dict[str, str]:
-        return {**self.labels, **extra}
+    def _count(self, name: str, value: float, label: tuple[str, str] | None = None) -> None:
+        self._counts[(name, label)] += value
 
     def on_step(self, step: StepStats) -> None:
         m, labels = self.m, self.labels
-        m["engine_steps"].inc(1, self._with(kind="spec" if step.speculative else "plain"))
-        if step.drafts:
-            per_pos: Counter = Counter()
-            for _, accepted in step.drafts:
-                per_pos.update(range(accepted))
-            m["spec_decode_num_drafts"].inc(len(step.drafts), labels)
-            m["spec_decode_num_draft_tokens"].inc(sum(p for p, _ in step.drafts), labels)
-            m["spec_decode_num_accepted_tokens"].inc(sum(a for _, a in step.drafts), labels)
-            for pos, n in per_pos.items():
-                m["spec_decode_num_accepted_tokens_per_pos"].inc(n, self._with(position=str(pos)))
-        if step.num_preempted:
-            m["num_preemptions"].inc(step.num_preempted, labels)
-        if step.drafter_lost:
-            m["drafter_fallbacks"].inc(1, labels)
+        with self._lock:
+            self._count("engine_steps", 1, ("kind", "spec" if step.speculative else "plain"))
+            if step.drafts:
+                self._count("spec_decode_num_drafts", len(step.drafts))
+                self._count("spec_decode_num_draft_tokens", sum(p for p, _ in step.drafts))
+                self._count("spec_decode_num_accepted_tokens", sum(a for _, a in step.drafts))
+                for _, accepted in step.drafts:
+                    for pos in range(accepted):
+                        self._count("spec_decode_num_accepted_tokens_per_pos", 1,
+                                    ("position", str(pos)))
+            self._count("num_preemptions", step.num_preempted)
+            self._count("drafter_fallbacks", int(step.drafter_lost))
+            if step.transfer_bytes:
+                self._count("hidden_state_transfer_bytes", step.transfer_bytes)
+            self._requests(step)
         if step.draft_seconds:
             m["draft_step_seconds"].observe(step.draft_seconds, labels)
         if step.verify_seconds:
             m["verify_step_seconds"].observe(step.verify_seconds, labels)
         if step.transfer_bytes:
             m["hidden_state_transfer_seconds"].observe(step.transfer_seconds, labels)
-            m["hidden_state_transfer_bytes"].inc(step.transfer_bytes, labels)
-        self._requests(step)
-        self._gauges(step.num_running, step.num_waiting, step.kv_cache_usage, step.speculative,
-                     step.drafter_up)
-
-    def _gauges(self, running: int, waiting: int, kv_usage: float, speculating: bool,
-                drafter_up: bool) -> None:
-        m, labels = self.m, self.labels
-        m["num_requests_running"].set(running, labels)
-        m["num_requests_waiting"].set(waiting, labels)
-        for cache in ("target", "drafter") if self.has_drafter else ("target",):
-            m["kv_cache_usage_perc"].set(kv_usage, self._with(cache=cache))
-        m["spec_decode_enabled"].set(float(speculating), labels)
-        m["drafter_up"].set(float(drafter_up), labels)
-
-    def watch(self, engine, interval_s: float = 1.0) -> None:
-        """Refresh the gauges from `engine.stats()` every `interval_s` in a daemon thread, so
-        they stay true (and exported: Ray's agent drops a gauge not set for two export
-        intervals) while no step runs."""
-        def loop() -> None:
-            while not self._stop.wait(interval_s):
-                s = engine.stats()
-                self._gauges(s.num_running, s.num_waiting, s.kv_cache_usage, s.speculating,
-                             s.drafter_up)
-
-        threading.Thread(target=loop, name="dflash-metrics-gauges", daemon=True).start()
-
-    def close(self) -> None:
-        self._stop.set()
+        if step.time - self._flushed >= FLUSH_S:  # also when no watcher thread runs
+            self.flush()
 
     def _requests(self, step: StepStats) -> None:
         m, labels = self.m, self.labels
@@ -102,7 +88,7 @@ class Exporter:
             n, rm = len(o.new_token_ids), o.metrics
             generated += n
             if n and len(o.token_ids) == n:  # its first tokens
-                m["prompt_tokens"].inc(len(o.prompt_token_ids), labels)
+                self._count("prompt_tokens", len(o.prompt_token_ids))
                 m["time_to_first_token_seconds"].observe(rm.ttft_seconds, labels)
                 m["request_queue_time_seconds"].observe(rm.queue_seconds, labels)
             elif n and o.request_id in self._last_token:
@@ -112,10 +98,49 @@ class Exporter:
                 self._last_token[o.request_id] = rm.last_token_time
             if o.finished:
                 self._last_token.pop(o.request_id, None)
-                m["request_success"].inc(1, self._with(finished_reason=o.finish_reason))
+                self._count("request_success", 1, ("finished_reason", o.finish_reason))
                 if rm.e2e_seconds is not None:
                     m["e2e_request_latency_seconds"].observe(rm.e2e_seconds, labels)
                 if o.acceptance_lengths:
                     m["request_acceptance_length"].observe(o.acceptance_length, labels)
-        if generated:
-            m["generation_tokens"].inc(generated, labels)
+        self._count("generation_tokens", generated)
+
+    def flush(self) -> None:
+        """Hand the counted amounts to the backend."""
+        with self._lock:
+            counts, self._counts = self._counts, defaultdict(float)
+            self._flushed = time.monotonic()
+        for (name, label), value in counts.items():
+            if value:
+                self.m[name].inc(value, {**self.labels, **dict([label])} if label else
+                                 self.labels)
+
+    def gauges(self, running: int, waiting: int, kv_usage: float, speculating: bool,
+               drafter_up: bool) -> None:
+        m, labels = self.m, self.labels
+        m["num_requests_running"].set(running, labels)
+        m["num_requests_waiting"].set(waiting, labels)
+        for cache in ("target", "drafter") if self.has_drafter else ("target",):
+            m["kv_cache_usage_perc"].set(kv_usage, {**labels, "cache": cache})
+        m["spec_decode_enabled"].set(float(speculating), labels)
+        m["drafter_up"].set(float(drafter_up), labels)
+
+    def sample(self, engine) -> None:
+        """Flush the counters and set the gauges from `engine.stats()`."""
+        self.flush()
+        s = engine.stats()
+        self.gauges(s.num_running, s.num_waiting, s.kv_cache_usage, s.speculating, s.drafter_up)
+
+    def watch(self, engine, interval_s: float = FLUSH_S) -> None:
+        """`sample` every `interval_s` in a daemon thread, so counters reach the backend and
+        gauges stay true (and exported: Ray's agent drops a gauge not set for two export
+        intervals) while no step runs."""
+        def loop() -> None:
+            while not self._stop.wait(interval_s):
+                self.sample(engine)
+
+        self.sample(engine)
+        threading.Thread(target=loop, name="dflash-metrics", daemon=True).start()
+
+    def close(self) -> None:
+        self._stop.set()
