@@ -30,7 +30,8 @@ class EngineConfig(BaseModel):
         "with fewer seconds per token, re-trying the other now and then (spec_policy.Adaptive); "
         "greedy output and the sampling distribution stay exact, but which kind runs depends "
         "on timing and the two draw different random numbers, so a seeded sampled request can "
-        "give other text from run to run (a fixed limit keeps it reproducible)",
+        "give other text from run to run; a fixed limit too, when the number of requests "
+        "running decides whether its steps speculate",
     )
     spec_reject_cooldown: int = Field(
         0,

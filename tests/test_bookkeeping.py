@@ -108,3 +108,18 @@ def test_importing_the_package_loads_no_ray_fastapi_or_triton():
             "print([m for m in ('ray', 'fastapi', 'triton') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_step_result_times_transfers_once_and_not_the_wait():
+    from dflash_ray.core.step_io import Span, StepResult
+
+    spans = [Span("target", "verify", 0.0, 4.0),
+             Span("channel", "send_features", 1.0, 1.1, nbytes=1000),
+             Span("channel", "recv_features", 0.5, 1.3, nbytes=1000),  # waited from 0.5 to 1.0
+             Span("drafter", "draft", 1.3, 2.0),
+             Span("channel", "send_drafts", 2.0, 2.1, nbytes=64),
+             Span("channel", "recv_drafts", 1.2, 2.2, nbytes=64)]
+    r = StepResult([], spans)
+    assert r.transfer_bytes == 1064  # each message once
+    assert abs(r.transfer_seconds - (0.3 + 0.2)) < 1e-9  # from the send's start to the arrival
+    assert r.draft_seconds == 0.7 and r.verify_seconds == 4.0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 import shutil
+import time
 
 import pytest
 
@@ -319,3 +320,31 @@ def test_a_failing_listener_never_fails_a_request(tiny, caplog):
         out = engine.run_until_finished([rid])
     assert len(out[0].token_ids) == 8 and len(calls) == 8  # prefill + 7 decode steps
     assert sum("listener" in r.getMessage() for r in caplog.records) == 1  # logged once
+
+
+def test_workers_forget_finished_and_aborted_requests_when_the_engine_goes_idle(tiny):
+    """Finished and aborted requests reach the workers with the next step, or at once when
+    the engine goes idle: the target's pending features never outlive their request."""
+    llm = LLM(tiny["moe"], tiny["drafter"], drafter_dtype="float32")
+    engine = llm.engine
+    pending = engine.executor.target._pending._parts
+    ended = []
+    engine.add_listener(lambda step: None, ended.extend)
+    llm.generate([[1, 2, 3]], SamplingParams(max_tokens=1), use_tqdm=False)  # ends at prefill
+    assert pending == {}
+    rid = engine.add_request([1, 2, 3, 4], SamplingParams(max_tokens=50))
+    engine.step()
+    engine.step()
+    assert list(pending) != []  # its features wait for the drafter's next pass
+    assert engine.abort(rid)
+    assert pending == {}
+    assert [(o.request_id, o.finish_reason) for o in ended] == [(rid, "abort")]
+
+    async def stream_one():
+        return [o async for o in engine.stream([5, 6, 7], SamplingParams(max_tokens=9))]
+
+    assert asyncio.run(stream_one())[-1].finished
+    deadline = time.monotonic() + 10
+    while engine._loop_thread is not None and time.monotonic() < deadline:
+        time.sleep(0.01)  # the stepping thread releases on its way out
+    assert pending == {}

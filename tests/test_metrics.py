@@ -81,19 +81,27 @@ def test_exporter_counts_what_the_outputs_say(tiny):
               num_kv_blocks=40)
     backend = PrometheusBackend()
     exporter = Exporter(backend, "tiny")
-    llm.engine.add_listener(exporter.on_step)
+    llm.engine.add_listener(exporter.on_step, exporter.on_outputs)
     prompts = [[(3 * i + j) % 30 for j in range(5 + i)] for i in range(6)]
     outs = llm.generate(prompts, SamplingParams(max_tokens=60), use_tqdm=False)
+    aborted = llm.engine.add_request([1, 2, 3], SamplingParams(max_tokens=60))
+    llm.engine.step()
+    llm.engine.step()
+    assert llm.engine.abort(aborted)  # ends outside a step: reaches the exporter all the same
     exporter.sample(llm.engine)  # counters reach the backend once a second, or when sampled
     s = samples(generate_latest(backend.registry).decode(), prefix="")
-    assert value(s, "generation_tokens", "") == sum(len(o.token_ids) for o in outs)
-    assert value(s, "prompt_tokens", "") == sum(len(p) for p in prompts)
-    assert value(s, "spec_decode_num_drafts", "") == sum(len(o.acceptance_lengths) for o in outs)
-    assert value(s, "spec_decode_num_accepted_tokens", "") == sum(
-        o.num_accepted_tokens for o in outs)
+    generated = llm.engine.stats().counters.generation_tokens
+    assert value(s, "generation_tokens", "") == generated > sum(len(o.token_ids) for o in outs)
+    assert value(s, "prompt_tokens", "") == sum(len(p) for p in prompts) + 3
+    assert s["dflash_request_success_total{finished_reason=abort}"] == 1
+    assert exporter._last_token == {}  # no request's state outlives it
+    spec = llm.engine.stats().counters.spec  # the aborted request's drafts included
+    assert value(s, "spec_decode_num_drafts", "") == spec.num_drafts >= sum(
+        len(o.acceptance_lengths) for o in outs)
+    assert value(s, "spec_decode_num_accepted_tokens", "") == spec.num_accepted_tokens
     assert value(s, "num_preemptions", "") == llm.engine.stats().counters.num_preemptions > 0
     assert s["dflash_request_success_total{finished_reason=length}"] == len(outs)
-    assert s["dflash_time_to_first_token_seconds_count"] == len(outs)
+    assert s["dflash_time_to_first_token_seconds_count"] == len(outs) + 1
 
 
 @pytest.fixture(scope="module")

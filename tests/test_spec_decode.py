@@ -39,6 +39,8 @@ def test_greedy_dflash_equals_plain_single(llms, mode):
         spec = llms[mode].generate([p], params, use_tqdm=False)[0]
         assert spec.token_ids == plain.token_ids
         assert len(plain.token_ids) == 48 and plain.finish_reason == "length"
+        # whole blocks: every decode step verifies drafts, and the prefill gives the first
+        assert spec.metrics.num_steps == len(spec.acceptance_lengths)
         assert sum(spec.acceptance_lengths) + 1 == len(spec.token_ids)
 
 

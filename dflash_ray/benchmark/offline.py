@@ -138,7 +138,7 @@ def run_bench(target: str, drafter: str, prompts: list, concurrency: list[int],
 
         backend = PrometheusBackend()
         exporter = Exporter(backend, "bench")
-        engines["dflash"].add_listener(exporter.on_step)
+        engines["dflash"].add_listener(exporter.on_step, exporter.on_outputs)
         exporter.watch(engines["dflash"])
         backend.serve(metrics_port)
         tqdm.write(f"metrics on http://127.0.0.1:{metrics_port}/metrics")

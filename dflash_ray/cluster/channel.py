@@ -9,9 +9,9 @@ side ever waits on the other in the opposite direction):
    steps since). Target rank 0 keeps them from the verify that produced them until the drafter
    needs them, so they cross exactly when used and no counts travel: decode d has
    `d.context_rows` rows.
-2. drafter -> target: the drafts [N, B-1] of every decode and, for the s sampled decodes the
-   drafter drafts, the distributions [s, B-1, V] they were drawn from (rejection sampling needs
-   them), packed as one fp32 message (token ids are exact in fp32 below 2^24).
+2. drafter -> target: the drafts [N, B-1] of every decode and, for each sampled decode the
+   drafter drafts (q > 1), the distributions [q-1, V] its drafts were drawn from (rejection
+   sampling needs them), packed as one fp32 message (token ids are exact in fp32 below 2^24).
 
 Every shape follows from the `StepBatch` both sides got as their actor-call argument. Messages
 are latency-bound here (about 1 ms each on a loaded 2-core box, whatever their size), hence two.
@@ -71,8 +71,9 @@ class Channel:
 
 
 def sampled(batch: StepBatch) -> list[int]:
-    """Decodes whose drafts come with distributions: the drafter's sampled ones."""
-    return [i for i in batch.drafter_decodes() if not batch.decodes[i].sampling.greedy]
+    """Decodes whose drafts come with distributions: the sampled ones the drafter drafts."""
+    return [i for i in batch.drafter_decodes()
+            if not batch.decodes[i].sampling.greedy and batch.decodes[i].num_queries > 1]
 
 
 def send_features(ch: Channel, features: torch.Tensor) -> None:
@@ -96,15 +97,18 @@ def send_drafts(ch: Channel, batch: StepBatch, drafts: Drafts, vocab: int) -> No
     start = time.monotonic()
     n, width = drafts.tokens.shape
     rows = sampled(batch)
-    packed = ch.buffer("drafts_out", n * width + len(rows) * width * vocab, torch.float32)
+    sizes = [batch.decodes[i].num_queries - 1 for i in rows]
+    packed = ch.buffer("drafts_out", n * width + sum(sizes) * vocab, torch.float32)
     packed[: n * width] = drafts.tokens.flatten()
-    probs = packed[n * width :].view(len(rows), width, vocab)
-    for j, i in enumerate(rows):
-        q = drafts.probs[i]  # None: no block pass for this sequence this step (q = 1)
-        m = 0 if q is None else q.shape[0]
+    probs = packed[n * width :].view(sum(sizes), vocab)
+    at = 0
+    for i, size in zip(rows, sizes, strict=True):
+        q = drafts.probs[i]  # the rows computed: fewer when the drafter's confidence ran out
+        m = 0 if q is None else min(size, q.shape[0])
         if m:
-            probs[j, :m] = q
-        probs[j, m:] = 0
+            probs[at : at + m] = q[:m]
+        probs[at + m : at + size] = 0  # never read: past the proposed drafts
+        at += size
     ch.send(packed)
     record("channel", "send_drafts", start, packed.numel() * 4)
 
@@ -113,11 +117,14 @@ def recv_drafts(ch: Channel, batch: StepBatch, width: int, vocab: int) -> Drafts
     """Target side; the probs are views of the receive buffer (used within this step)."""
     start = time.monotonic()
     n, rows = len(batch.decodes), sampled(batch)
-    packed = ch.recv("drafts", (n * width + len(rows) * width * vocab,), torch.float32)
+    sizes = [batch.decodes[i].num_queries - 1 for i in rows]
+    packed = ch.recv("drafts", (n * width + sum(sizes) * vocab,), torch.float32)
     tokens = packed[: n * width].view(n, width).long()
-    packed_probs = packed[n * width :].view(len(rows), width, vocab)
+    packed_probs = packed[n * width :].view(sum(sizes), vocab)
     probs: list[torch.Tensor | None] = [None] * n
-    for j, i in enumerate(rows):
-        probs[i] = packed_probs[j, : batch.decodes[i].num_queries - 1]
+    at = 0
+    for i, size in zip(rows, sizes, strict=True):
+        probs[i] = packed_probs[at : at + size]
+        at += size
     record("channel", "recv_drafts", start, packed.numel() * 4)
     return Drafts.of(tokens, probs, [d.num_queries for d in batch.decodes])

@@ -28,7 +28,7 @@ from .sampling_params import InvalidRequest, SamplingParams
 from .scheduler import Scheduler, SchedulerConfig, SchedulerOutput, prefill_len, step_batch
 from .sequence import Sequence
 from .spec_policy import make_policy
-from .stats import EngineSnapshot, EngineStats, StepStats, copy_stats
+from .stats import EngineSnapshot, EngineStats, Listeners, StepStats, copy_stats
 from .step_io import Executor, SamplingSpec, SeqResult, StepBatch, StepResult
 from .stopping import commit_tokens
 from .streams import Streams, deltas
@@ -59,8 +59,7 @@ class Engine:
         )
         self.tokenizer = Tokenizer.maybe_load(config.target)
         self._stats = EngineStats()
-        self._listeners: list[Callable[[StepStats], None]] = []
-        self._failed_listeners: set = set()
+        self._listeners = Listeners()
         self._speculating = False
         self._drafter_up = self.block_size > 1
         self._released: list[int] = []  # finished or aborted since the last step
@@ -91,7 +90,7 @@ class Engine:
         check_fits(len(ids), params, self.max_model_len, self.blocks.num_blocks,
                    self.blocks.blocks_for(len(ids) + params.max_tokens + self.block_size))
         # unseeded requests get a seed of their own: every random draw of a request is then a
-        # function of (seed, position), whatever else shares its steps
+        # function of (seed, position), whatever else shares its steps (worker/sampler.py)
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         sampling = SamplingSpec(params.temperature, params.top_p, params.top_k, seed)
         with self._lock:
@@ -116,22 +115,28 @@ class Engine:
             if seq is None or seq.finished:
                 return False
             self._finish(seq, "abort", time.monotonic())
-            self._emit([self._output(request_id, seq, [], "")])
+            out = self._output(request_id, seq, [], "")
+            self._emit([out])
+            self._listeners.outputs([out])
             self._forget(request_id)
+            if self._loop_thread is None:  # nobody steps soon: let the workers forget it now
+                self._flush_released()
             return True
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
-    def add_listener(self, listener: Callable[[StepStats], None]) -> None:
-        """Call `listener` with every step's `StepStats`, on the stepping thread, under the
-        engine's lock: keep it cheap (an exporter updating counters)."""
+    def add_listener(self, on_step: Callable[[StepStats], None],
+                     on_outputs: Callable[[list[RequestOutput]], None] | None = None) -> None:
+        """Call `on_step` with every step's `StepStats`, on the stepping thread, under the
+        engine's lock: keep it cheap (an exporter updating counters). `on_outputs` gets the
+        final outputs of requests that end outside a step (aborted, failed)."""
         with self._lock:
-            self._listeners.append(listener)
+            self._listeners.add(on_step, on_outputs)
 
-    def remove_listener(self, listener: Callable[[StepStats], None]) -> None:
+    def remove_listener(self, on_step: Callable[[StepStats], None]) -> None:
         with self._lock:
-            self._listeners.remove(listener)
+            self._listeners.remove(on_step)
 
     def stats(self) -> EngineSnapshot:
         """A consistent copy of the counters and the current gauges."""
@@ -165,8 +170,7 @@ class Engine:
                 self._drafter_up = self._guarded(self.executor.drafter_ready)
             sched = self.scheduler.schedule(time.monotonic(), self._drafter_up)
             if sched.empty and not sched.preempted:
-                if self._released:  # going idle: let the workers forget finished requests
-                    self._guarded(self.executor.execute, StepBatch(released=self._take_released()))
+                self._flush_released()
                 return []
             batch = step_batch(sched, self._take_released())
             result = self._guarded(self.executor.execute, batch)
@@ -189,19 +193,17 @@ class Engine:
                     len(self.scheduler.running), len(self.scheduler.waiting),
                     self.blocks.num_used / self.blocks.num_blocks, self._drafter_up,
                 )
-                self._notify(step)
+                self._listeners.step(step)
             return outputs
 
-    def _notify(self, step: StepStats) -> None:
-        """Listeners see every step; one that fails is logged (once) and never fails the
-        step: metrics must not cost a request."""
-        for listener in self._listeners:
-            try:
-                listener(step)
+    def _flush_released(self) -> None:
+        """Tell the workers about finished requests now instead of with the next step (the
+        engine is going idle): their per-sequence state (the target's pending features) goes."""
+        if self._released:
+            try:  # best effort: a failure has failed every live request already (`_guarded`)
+                self._guarded(self.executor.execute, StepBatch(released=self._take_released()))
             except Exception:
-                if listener not in self._failed_listeners:
-                    self._failed_listeners.add(listener)
-                    log.exception("step listener %r failed (logged once)", listener)
+                log.warning("releasing finished requests failed", exc_info=True)
 
     def _guarded(self, call, *args):
         """An executor call. When it fails, the executor's state for every live request is
@@ -224,14 +226,13 @@ class Engine:
         (proposed, accepted drafts committed)."""
         st = self._stats
         st.num_steps += 1
-        st.num_spec_steps += sched.drafts
         st.num_preemptions += len(sched.preempted)
         st.draft_seconds += result.draft_seconds
         st.verify_seconds += result.verify_seconds
         st.transfer_seconds += result.transfer_seconds
         st.transfer_bytes += result.transfer_bytes
         st.max_batch_size = max(st.max_batch_size, len(sched.prefills) + len(sched.decodes))
-        self._speculating = sched.speculative and sched.drafts
+        self._speculating = sched.speculative and self.block_size > 1  # the policy's choice
         took_context = batch.drafter_pass and not result.drafter_lost
         if result.drafter_lost:
             st.num_drafter_losses += 1
@@ -255,6 +256,7 @@ class Engine:
             outputs.append(self._commit(seq, r, now, drafts))
             if not seq.finished:
                 self.scheduler.trim(seq)
+        st.num_spec_steps += bool(drafts)
         self._emit(outputs)
         for o in outputs:
             if o.finished:
@@ -332,6 +334,8 @@ class Engine:
                             if on_finish is not None:
                                 on_finish(self._done[rid])
                     if len(seen) == len(request_ids):
+                        if self._loop_thread is None:
+                            self._flush_released()
                         return [self._done[rid] for rid in request_ids]
                     if self._loop_thread is not None:
                         self._wake.wait(timeout=0.5)
@@ -391,6 +395,8 @@ class Engine:
                 # Only open streams keep it going: requests added for a synchronous caller are
                 # that caller's to step (`run_until_finished` takes over when this returns).
                 if self._closed or not self._streams or not self.scheduler.has_unfinished():
+                    if not self._closed:
+                        self._flush_released()
                     self._loop_thread = None
                     self._wake.notify_all()
                     return
@@ -401,15 +407,17 @@ class Engine:
 
     def _fail_all(self, exc: Exception) -> None:
         with self._lock:
-            now = time.monotonic()
+            now, failed = time.monotonic(), []
             for rid, seq in list(self._seqs.items()):
                 if not seq.finished:
                     self._finish(seq, "error", now)
+                    failed.append(self._output(rid, seq, [], ""))
                 if rid in self._sync_waiting:
                     self._errors[rid] = exc
                     self._wake.notify_all()
                 self._streams.post(rid, exc)
                 self._forget(rid)
+            self._listeners.outputs(failed)
 
     def shutdown(self) -> None:
         with self._wake:

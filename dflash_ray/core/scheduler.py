@@ -17,10 +17,11 @@ from .spec_policy import Adaptive, FixedLimit
 from .step_io import DecodeItem, PrefillItem, StepBatch
 
 # In a stretch of plain steps (speculation off) the target features of committed tokens wait for
-# the drafter until the running sequences have this many rows waiting (from the feature width:
-# about 9 MiB for the demo pair in fp32, 160 MiB for a Qwen3-8B drafter's 5 layers in bf16);
-# then one context-only drafter pass takes them in. Concurrency 16 on the demo pair, speculation
-# off: a pass every 8 steps ran at 0.99x plain, none at all at 1.00x.
+# the drafter until the running decodes have this many rows waiting (about 9 MiB of rows for the
+# demo pair in fp32, 160 MiB for a Qwen3-8B drafter's 5 layers in bf16, computed from the
+# feature width; newly prefilled prompts wait on top, until their first decode step counts
+# them); then one context-only drafter pass takes them in. Concurrency 16 on the demo pair,
+# speculation off: a pass every 8 steps ran at 0.99x plain, none at all at 1.00x.
 MAX_WAITING_CONTEXT = 4096
 
 
@@ -84,6 +85,9 @@ class Scheduler:
     def block_len_for(self, seq: Sequence, speculative: bool) -> int:
         if not speculative or seq.draft_cooldown > 0 or not seq.drafter_follows:
             return 1
+        # z-lab's verify size near max_tokens (its reference loop does the same, and the
+        # acceptance lengths match it, tested): the last draft of the last block can be
+        # verified although its token would be cut
         return min(self.config.block_size, seq.remaining + 1)
 
     def schedule(self, now: float, drafter_up: bool = True) -> SchedulerOutput:

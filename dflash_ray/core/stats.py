@@ -10,9 +10,13 @@ Names follow vLLM's: mean acceptance length = 1 + accepted / drafts (= the mean 
 from __future__ import annotations
 
 import dataclasses
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .outputs import RequestOutput
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -47,7 +51,7 @@ class EngineStats:
     spec: SpecDecodingStats = field(default_factory=SpecDecodingStats)
     num_steps: int = 0
     num_spec_steps: int = 0  # steps where some decode's block verified drafts
-    prompt_tokens: int = 0
+    prompt_tokens: int = 0  # of requests added (the exporter counts at their first output)
     generation_tokens: int = 0
     num_preemptions: int = 0
     num_drafter_losses: int = 0
@@ -92,7 +96,7 @@ class StepStats:
     num_prefill_tokens: int
     num_decodes: int
     num_preempted: int
-    speculative: bool  # some block verified drafts (the policy speculated)
+    speculative: bool  # the policy's choice for the step (`drafts` says what was verified)
     drafter_pass: bool
     drafter_lost: bool
     # per decode that verified drafts: (proposed, accepted drafts committed)
@@ -106,3 +110,39 @@ class StepStats:
     num_waiting: int
     kv_cache_usage: float
     drafter_up: bool
+
+
+class Listeners:
+    """The engine's listeners: `on_step(StepStats)` after every step, `on_outputs(outputs)`
+    with the final outputs of requests that end outside a step (aborted, failed). One that
+    fails is logged once and never fails the step: metrics must not cost a request."""
+
+    def __init__(self):
+        self._pairs: list[tuple[Callable, Callable | None]] = []
+        self._failed: set = set()
+
+    def __bool__(self) -> bool:
+        return bool(self._pairs)
+
+    def add(self, on_step: Callable, on_outputs: Callable | None = None) -> None:
+        self._pairs.append((on_step, on_outputs))
+
+    def remove(self, on_step: Callable) -> None:
+        self._pairs = [p for p in self._pairs if p[0] is not on_step]
+
+    def step(self, step: StepStats) -> None:
+        for on_step, _ in self._pairs:
+            self._call(on_step, step)
+
+    def outputs(self, outputs: list[RequestOutput]) -> None:
+        for _, on_outputs in self._pairs:
+            if on_outputs is not None and outputs:
+                self._call(on_outputs, outputs)
+
+    def _call(self, listener: Callable, arg) -> None:
+        try:
+            listener(arg)
+        except Exception:
+            if listener not in self._failed:
+                self._failed.add(listener)
+                log.exception("engine listener %r failed (logged once)", listener)

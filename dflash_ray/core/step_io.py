@@ -16,7 +16,8 @@ from typing import Protocol
 class SamplingSpec:
     """What the workers need of a request's SamplingParams, built once at admission. `seed` is
     always set (the engine draws one for unseeded requests), so every random draw is a function
-    of (seed, position): sampled output does not depend on batch composition or preemption."""
+    of (seed, position): a step's draws do not depend on the requests it shares or on
+    preemption (only on whether the step speculates, see `worker/sampler.py`)."""
 
     temperature: float
     top_p: float
@@ -137,7 +138,9 @@ class StepResult:
 
     @property
     def transfer_bytes(self) -> int:
-        return sum(s.nbytes for s in self.spans if s.worker == "channel")
+        """Bytes that crossed (each message counted at its send; its receive has the same)."""
+        return sum(s.nbytes for s in self.spans
+                   if s.worker == "channel" and s.method.startswith("send_"))
 
     @property
     def transfer_seconds(self) -> float:

@@ -70,7 +70,7 @@ METRICS = {m.name: m for m in [
        ("kind",)),
     _g("spec_decode_enabled", "1 while the speculation policy speculates, else 0"),
     # tokens and requests
-    _c("prompt_tokens", "Prompt tokens of admitted requests"),
+    _c("prompt_tokens", "Prompt tokens of requests, counted at their first output token"),
     _c("generation_tokens", "Tokens generated (every output token)"),
     _c("request_success", "Finished requests by finish reason", ("finished_reason",)),
     _g("num_requests_running", "Requests in the running batch"),

@@ -21,6 +21,7 @@ import time
 from collections import defaultdict
 from typing import Protocol
 
+from ..core.outputs import RequestOutput
 from ..core.stats import StepStats
 from .catalog import METRICS, Metric
 
@@ -58,7 +59,7 @@ class Exporter:
     def on_step(self, step: StepStats) -> None:
         m, labels = self.m, self.labels
         with self._lock:
-            self._count("engine_steps", 1, ("kind", "spec" if step.speculative else "plain"))
+            self._count("engine_steps", 1, ("kind", "spec" if step.drafts else "plain"))
             if step.drafts:
                 self._count("spec_decode_num_drafts", len(step.drafts))
                 self._count("spec_decode_num_draft_tokens", sum(p for p, _ in step.drafts))
@@ -71,7 +72,7 @@ class Exporter:
             self._count("drafter_fallbacks", int(step.drafter_lost))
             if step.transfer_bytes:
                 self._count("hidden_state_transfer_bytes", step.transfer_bytes)
-            self._requests(step)
+            self._outputs(step.outputs)
         if step.draft_seconds:
             m["draft_step_seconds"].observe(step.draft_seconds, labels)
         if step.verify_seconds:
@@ -81,10 +82,15 @@ class Exporter:
         if step.time - self._flushed >= FLUSH_S:  # also when no watcher thread runs
             self.flush()
 
-    def _requests(self, step: StepStats) -> None:
+    def on_outputs(self, outputs: list[RequestOutput]) -> None:
+        """Final outputs of requests that ended outside a step (aborted, failed)."""
+        with self._lock:
+            self._outputs(outputs)
+
+    def _outputs(self, outputs: list[RequestOutput]) -> None:
         m, labels = self.m, self.labels
         generated = 0
-        for o in step.outputs:
+        for o in outputs:
             n, rm = len(o.new_token_ids), o.metrics
             generated += n
             if n and len(o.token_ids) == n:  # its first tokens

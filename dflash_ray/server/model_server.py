@@ -31,7 +31,7 @@ class ModelServer:
         if metrics_backend is not None:
             exporter = Exporter(metrics_backend, model_name, replica,
                                 has_drafter=self.engine.block_size > 1)
-            self.engine.add_listener(exporter.on_step)
+            self.engine.add_listener(exporter.on_step, exporter.on_outputs)
             exporter.watch(self.engine)
         self.model_name = model_name
         self.max_pending = max_pending

@@ -6,7 +6,8 @@ of the block's positions were kept (accepted drafts + bonus): that is the rollba
 rejected rest. Each kind does what it needs: attention K/V forgets rejected positions by length
 (the bookkeeping's `num_cached` stops before them and their slots are overwritten later), so its
 commit has nothing to do; a recurrent state must be restored to the state after the last kept
-position, so a kind that needs the kept counts says so (`needs_commit`).
+position of its sequence's slot (`Commit.slot`), which a new sequence's prefill then
+overwrites.
 """
 
 from __future__ import annotations
@@ -32,8 +33,6 @@ class Commit:
 class PagedKVCache:
     """Keys and values of attention layers in pages of `block_len` positions."""
 
-    needs_commit = False
-
     def __init__(
         self,
         num_layers: int,
@@ -55,9 +54,6 @@ class PagedKVCache:
     def commit(self, commits: list[Commit]) -> None:
         """Nothing to restore: rejected positions are forgotten by length (module docstring)."""
 
-    def release(self, slots: list[int]) -> None:
-        """Pages are the block manager's to reuse; nothing is held per sequence."""
-
 
 class ModelCache:
     """Every layer's cache of one model: `layer(i)` is what layer i reads and writes."""
@@ -76,10 +72,6 @@ class ModelCache:
         self.stores = [self.kv]
         self._layers = [(self.kv, i) for i in range(len(specs))]
 
-    @property
-    def needs_commit(self) -> bool:
-        return any(s.needs_commit for s in self.stores)
-
     def layer(self, i: int):
         store, index = self._layers[i]
         return store.layer(index)
@@ -87,10 +79,6 @@ class ModelCache:
     def commit(self, commits: list[Commit]) -> None:
         for store in self.stores:
             store.commit(commits)
-
-    def release(self, slots: list[int]) -> None:
-        for store in self.stores:
-            store.release(slots)
 
 
 def bytes_per_token(specs: list[CacheSpec], dtype: torch.dtype) -> int:

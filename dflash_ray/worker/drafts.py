@@ -62,6 +62,3 @@ class PendingFeatures:
 
     def clear(self) -> None:
         self._parts.clear()
-
-    def __len__(self) -> int:
-        return len(self._parts)

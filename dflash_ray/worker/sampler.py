@@ -4,8 +4,9 @@ verify block of a batch, and the random streams both sides draw from.
 Every random draw is seeded by (request seed, position of the block's bonus, stream): the
 drafter's and the target's streams are independent (rejection sampling needs the target's
 uniforms independent of the drafts), a step's draws do not depend on which other requests share
-it, and a preempted request recomputed from its tokens draws exactly what it would have. No
-state is kept per sequence.
+it, and a preempted request recomputed from its tokens draws exactly what it would have. (A
+plain step and a speculative one at the same position draw differently: the text is then the
+same only while the same steps speculate.) No state is kept per sequence.
 """
 
 from __future__ import annotations
