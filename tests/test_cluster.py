@@ -164,14 +164,14 @@ def test_killed_drafter_falls_back_to_plain_then_speculates_again(sharded, llms)
     assert all(len(o.acceptance_lengths) <= 2 for o in outs[:3])
     assert all(o.acceptance_lengths == [] for o in outs[3:])
     assert sharded.stats().counters.num_drafter_losses >= 1
-    s = read()
-    assert s["dflash_drafter_fallbacks_total"] == 1
-    sharded.remove_listener(exporter.on_step)
+    assert read()["dflash_drafter_fallbacks_total"] == 1
     assert ex.wait_for_drafter(60)
     again = generate(sharded, PROMPTS, GREEDY)
+    assert read()["dflash_drafter_restarts_total"] == 1  # the engine saw it come back
     assert [o.token_ids for o in again] == [o.token_ids for o in plain]
     want = llms["dflash"].generate(PROMPTS, GREEDY, use_tqdm=False)
     assert [o.acceptance_lengths for o in again] == [o.acceptance_lengths for o in want]
+    sharded.remove_listener(exporter.on_step)
 
 
 def test_drafter_killed_during_a_step(sharded, llms):

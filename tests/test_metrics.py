@@ -31,6 +31,7 @@ NEVER_HERE = {
     "hidden_state_transfer_seconds": "needs the Ray executor (test_cluster)",
     "hidden_state_transfer_bytes": "needs the Ray executor (test_cluster)",
     "drafter_fallbacks": "needs a drafter loss (test_cluster)",
+    "drafter_restarts": "needs a drafter loss (test_cluster)",
     "num_preemptions": "needs a full cache (test_exporter_counts_what_the_outputs_say)",
 }
 

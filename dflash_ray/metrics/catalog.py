@@ -92,4 +92,5 @@ METRICS = {m.name: m for m in [
     # drafter health
     _g("drafter_up", "1 while a drafter is connected, else 0"),
     _c("drafter_fallbacks", "Drafter losses: live requests went on with plain decoding"),
+    _c("drafter_restarts", "A drafter came (back) up after being down"),
 ]}

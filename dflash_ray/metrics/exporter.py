@@ -52,6 +52,7 @@ class Exporter:
         self._lock = threading.Lock()  # the stepping thread adds, the watcher flushes
         self._flushed = time.monotonic()
         self._stop = threading.Event()
+        self._drafter_was_up: bool | None = None  # as of the last step
 
     def _count(self, name: str, value: float, label: tuple[str, str] | None = None) -> None:
         self._counts[(name, label)] += value
@@ -70,6 +71,9 @@ class Exporter:
                                     ("position", str(pos)))
             self._count("num_preemptions", step.num_preempted)
             self._count("drafter_fallbacks", int(step.drafter_lost))
+            if step.drafter_up and self._drafter_was_up is False:
+                self._count("drafter_restarts", 1)
+            self._drafter_was_up = step.drafter_up and not step.drafter_lost
             if step.transfer_bytes:
                 self._count("hidden_state_transfer_bytes", step.transfer_bytes)
             self._outputs(step.outputs)
