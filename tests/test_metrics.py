@@ -206,11 +206,14 @@ def prometheus(app, tmp_path_factory):
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
-                r = httpx.get(f"{url}/api/v1/query", params={"query": "up"}, timeout=5).json()
-                if r["data"]["result"] and r["data"]["result"][0]["value"][1] == "1":
-                    break
+                resp = httpx.get(f"{url}/api/v1/query", params={"query": "up"}, timeout=5)
             except httpx.HTTPError:
-                pass
+                resp = None  # not listening yet
+            # until its storage is open, Prometheus answers 503 "Service Unavailable" (no JSON)
+            if resp is not None and resp.status_code == 200:
+                r = resp.json()["data"]["result"]
+                if r and r[0]["value"][1] == "1":
+                    break
             time.sleep(0.5)
         else:
             raise TimeoutError("prometheus never scraped the Ray metrics agent")
