@@ -5,20 +5,19 @@ conditions inside an accepted block) is `stopping`'s, batching decisions the sch
 work the executor's: any object with the `Executor` methods (the in-process one in `worker/`,
 the Ray one in `cluster/`; the entry points choose). The engine never calls the executor outside
 a step: what it must tell the workers (released and preempted sequences) rides in the next
-step's batch. `stream()` is the async face for servers: a background thread steps while streams
-are open.
+step's batch. How callers wait for outputs (blocking, or streamed while a background thread
+steps) is `serving.Serving`'s, mixed in here.
 """
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import itertools
 import logging
 import secrets
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 from ..config import EngineConfig
 from .block_manager import BlockManager
@@ -27,16 +26,17 @@ from .requests import check_fits, prompt_ids
 from .sampling_params import InvalidRequest, SamplingParams
 from .scheduler import Scheduler, SchedulerConfig, SchedulerOutput, prefill_len, step_batch
 from .sequence import Sequence
+from .serving import Serving
 from .spec_policy import make_policy
 from .stats import EngineSnapshot, EngineStats, Listeners, StepStats, copy_stats
 from .step_io import Executor, SamplingSpec, SeqResult, StepBatch, StepResult
 from .stopping import commit_tokens
-from .streams import Streams, deltas
+from .streams import Streams
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-class Engine:
+class Engine(Serving):
     def __init__(self, config: EngineConfig, executor: Executor):
         self.config = config
         self.executor = executor
@@ -67,7 +67,8 @@ class Engine:
         self._ids = itertools.count()
         self._seq_ids = itertools.count()
         self._rid_of: dict[int, str] = {}
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # bookkeeping: held for moments, never over a step
+        self._step_lock = threading.RLock()  # one step at a time
         self._wake = threading.Condition(self._lock)
         self._streams = Streams()
         self._loop_thread: threading.Thread | None = None
@@ -119,9 +120,10 @@ class Engine:
             self._emit([out])
             self._listeners.outputs([out])
             self._forget(request_id)
-            if self._loop_thread is None:  # nobody steps soon: let the workers forget it now
-                self._flush_released()
-            return True
+            idle = self._loop_thread is None
+        if idle:  # nobody steps soon: let the workers forget it now
+            self._flush_released(wait=False)
+        return True
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -161,47 +163,70 @@ class Engine:
         with self._wake:
             while self._loop_thread not in (None, threading.current_thread()):
                 self._wake.wait()
-            return self._step()
+        return self._step()
 
     def _step(self) -> list[RequestOutput]:
-        with self._lock:
+        """Schedule and postprocess under the bookkeeping lock; the workers run outside it, so
+        requests, aborts and stats reach the engine from any thread (an event loop) within a
+        moment, never after a whole step. `_step_lock` keeps steps one at a time."""
+        with self._step_lock:
             start = time.perf_counter()
-            if self.block_size > 1:
-                self._drafter_up = self._guarded(self.executor.drafter_ready)
-            sched = self.scheduler.schedule(time.monotonic(), self._drafter_up)
-            if sched.empty and not sched.preempted:
-                self._flush_released()
+            drafter_up = self.block_size > 1 and self._guarded(self.executor.drafter_ready)
+            with self._lock:
+                self._drafter_up = drafter_up
+                sched = self.scheduler.schedule(time.monotonic(), drafter_up)
+                if sched.empty and not sched.preempted:
+                    released = self._take_released()
+                else:
+                    released, batch = None, step_batch(sched, self._take_released())
+            if released is not None:  # nothing to run: let the workers forget finished ones
+                self._release(released)
                 return []
-            batch = step_batch(sched, self._take_released())
             result = self._guarded(self.executor.execute, batch)
-            outputs, drafts = self._postprocess(sched, batch, result)
-            seconds = time.perf_counter() - start
-            if sched.decodes and not sched.prefills:  # what the speculation policy learns from
-                # the kind the policy chose: a speculative regime includes the plain blocks of
-                # sequences cooling down after a miss (spec_reject_cooldown)
-                self.scheduler.policy.observe(
-                    len(sched.decodes), sched.speculative, seconds,
-                    sum(len(r.tokens) for r in result.results),
-                )
-            if self._listeners:
-                step = StepStats(
-                    time.monotonic(), seconds, len(batch.prefills),
-                    sum(len(p.token_ids) for p in batch.prefills), len(batch.decodes),
-                    len(batch.preempted), self._speculating, batch.drafter_pass,
-                    result.drafter_lost, drafts, result.draft_seconds, result.verify_seconds,
-                    result.transfer_seconds, result.transfer_bytes, outputs,
-                    len(self.scheduler.running), len(self.scheduler.waiting),
-                    self.blocks.num_used / self.blocks.num_blocks, self._drafter_up,
-                )
-                self._listeners.step(step)
-            return outputs
+            with self._lock:
+                return self._finish_step(start, sched, batch, result)
 
-    def _flush_released(self) -> None:
+    def _finish_step(self, start: float, sched: SchedulerOutput, batch: StepBatch,
+                     result: StepResult) -> list[RequestOutput]:
+        outputs, drafts = self._postprocess(sched, batch, result)
+        seconds = time.perf_counter() - start
+        if sched.decodes and not sched.prefills:  # what the speculation policy learns from
+            # the kind the policy chose: a speculative regime includes the plain blocks of
+            # sequences cooling down after a miss (spec_reject_cooldown)
+            self.scheduler.policy.observe(
+                len(sched.decodes), sched.speculative, seconds,
+                sum(len(r.tokens) for r in result.results),
+            )
+        if self._listeners:
+            step = StepStats(
+                time.monotonic(), seconds, len(batch.prefills),
+                sum(len(p.token_ids) for p in batch.prefills), len(batch.decodes),
+                len(batch.preempted), self._speculating, batch.drafter_pass,
+                result.drafter_lost, drafts, result.draft_seconds, result.verify_seconds,
+                result.transfer_seconds, result.transfer_bytes, outputs,
+                len(self.scheduler.running), len(self.scheduler.waiting),
+                self.blocks.num_used / self.blocks.num_blocks, self._drafter_up,
+            )
+            self._listeners.step(step)
+        return outputs
+
+    def _flush_released(self, wait: bool = True) -> None:
         """Tell the workers about finished requests now instead of with the next step (the
-        engine is going idle): their per-sequence state (the target's pending features) goes."""
-        if self._released:
+        engine is going idle): their per-sequence state (the target's pending features) goes.
+        `wait=False`: only if no step is running (one that is will carry them)."""
+        if not self._step_lock.acquire(blocking=wait):
+            return
+        try:
+            with self._lock:
+                released = self._take_released()
+            self._release(released)
+        finally:
+            self._step_lock.release()
+
+    def _release(self, released: list[int]) -> None:
+        if released:
             try:  # best effort: a failure has failed every live request already (`_guarded`)
-                self._guarded(self.executor.execute, StepBatch(released=self._take_released()))
+                self._guarded(self.executor.execute, StepBatch(released=released))
             except Exception:
                 log.warning("releasing finished requests failed", exc_info=True)
 
@@ -242,11 +267,15 @@ class Engine:
         now = time.monotonic()
         outputs, drafts = [], []
         for seq in sched.prefills:
+            if seq.finished:  # aborted while the step ran: its result goes nowhere
+                continue
             seq.num_cached = prefill_len(seq)
             seq.num_drafted_ctx = 0
             outputs.append(self._commit(seq, by_id[seq.seq_id], now, drafts))
         for d in sched.decodes:
             seq, r = d.seq, by_id[d.seq.seq_id]
+            if seq.finished:
+                continue
             if r.num_proposed and not r.num_accepted:
                 seq.draft_cooldown = self.config.spec_reject_cooldown
             if took_context and seq.drafter_follows:  # its waiting context went in
@@ -316,94 +345,6 @@ class Engine:
         seq = self._seqs.pop(rid, None)
         if seq is not None:
             self._rid_of.pop(seq.seq_id, None)
-
-    def run_until_finished(self, request_ids: list[str], on_finish=None) -> list[RequestOutput]:
-        """Block until these requests finish and return their final outputs in order. Steps the
-        engine itself, or waits while the background loop (started by `stream`) steps it."""
-        with self._lock:
-            self._sync_waiting.update(request_ids)
-        try:
-            seen: set[str] = set()
-            while True:
-                with self._wake:
-                    for rid in request_ids:
-                        if rid in self._errors:
-                            raise self._errors[rid]
-                        if rid in self._done and rid not in seen:
-                            seen.add(rid)
-                            if on_finish is not None:
-                                on_finish(self._done[rid])
-                    if len(seen) == len(request_ids):
-                        if self._loop_thread is None:
-                            self._flush_released()
-                        return [self._done[rid] for rid in request_ids]
-                    if self._loop_thread is not None:
-                        self._wake.wait(timeout=0.5)
-                        continue
-                    # under the same lock as the check: no stream loop can start in between
-                    self._step()
-        finally:
-            with self._lock:
-                for rid in request_ids:
-                    self._sync_waiting.discard(rid)
-                    self._done.pop(rid, None)
-                    self._errors.pop(rid, None)
-
-    # ---- async streaming -------------------------------------------------------------------
-
-    async def stream(
-        self,
-        prompt: str | list[int],
-        params: SamplingParams | None = None,
-        request_id: str | None = None,
-    ) -> AsyncIterator[RequestOutput]:
-        """Yield this request's deltas as steps produce them (see `streams`: what piles up while
-        the consumer is busy arrives merged, and after the first delta deltas wait for
-        `stream_interval` tokens); closing the generator early (a client that went away) aborts
-        the request and frees its blocks."""
-        with self._lock:
-            rid = self.add_request(prompt, params, request_id)
-            queue = self._streams.open(rid, asyncio.get_running_loop())
-            self._ensure_loop()
-        finished = False
-        try:
-            async for item in deltas(queue, self.config.stream_interval):
-                finished = item.finished
-                yield item
-        finally:
-            self._streams.close(rid)
-            if not finished:
-                self.abort(rid)
-
-    def _emit(self, outputs: list[RequestOutput]) -> None:
-        for o in outputs:
-            self._streams.post(o.request_id, o)
-
-    def _ensure_loop(self) -> None:
-        """Start the stepping thread if none runs (call with the lock held). The thread exits
-        when no stream is open or no request is left; synchronous callers then step the engine
-        again (`step` waits for it)."""
-        if self._loop_thread is None:
-            self._loop_thread = threading.Thread(
-                target=self._run_loop, name="dflash-engine", daemon=True
-            )
-            self._loop_thread.start()
-
-    def _run_loop(self) -> None:
-        while True:
-            with self._lock:
-                # Only open streams keep it going: requests added for a synchronous caller are
-                # that caller's to step (`run_until_finished` takes over when this returns).
-                if self._closed or not self._streams or not self.scheduler.has_unfinished():
-                    if not self._closed:
-                        self._flush_released()
-                    self._loop_thread = None
-                    self._wake.notify_all()
-                    return
-            try:
-                self._step()
-            except Exception:  # _step() already failed every live request with the cause
-                log.exception("engine step failed")
 
     def _fail_all(self, exc: Exception) -> None:
         with self._lock:
