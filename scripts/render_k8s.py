@@ -88,8 +88,8 @@ spec:
               requests: {{cpu: "4", memory: 16Gi}}
               limits: {{cpu: "4", memory: 16Gi}}
     workerGroupSpecs:
-    # One 8-GPU node. The Serve config places a drafter GPU and 4 target-shard GPUs there; the
-    # other 3 stay idle until a sharding plan splits experts over more ranks than heads.
+    # One 8-GPU node: the Serve config places the drafter on one GPU and the 7 target shards on
+    # the others (experts over all 7, attention heads over 4).
     - groupName: gpu
       replicas: 1
       minReplicas: 1

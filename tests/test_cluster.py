@@ -1,5 +1,6 @@
-"""The Ray executor on the shared session cluster (gloo): 1 drafter actor + 2 target shard actors
-(TP=2, EP=2) must reproduce the single-process engine exactly, and survive its actors dying."""
+"""The Ray executor on the shared session cluster (gloo): 1 drafter actor + 3 target shard actors
+(the mixed plan: attention over shards 0-1, experts over all 3, shard 2 without attention or KV
+cache) must reproduce the single-process engine exactly, and survive its actors dying."""
 
 from __future__ import annotations
 
@@ -46,7 +47,8 @@ def ray_engine(target: str, drafter: str | None, shards: int, **spec) -> Engine:
 
 @pytest.fixture(scope="module")
 def sharded(ray_cluster, tiny):
-    engine = ray_engine(tiny["moe"], tiny["drafter"], 2, drafter_dtype="float32")  # as llms
+    # 4 heads, 4 experts on 3 shards: the widest plan is TP 2 x EP 3
+    engine = ray_engine(tiny["moe"], tiny["drafter"], 3, drafter_dtype="float32")  # as llms
     yield engine
     engine.shutdown()
 
@@ -74,6 +76,10 @@ def test_sharded_ray_equals_single_process(sharded, llms):
     assert [o.token_ids for o in got[: len(PROMPTS)]] == [o.token_ids for o in plain]
     t = sharded.executor.timing
     assert t.steps > 0 and t.draft > 0 and t.verify > 0 and t.transfer > 0
+    plan = sharded.executor.plan
+    assert (plan.tp_size, plan.ep_size) == (2, 3)
+    kv = [ray.get(s.ready.remote())["kv_bytes_per_token"] for s in sharded.executor._shards]
+    assert kv[0] == kv[1] > 0 and kv[2] == 0  # shard 2 holds no attention, so no KV cache
 
 
 def test_cut_blocks_and_plain_steps_cross_the_actors_like_in_process(
@@ -194,9 +200,9 @@ def test_killed_target_shard_fails_the_step_fast_then_rebuilds(sharded, llms):
     ids = [sharded.add_request(p, GREEDY) for p in PROMPTS]
     sharded.step()
     sharded.step()
-    ray.kill(ex.actors()["target shard 1"])
+    ray.kill(ex.actors()["target shard 2"])  # the shard without attention
     start = time.monotonic()
-    with pytest.raises(StepError, match="target shard 1 failed"):
+    with pytest.raises(StepError, match="target shard 2 failed"):
         sharded.run_until_finished(ids)
     assert time.monotonic() - start < 30
     assert sharded.blocks.num_free == sharded.blocks.num_blocks
@@ -261,9 +267,13 @@ def test_plan_errors_fail_before_any_actor_starts(tiny):
     with pytest.raises(
         ValidationError, match="num_attention_heads 4 is not divisible by tp_size 3"
     ):
-        RayExecutor(rc, 3)
-    with pytest.raises(ValidationError, match="tp_size 1 != num_target_shards 2"):
-        RayExecutor(rc, 2, tp_size=1)
+        RayExecutor(rc, 3, tp_size=3)
+    with pytest.raises(ValidationError, match="ep_size 1 != num_target_shards 2"):
+        RayExecutor(rc, 2, ep_size=1)
+    with pytest.raises(ValidationError, match="tp_size 3 > num_target_shards 2"):
+        RayExecutor(rc, 2, tp_size=3)
+    with pytest.raises(ValidationError, match="ep_size 5 exceeds num_experts 4"):
+        RayExecutor(rc, 5)
     with pytest.raises(ValueError, match="transport 'nccl' needs device='cuda'"):
         RayExecutor(rc, 1, transport="nccl")
 

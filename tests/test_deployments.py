@@ -26,3 +26,31 @@ def test_yaml_args_validate_and_bundles_fit(name):
         assert all(b.get("GPU") == 1 and b.get("CPU", 0) >= 0.5 for b in bundles[1:])
     else:
         assert "placement_group_bundles" not in server
+
+
+def test_qwen3_30b_a3b_plan_uses_the_seven_gpus_beside_the_drafter(tmp_path):
+    """The YAML's cluster options give a valid plan for Qwen3-30B-A3B's published shape (its
+    config.json fields that the plan reads; the weights are not needed)."""
+    import json
+
+    from dflash_ray.cluster.cluster_config import ClusterConfig
+    from dflash_ray.models.hf_config import TargetConfig
+
+    (tmp_path / "config.json").write_text(json.dumps({
+        "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
+        "hidden_size": 2048, "num_hidden_layers": 48, "num_attention_heads": 32,
+        "num_key_value_heads": 4, "head_dim": 128, "intermediate_size": 6144,
+        "moe_intermediate_size": 768, "num_experts": 128, "num_experts_per_tok": 8,
+        "decoder_sparse_step": 1, "mlp_only_layers": [], "norm_topk_prob": True,
+        "vocab_size": 151936, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+        "max_position_embeddings": 40960, "tie_word_embeddings": False,
+    }))
+    app = yaml.safe_load((DEPLOYMENTS / "qwen3-30b-a3b.yaml").read_text())["applications"][0]
+    engine = AppArgs(**app["args"]).engine
+    cluster = ClusterConfig(num_target_shards=engine["num_target_shards"],
+                            **engine.get("cluster", {}))
+    plan = cluster.sharding(TargetConfig.load(tmp_path))
+    assert (plan.tp_size, plan.ep_size) == (4, 7)
+    # what the YAML writes out is what the default would pick
+    default = ClusterConfig(num_target_shards=7).sharding(TargetConfig.load(tmp_path))
+    assert default == plan

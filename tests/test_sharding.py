@@ -57,8 +57,9 @@ def run_model(model: Qwen3Target, capture=(1, 3)) -> list[tuple[torch.Tensor, to
     return out
 
 
-def run_sharded(path: str, world: int) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
-    """Every rank's outputs of `run_model` on its shard, ranks as threads."""
+def run_sharded(path: str, tp: int, world: int) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Every rank's outputs of `run_model` on its shard of a plan with attention over `tp` ranks
+    and experts over all `world`, ranks as threads."""
     cfg = TargetConfig.load(path)
     store, port = open_store("127.0.0.1", timeout_s=30)
     results: list = [None] * world
@@ -69,7 +70,7 @@ def run_sharded(path: str, world: int) -> list[list[tuple[torch.Tensor, torch.Te
         try:
             torch.set_num_threads(1)
             model = Qwen3Target.from_pretrained(
-                path, shard=shard_spec(cfg, rank, world, world), comm=comm
+                path, shard=shard_spec(cfg, rank, tp, world), comm=comm
             )
             comm.connect("gloo", connect_store("127.0.0.1", port, 30), "tp", timeout_s=30)
             results[rank] = run_model(model)
@@ -103,11 +104,16 @@ def uneven(tmp_path_factory):
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("which,world", [("moe", 2), ("qwen3", 2), ("uneven", 3)])
-def test_sharded_logits_equal_unsharded(tiny, uneven, which, world):
+@pytest.mark.parametrize(
+    "which,tp,world",
+    [("moe", 2, 2), ("qwen3", 2, 2), ("uneven", 3, 3),
+     # mixed plans: attention over the first tp ranks, experts and dense MLPs over all
+     ("uneven", 2, 3), ("qwen3", 1, 2)],
+)
+def test_sharded_logits_equal_unsharded(tiny, uneven, which, tp, world):
     path = uneven if which == "uneven" else tiny[which]
     want = run_model(Qwen3Target.from_pretrained(path))
-    got = run_sharded(path, world)
+    got = run_sharded(path, tp, world)
     for rank in range(world):
         for (logits, feats), (ref_logits, ref_feats) in zip(got[rank], want, strict=True):
             assert rel_err(logits, ref_logits) < 1e-5, rank
@@ -134,6 +140,33 @@ def test_plan_for_tp2_ep2_and_uneven_three_ranks(tiny, uneven):
     assert [s.mlp_range for s in specs] == [(0, 43), (43, 86), (86, 128)]
 
 
+def test_mixed_plan_holds_attention_on_the_first_tp_ranks_only(uneven):
+    cfg = TargetConfig.load(uneven)  # 6 heads over 1 KV head, 8 experts, dense every 2nd layer
+    specs = [shard_spec(cfg, r, 2, 3) for r in range(3)]
+    assert [s.head_range for s in specs] == [(0, 3), (3, 6), (0, 0)]
+    assert [s.kv_range for s in specs] == [(0, 1), (0, 1), (0, 0)]
+    assert [s.has_attention for s in specs] == [True, True, False]
+    assert [s.expert_range for s in specs] == [(0, 3), (3, 6), (6, 8)]
+    assert [s.mlp_range for s in specs] == [(0, 43), (43, 86), (86, 128)]
+    # the rank beyond tp_size has no attention parameters and no KV cache
+    model = Qwen3Target.from_pretrained(uneven, shard=specs[2])
+    assert not [n for n, _ in model.named_parameters() if ".self_attn." in n]
+    assert all(c.bytes_per_token(torch.float32) == 0 for c in model.cache_specs())
+
+
+def test_widest_plan_for_seven_ranks_beside_a_drafter(tiny):
+    cfg = TargetConfig.load(tiny["moe"])
+    # Qwen3-30B-A3B's attention: 32 query heads over 4 KV heads, 128 experts
+    cfg.decoder.num_heads, cfg.decoder.num_kv_heads, cfg.num_experts = 32, 4, 128
+    plan = ShardingConfig.widest(cfg, 7)
+    assert (plan.tp_size, plan.ep_size) == (4, 7)
+    specs = [plan.shard(cfg, r) for r in range(7)]
+    assert [s.head_range for s in specs[:4]] == [(0, 8), (8, 16), (16, 24), (24, 32)]
+    assert [s.has_attention for s in specs] == [True] * 4 + [False] * 3
+    assert [s.expert_range[1] - s.expert_range[0] for s in specs] == [19, 19, 18, 18, 18, 18, 18]
+    assert (ShardingConfig.widest(cfg, 8).tp_size, ShardingConfig.widest(cfg, 3).tp_size) == (8, 2)
+
+
 def test_kv_heads_fewer_than_ranks_follow_their_query_heads(tiny):
     cfg = TargetConfig.load(tiny["moe"])
     cfg.decoder.num_heads, cfg.decoder.num_kv_heads = 8, 2  # 4 query heads per KV head
@@ -146,7 +179,7 @@ def test_kv_heads_fewer_than_ranks_follow_their_query_heads(tiny):
     "tp,ep,message",
     [
         (3, 3, "num_attention_heads 4 is not divisible by tp_size 3"),
-        (2, 1, "tp_size 2 != ep_size 1"),
+        (2, 1, "tp_size 2 > ep_size 1"),
         (8, 8, "num_attention_heads 4 is not divisible by tp_size 8"),
     ],
 )

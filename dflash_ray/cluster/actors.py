@@ -20,7 +20,7 @@ import torch
 
 from ..core.step_io import Span, StepBatch, StepResult
 from ..models.hf_config import TargetConfig
-from ..models.sharding import shard_spec
+from ..models.sharding import ShardingConfig
 from ..parallel.communicator import LOCAL, GroupCommunicator, connect_store, open_store
 from ..worker.draft_worker import DraftWorker
 from ..worker.drafts import Drafts
@@ -106,14 +106,14 @@ class ChannelDrafter:
 
 
 class TargetShardActor:
-    def __init__(self, cfg: WorkerConfig, rank: int, world_size: int):
+    def __init__(self, cfg: WorkerConfig, rank: int, plan: ShardingConfig):
         self.cfg, self.spec = cfg, ModelSpec.resolve(cfg)
-        self.rank, self.world_size = rank, world_size
+        self.rank = rank
         shard = None
         self.comm = LOCAL
-        if world_size > 1:
-            shard = shard_spec(TargetConfig.load(cfg.target), rank, world_size, world_size)
-            self.comm = GroupCommunicator(rank, world_size)
+        if plan.ep_size > 1:
+            shard = plan.shard(TargetConfig.load(cfg.target), rank)
+            self.comm = GroupCommunicator(rank, plan.ep_size)
         self.worker = TargetWorker(cfg, self.spec, shard, self.comm)
         self.channel: Channel | None = None
         self.drafter = ChannelDrafter(self) if rank == 0 else None

@@ -13,12 +13,17 @@ from ..models.sharding import ShardingConfig
 class ClusterConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    num_target_shards: int = Field(1, ge=1, description="target shard actors (TP x EP ranks)")
+    num_target_shards: int = Field(
+        1, ge=1, description="target shard actors; the MoE experts are split over all of them"
+    )
     tp_size: int | None = Field(
-        None, ge=1, description="ranks splitting attention heads; default num_target_shards"
+        None,
+        ge=1,
+        description="shards splitting attention heads (the first tp_size; the others hold no "
+        "attention); default the largest the target's heads allow, up to num_target_shards",
     )
     ep_size: int | None = Field(
-        None, ge=1, description="ranks splitting MoE experts; default num_target_shards"
+        None, ge=1, description="shards splitting MoE experts: num_target_shards (the default)"
     )
     transport: Literal["auto", "gloo", "nccl"] = Field(
         "auto",
@@ -45,19 +50,24 @@ class ClusterConfig(BaseModel):
     @model_validator(mode="after")
     def _sizes(self) -> ClusterConfig:
         n = self.num_target_shards
-        for name in ("tp_size", "ep_size"):
-            value = getattr(self, name)
-            if value is not None and value != n:
-                raise ValueError(
-                    f"{name} {value} != num_target_shards {n}: heads and experts are split over "
-                    f"all target shards; leave {name} unset or set it to {n}"
-                )
+        if self.ep_size is not None and self.ep_size != n:
+            raise ValueError(
+                f"ep_size {self.ep_size} != num_target_shards {n}: the experts are split over "
+                f"all target shards; leave ep_size unset or set it to {n}"
+            )
+        if self.tp_size is not None and self.tp_size > n:
+            raise ValueError(
+                f"tp_size {self.tp_size} > num_target_shards {n}: attention heads are split "
+                f"over some of the target shards; use tp_size <= {n}"
+            )
         return self
 
     def sharding(self, target: TargetConfig) -> ShardingConfig:
         """The TP x EP plan, validated against the target (errors name the fix)."""
         n = self.num_target_shards
-        return ShardingConfig.for_target(target, self.tp_size or n, self.ep_size or n)
+        if self.tp_size is None:
+            return ShardingConfig.widest(target, n)
+        return ShardingConfig.for_target(target, self.tp_size, n)
 
     def backend(self, device: str) -> str:
         on_gpu = device.startswith("cuda")

@@ -64,7 +64,7 @@ class RayExecutor:
         self.wcfg = cfg
         self.cfg = ClusterConfig(num_target_shards=num_target_shards, **options)
         self.spec = ModelSpec.resolve(cfg)  # bad configs fail here, before any actor starts
-        self.cfg.sharding(TargetConfig.load(cfg.target))
+        self.plan = self.cfg.sharding(TargetConfig.load(cfg.target))
         self.backend = self.cfg.backend(cfg.device)
         self.on_gpu = cfg.device.startswith("cuda")
         if not ray.is_initialized():
@@ -280,7 +280,8 @@ class RayExecutor:
         self._pg = enclosing or place(bundles, self.cfg.placement_strategy, deadline)
         try:  # on failure, removing the placement group also ends the actors started in it
             self._shards = [
-                self._actor(TargetShardActor, first + r, self.wcfg, r, n) for r in range(n)
+                self._actor(TargetShardActor, first + r, self.wcfg, r, self.plan)
+                for r in range(n)
             ]
             drafter = self._actor(DrafterActor, 0, self.wcfg) if has_drafter else None
             names = {s.ready.remote(): f"target shard {r}" for r, s in enumerate(self._shards)}
@@ -316,11 +317,12 @@ class RayExecutor:
 
     def _size(self, started: list[dict]) -> ExecutorInfo:
         """KV blocks and state slots that every actor's cache budget holds (each actor has a
-        device of its own; blocks are shared ids, so the smallest budget decides)."""
+        device of its own; blocks are shared ids, so the smallest budget decides; a shard
+        without attention keeps no KV and bounds nothing)."""
         c = self.wcfg
         plans = [plan_cache(s["cache_budget"], s["kv_bytes_per_token"], s["state_bytes_per_seq"],
                             c.kv_block_len, c.max_num_seqs) for s in started]
-        blocks = c.num_kv_blocks or min(b for b, _ in plans)
+        blocks = c.num_kv_blocks or min(b for b, _ in plans if b is not None)
         slots = min(s for _, s in plans)
         per_token = sum(s["kv_bytes_per_token"] for s in started)
         per_seq = sum(s["state_bytes_per_seq"] for s in started)

@@ -143,6 +143,22 @@ class Attention(nn.Module):
         return self.comm.all_reduce(self.o_proj(out.reshape(x.shape[0], -1)))
 
 
+class NoAttention(nn.Module):
+    """The attention of a rank beyond the plan's tp_size (see `models/sharding.py`): it holds no
+    heads, no weights and no KV cache, and adds zeros to the all-reduce that sums the attention
+    output of the ranks that hold heads."""
+
+    def __init__(self, cfg: DecoderConfig, comm: Communicator):
+        super().__init__()
+        self.head_dim, self.comm = cfg.head_dim, comm
+
+    def cache_spec(self) -> AttentionCacheSpec:
+        return AttentionCacheSpec(0, self.head_dim)
+
+    def forward(self, x: torch.Tensor, cos, sin, kv, write_slots, groups) -> torch.Tensor:
+        return self.comm.all_reduce(torch.zeros_like(x))
+
+
 class MLP(nn.Module):
     """Dense SwiGLU MLP with gate and up packed in one projection; with TP the intermediate dim
     is split and down_proj all-reduced."""

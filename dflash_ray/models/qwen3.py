@@ -3,7 +3,8 @@
 Owns the forward over a flattened ragged batch (any number of sequences, prefill and decode
 tokens together), capture of the hidden states the drafter needs (output of decoder layer l =
 HF `hidden_states[l + 1]`), the embedding and LM head the drafter borrows. Sharding (TP heads,
-EP experts) enters only through `ShardSpec` and a `Communicator`; the math is the same.
+EP experts; ranks beyond the TP size hold no attention) enters only through `ShardSpec` and a
+`Communicator`; the math is the same.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from ..ops import AttentionGroup, RotaryTable
 from ..parallel.communicator import LOCAL, Communicator
 from .cache_spec import CacheSpec
 from .hf_config import TargetConfig
-from .layers import MLP, Attention, DecoderLayer, Linear, RMSNorm, SparseMoE
+from .layers import MLP, Attention, DecoderLayer, Linear, NoAttention, RMSNorm, SparseMoE
 from .loader import load_weights
 from .sharding import ShardSpec, full_shard
 
@@ -36,9 +37,12 @@ class Qwen3Target(nn.Module):
             if kind != "full_attention":
                 raise ValueError(f"{cfg.architecture}: layer {i} is {kind!r}; only "
                                  "'full_attention' layers are supported")
-            attn = Attention(
-                d, s.head_range[1] - s.head_range[0], s.kv_range[1] - s.kv_range[0], comm
-            )
+            if s.has_attention:
+                attn = Attention(
+                    d, s.head_range[1] - s.head_range[0], s.kv_range[1] - s.kv_range[0], comm
+                )
+            else:
+                attn = NoAttention(d, comm)
             if cfg.is_moe_layer(i):
                 mlp = SparseMoE(
                     d.hidden_size,
@@ -123,6 +127,8 @@ class Qwen3Target(nn.Module):
             key = key.removeprefix("model.")
             if cfg.tie_word_embeddings and key == "lm_head.weight":
                 return None
+            if not s.has_attention and ".self_attn." in key:
+                return None  # a rank beyond tp_size: its attention is NoAttention
             return None if key.startswith("mtp.") else key  # multi-token-prediction heads
 
         def select(name: str, lazy) -> torch.Tensor:

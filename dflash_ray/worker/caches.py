@@ -90,10 +90,12 @@ def bytes_per_seq(specs: list[CacheSpec], dtype: torch.dtype) -> int:
 
 
 def plan_cache(budget: int, per_token: int, per_seq: int, block_len: int,
-               max_seqs: int) -> tuple[int, int]:
+               max_seqs: int) -> tuple[int | None, int]:
     """(KV blocks, state slots) for `budget` bytes. Per-sequence state is reserved first, for
     `max_seqs` sequences or as many as fit in half the budget; the rest holds KV blocks. Without
-    per-sequence state every running sequence has a slot for free."""
+    per-sequence state every running sequence has a slot for free; without per-token state (a
+    shard that holds no attention) the blocks are None: this budget does not bound them."""
     slots = max_seqs if per_seq == 0 else max(1, min(max_seqs, budget // 2 // per_seq))
-    blocks = (budget - slots * per_seq) // (per_token * block_len) if per_token else 1
-    return max(1, blocks), slots
+    if not per_token:
+        return None, slots
+    return max(1, (budget - slots * per_seq) // (per_token * block_len)), slots
