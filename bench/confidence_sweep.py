@@ -52,7 +52,8 @@ def main() -> None:
         for cd in args.cooldowns:
             engines[f"dflash@{t:g}" + (f"/cd{cd}" if cd else "")] = make_engine(EngineConfig(
                 target=target, drafter=drafter, block_size=args.block_size, max_num_seqs=seqs,
-                spec_min_confidence=t, spec_reject_cooldown=cd))
+                spec_min_confidence=t, spec_reject_cooldown=cd,
+                spec_profile="whole_block"))  # no batch limit: only the swept knobs
     for e in engines.values():  # warm-up: first-call allocations, caches
         closed_loop(e, prompts[:1], 1, params, tqdm(disable=True))
     runs: dict[str, list[dict]] = {name: [] for name in engines}

@@ -16,6 +16,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--block-size", type=int, default=None, help="verify block B")
     p.add_argument(
+        "--spec-profile",
+        choices=["device", "whole_block"],
+        default=None,
+        help="defaults of the --spec-* settings not given: the fastest measured for the device "
+        "(default) or z-lab's whole block",
+    )
+    p.add_argument(
         "--spec-min-confidence",
         type=float,
         default=None,
@@ -25,7 +32,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         "--spec-max-batch",
         type=_int_or_auto,
         default=None,
-        help="speculate only while at most this many sequences run; 'auto' learns it",
+        help="speculate only while at most this many sequences run; 'auto' learns it, "
+        "'none' speculates at any batch size",
     )
     p.add_argument(
         "--spec-reject-cooldown",
@@ -45,12 +53,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _int_or_auto(text: str) -> int | str:
-    if text == "auto":
+    if text in ("auto", "none"):
         return text
     try:
         return int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected an integer, 'auto' or 'none', got {text!r}"
+        ) from None
 
 
 def _models(args: argparse.Namespace) -> tuple[str, str | None]:
@@ -68,11 +78,15 @@ def _engine_kwargs(args: argparse.Namespace, drafter: str | None) -> dict:
     """EngineConfig fields given on the command line (unset ones keep the config's defaults)."""
     kw = {"device": args.device, "dtype": args.dtype, "block_size": args.block_size}
     if drafter is not None:
+        kw["spec_profile"] = args.spec_profile
         kw["spec_min_confidence"] = args.spec_min_confidence
         kw["spec_max_batch"] = args.spec_max_batch
         kw["spec_reject_cooldown"] = args.spec_reject_cooldown
         kw["drafter_dtype"] = args.drafter_dtype
-    return {k: v for k, v in kw.items() if v is not None}
+    kw = {k: v for k, v in kw.items() if v is not None}
+    if kw.get("spec_max_batch") == "none":
+        kw["spec_max_batch"] = None  # given: no limit (unlike leaving it out)
+    return kw
 
 
 def _generate(args: argparse.Namespace) -> int:

@@ -6,6 +6,25 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+# z-lab's reference behaviour: verify every block whole, speculate at any batch size, no cooldown.
+WHOLE_BLOCK = {"spec_min_confidence": 0.0, "spec_max_batch": None, "spec_reject_cooldown": 0}
+# The fastest lossless speculation setting measured per device class: what `spec_profile: device`
+# gives the spec_* fields a config leaves unset (docs/benchmarks.md, "How the defaults were
+# chosen"). On CPU every verified token costs compute, so blocks are cut where the drafter is
+# unsure, a miss cools a sequence down, and batches above 2 decode plain. No GPU has been measured
+# yet: CUDA keeps z-lab's published setting, where a longer verify costs next to nothing.
+DEVICE_SPEC_DEFAULTS = {
+    "cpu": {"spec_min_confidence": 0.1, "spec_max_batch": 2, "spec_reject_cooldown": 1},
+    "cuda": WHOLE_BLOCK,
+}
+
+
+def spec_defaults(device: str, profile: str) -> dict:
+    """The spec_* values `profile` gives a config on `device` (unset fields only)."""
+    if profile == "whole_block":
+        return WHOLE_BLOCK
+    return DEVICE_SPEC_DEFAULTS.get(device.split(":")[0], WHOLE_BLOCK)
+
 
 class EngineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -13,6 +32,13 @@ class EngineConfig(BaseModel):
     target: str = Field(description="Hugging Face directory of the target (Qwen3 / Qwen3-MoE)")
     drafter: str | None = Field(None, description="z-lab DFlash drafter directory; None = plain")
     block_size: int | None = Field(None, description="verify block B; default: the drafter's")
+    spec_profile: Literal["device", "whole_block"] = Field(
+        "device",
+        description="where the spec_* settings below are not given: 'device' takes the fastest "
+        "lossless setting measured for the device (CPU: spec_min_confidence 0.1, "
+        "spec_max_batch 2, spec_reject_cooldown 1; CUDA: the whole block), 'whole_block' "
+        "z-lab's reference behaviour (0, no limit, 0)",
+    )
     spec_min_confidence: float = Field(
         0.0,
         ge=0.0,
@@ -20,7 +46,7 @@ class EngineConfig(BaseModel):
         description="verify drafts only while the drafter's probability of the draft prefix "
         "stays >= this (lossless at any value); 0 verifies the whole block, right on GPUs where "
         "a longer verify costs next to nothing; on CPU every verified token costs compute and "
-        "~0.1 pays (the demo config)",
+        "~0.1 pays; default from spec_profile",
     )
     spec_max_batch: int | Literal["auto"] | None = Field(
         None,
@@ -31,7 +57,8 @@ class EngineConfig(BaseModel):
         "greedy output and the sampling distribution stay exact, but which kind runs depends "
         "on timing and the two draw different random numbers, so a seeded sampled request can "
         "give other text from run to run; a fixed limit too, when the number of requests "
-        "running decides whether its steps speculate",
+        "running decides whether its steps speculate; None: no limit; default from "
+        "spec_profile",
     )
     spec_reject_cooldown: int = Field(
         0,
@@ -39,7 +66,7 @@ class EngineConfig(BaseModel):
         description="after a verify step that rejected all of a sequence's drafts, it decodes "
         "plain for its next this-many steps that would speculate (lossless: the choice looks "
         "only at steps already done); acceptance comes in runs, so the step after a miss often "
-        "misses too",
+        "misses too; default from spec_profile",
     )
     stream_interval: int = Field(
         1,
@@ -88,6 +115,11 @@ class EngineConfig(BaseModel):
             raise ValueError(
                 "spec_min_confidence, spec_max_batch and spec_reject_cooldown need a drafter"
             )
+        if self.drafter is not None:
+            given = set(self.model_fields_set)
+            for name, value in spec_defaults(self.device, self.spec_profile).items():
+                if name not in given:
+                    setattr(self, name, value)
         if self.block_size is not None and self.drafter is not None and self.block_size < 2:
             raise ValueError(f"block_size={self.block_size} must be >= 2 with a drafter")
         if self.executor == "local" and (self.num_target_shards != 1 or self.cluster):

@@ -15,6 +15,10 @@ os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# z-lab's whole block, verified at any batch size (the tests count on it; the device defaults
+# have tests of their own)
+WHOLE = {"spec_profile": "whole_block"}
+
 torch.set_num_threads(1)
 
 VOCAB = 32  # small on purpose: random drafters then match the target now and then
@@ -104,12 +108,12 @@ def llms(tiny):
         "plain": LLM(tiny["moe"]),
         # fp32 drafters: which of the random drafter's drafts get accepted, which some tests
         # count on, does not then depend on the machine's bf16 GEMM ("auto" is per machine)
-        "dflash": LLM(tiny["moe"], tiny["drafter"], drafter_dtype="float32"),
+        "dflash": LLM(tiny["moe"], tiny["drafter"], drafter_dtype="float32", **WHOLE),
         # a bf16 drafter beside the fp32 target (what "auto" picks on a CPU with native bf16)
-        "dflash_bf16": LLM(tiny["moe"], tiny["drafter"], drafter_dtype="bfloat16"),
+        "dflash_bf16": LLM(tiny["moe"], tiny["drafter"], drafter_dtype="bfloat16", **WHOLE),
         # proposes only the drafts the (random) drafter is confident in: mostly 0-2 of 7
         "dflash_cut": LLM(tiny["moe"], tiny["drafter"], spec_min_confidence=0.02,
-                          drafter_dtype="float32"),
+                          drafter_dtype="float32", **WHOLE),
     }
 
 

@@ -12,6 +12,7 @@ from dflash_ray.cli import main
 def test_bench_writes_json_fields_and_plots(tiny, tmp_path, capsys):
     out = tmp_path / "bench"
     code = main(["bench", "--target", tiny["moe"], "--drafter", tiny["drafter"],
+                 "--spec-profile", "whole_block",
                  "--num-prompts", "4", "--concurrency", "1", "4", "--max-tokens", "16",
                  "--rounds", "2", "--out", str(out)])
     assert code == 0
@@ -38,6 +39,7 @@ def test_bench_writes_json_fields_and_plots(tiny, tmp_path, capsys):
 
 def test_generate_json(tiny, capsys):
     assert main(["generate", "--target", tiny["moe"], "--drafter", tiny["drafter"],
+                 "--spec-profile", "whole_block",
                  "--prompt-ids", "1,2,3", "--max-tokens", "9", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert len(out["token_ids"]) == 9 and out["finish_reason"] == "length"
@@ -48,13 +50,15 @@ def test_bad_values_exit_with_a_message(tiny, capsys):
     assert main(["generate", "--target", tiny["moe"], "--prompt-ids", "1", "--top-p", "0"]) == 2
     assert "top_p" in capsys.readouterr().err
     assert main(["bench", "--target", tiny["moe"], "--drafter", tiny["drafter"],
+                 "--spec-profile", "whole_block",
                  "--num-prompts", "1", "--rounds", "0"]) == 2
     assert "rounds must be >= 1, got 0" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
         main(["bench", "--target", tiny["moe"], "--drafter", tiny["drafter"],
+                 "--spec-profile", "whole_block",
               "--spec-max-batch", "lots"])
     assert exc.value.code == 2
-    assert "expected an integer or 'auto', got 'lots'" in capsys.readouterr().err
+    assert "expected an integer, 'auto' or 'none', got 'lots'" in capsys.readouterr().err
 
 
 def test_step_costs_counts_experts_and_restores_the_router(tiny, tmp_path):

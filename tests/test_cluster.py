@@ -27,22 +27,14 @@ pytestmark = pytest.mark.timeout(120)
 
 PROMPTS = [[(5 * i + j) % 30 for j in range(1 + 4 * i)] for i in range(6)]  # lengths 1..21
 GREEDY = SamplingParams(max_tokens=40)
+WHOLE = {"spec_profile": "whole_block"}  # the shared llms' setting
 
 
 def ray_engine(target: str, drafter: str | None, shards: int, **spec) -> Engine:
-    rc = WorkerConfig(
-        target=target,
-        drafter=drafter,
-        num_kv_blocks=96,
-        spec_min_confidence=spec.get("spec_min_confidence", 0.0),
-        drafter_dtype=spec.get("drafter_dtype", "auto"),
-    )
-    return Engine(
-        EngineConfig(
-            target=target, drafter=drafter, executor="ray", num_target_shards=shards, **spec
-        ),
-        executor=RayExecutor(rc, shards),
-    )
+    """A Ray-executor engine; z-lab's whole block unless `spec` says otherwise (as `LLM` below)."""
+    config = EngineConfig(target=target, drafter=drafter, executor="ray",
+                          num_target_shards=shards, num_kv_blocks=96, **(WHOLE | spec))
+    return Engine(config, executor=RayExecutor(WorkerConfig.from_engine(config), shards))
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +106,8 @@ def test_cut_blocks_and_plain_steps_cross_the_actors_like_in_process(
     finally:
         engine.shutdown()
     assert context_only, "no context-only drafter pass crossed to the actor"
-    want = LLM(tiny["moe"], tiny["drafter"], **spec).generate(prompts, params, use_tqdm=False)
+    want = LLM(tiny["moe"], tiny["drafter"], **WHOLE, **spec).generate(prompts, params,
+                                                                     use_tqdm=False)
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
     assert [o.acceptance_lengths for o in got] == [o.acceptance_lengths for o in want]
     spec_stats = engine.stats().counters.spec
@@ -288,7 +281,8 @@ def test_gpu_drafter_and_shard_match_cpu(ray_cluster, tiny, llms, gpus_per_actor
     executor = RayExecutor(rc, 1, num_gpus_per_actor=gpus_per_actor)
     assert executor.backend == ("nccl" if gpus_per_actor == 1 else "gloo")
     engine = Engine(
-        EngineConfig(target=tiny["moe"], drafter=tiny["drafter"], device="cuda"), executor=executor
+        EngineConfig(target=tiny["moe"], drafter=tiny["drafter"], device="cuda", **WHOLE),
+        executor=executor
     )
     try:
         got = generate(engine, PROMPTS, GREEDY)
@@ -320,7 +314,8 @@ def record_steps(engine: Engine) -> list[dict]:
 def test_ray_and_in_process_steps_run_the_same_worker_methods(sharded, tiny):
     """One orchestration: the steps of the same requests run the same worker methods in the
     same order in one process and across the actors (Ray adds only the channel's transfers)."""
-    local = LLM(tiny["moe"], tiny["drafter"], drafter_dtype="float32").engine
+    local = LLM(tiny["moe"], tiny["drafter"], drafter_dtype="float32",
+                spec_profile="whole_block").engine
     params = [GREEDY, SamplingParams(max_tokens=40, temperature=0.8, seed=5)]
     ran = {}
     for name, engine in (("local", local), ("ray", sharded)):

@@ -8,6 +8,7 @@ import torch
 
 from dflash_ray import LLM, SamplingParams, demo_pair
 from dflash_ray.benchmark.prompts import bench_prompts
+from dflash_ray.config import spec_defaults
 
 
 @pytest.fixture(scope="module")
@@ -29,16 +30,25 @@ def test_target_loads_with_transformers_and_matches_our_logits(pair):
     assert rel_err(got[0], want) < 1e-5
 
 
-def test_greedy_dflash_equals_plain_and_drafts_are_accepted(pair):
+def test_default_settings_are_lossless_and_drafts_are_accepted(pair):
+    """What `LLM(target, drafter)` does without flags (the device's measured defaults; on CPU
+    cut blocks, a cooldown, plain decoding above 2 running) equals plain decoding, with six
+    requests at once (plain steps) and with two (speculative steps)."""
     target, drafter = pair
     prompts = bench_prompts(target, 6)
     params = SamplingParams(max_tokens=64)
-    spec = LLM(target, drafter).generate(prompts, params, use_tqdm=False)
+    llm = LLM(target, drafter)
+    config = llm.engine.config
+    want = spec_defaults(config.device, "device")
+    assert {k: getattr(config, k) for k in want} == want
+    spec = llm.generate(prompts, params, use_tqdm=False)
+    pair_spec = llm.generate(prompts[:2], params, use_tqdm=False)
     plain = LLM(target).generate(prompts, params, use_tqdm=False)
     assert [o.token_ids for o in spec] == [o.token_ids for o in plain]
-    taus = [t for o in spec for t in o.acceptance_lengths]
+    assert [o.token_ids for o in pair_spec] == [o.token_ids for o in plain[:2]]
+    taus = [t for o in pair_spec for t in o.acceptance_lengths]
     # A broken or untrained drafter gives tau = 1.0; the shipped one is well above 2 here.
-    assert sum(taus) / len(taus) > 2.0, taus
+    assert taus and sum(taus) / len(taus) > 2.0, taus
     assert spec[0].text and spec[0].text == plain[0].text
 
 

@@ -76,6 +76,8 @@ def test_preemption_preserves_output(tiny, drafter):
     prompts = [[(3 * i + j) % 30 for j in range(5 + i)] for i in range(6)]
     params = SamplingParams(max_tokens=60)
     kw = dict(target=tiny["moe"], drafter=tiny["drafter"] if drafter else None)
+    if drafter:
+        kw["spec_profile"] = "whole_block"  # every step speculates, whatever the batch
     roomy = LLM(**kw).generate(prompts, params, use_tqdm=False)
     # 4 positions per block, 40 blocks: six sequences of up to 75 tokens cannot all fit
     tight_llm = LLM(**kw, kv_block_len=4, num_kv_blocks=40)
@@ -273,7 +275,7 @@ def test_one_acceptance_length_for_requests_engine_and_listeners(tiny):
     """Requests' speculation stats add up exactly to the engine's counters and to what the
     step listeners saw, with one definition: tokens committed per verify step with drafts."""
     engine = LLM(tiny["moe"], tiny["drafter"], drafter_dtype="float32",
-                 spec_min_confidence=0.02).engine
+                 spec_min_confidence=0.02, spec_profile="whole_block").engine
     steps = []
     engine.add_listener(steps.append)
     before = engine.stats().counters
@@ -326,7 +328,8 @@ def test_a_failing_listener_never_fails_a_request(tiny, caplog):
 def test_workers_forget_finished_and_aborted_requests_when_the_engine_goes_idle(tiny):
     """Finished and aborted requests reach the workers with the next step, or at once when
     the engine goes idle: the target's pending features never outlive their request."""
-    llm = LLM(tiny["moe"], tiny["drafter"], drafter_dtype="float32")
+    llm = LLM(tiny["moe"], tiny["drafter"], drafter_dtype="float32",
+              spec_profile="whole_block")
     engine = llm.engine
     pending = engine.executor.target._pending._parts
     ended = []

@@ -78,7 +78,8 @@ def test_exporter_counts_what_the_outputs_say(tiny):
     from dflash_ray.metrics.exporter import Exporter
     from dflash_ray.metrics.prometheus import PrometheusBackend
 
-    llm = LLM(tiny["moe"], tiny["drafter"], drafter_dtype="float32", kv_block_len=4,
+    llm = LLM(tiny["moe"], tiny["drafter"], drafter_dtype="float32", spec_profile="whole_block",
+              kv_block_len=4,
               num_kv_blocks=40)
     backend = PrometheusBackend()
     exporter = Exporter(backend, "tiny")
@@ -118,7 +119,8 @@ def app(ray_cluster, tiny, tmp_path_factory):
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"model_name": "tiny", "engine": {"target": str(d),
-                                                          "drafter": tiny["drafter"]}}),
+                                                          "drafter": tiny["drafter"],
+                                                          "spec_profile": "whole_block"}}),
               name="metrics", route_prefix="/", blocking=False)
     base = f"http://127.0.0.1:{port}"
     wait_healthy(base)

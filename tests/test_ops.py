@@ -16,7 +16,7 @@ from dflash_ray.ops import OPS, REFERENCE, override
 def test_model_code_calls_every_hot_op_through_the_registry(tiny):
     """Swap every op for a counting wrapper: a DFlash engine's steps (target prefill and
     verify, drafter context intake and block pass) must call each one."""
-    llm = LLM(tiny["moe"], tiny["drafter"], drafter_dtype="float32")
+    llm = LLM(tiny["moe"], tiny["drafter"], drafter_dtype="float32", spec_profile="whole_block")
     calls: Counter = Counter()
 
     def counting(name, impl):

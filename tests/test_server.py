@@ -18,6 +18,8 @@ from .test_engine import add_char_tokenizer
 
 pytestmark = pytest.mark.timeout(240)
 AUTH = {"Authorization": "Bearer sekret"}
+# whole blocks: the tiny random drafter is never confident enough for the CPU defaults' cut
+WHOLE = {"spec_profile": "whole_block"}
 
 
 def free_port() -> int:
@@ -55,7 +57,7 @@ def served(ray_cluster, text_models):
     target, drafter = text_models
     app = build_app({
         "model_name": "tiny",
-        "engine": {"target": target, "drafter": drafter, "max_model_len": 512},
+        "engine": {"target": target, "drafter": drafter, "max_model_len": 512, **WHOLE},
         "ingress": {"max_body_bytes": 4096, "request_timeout_s": 30},
     })
     serve.run(app, name="dflash", route_prefix="/", blocking=False)
@@ -69,7 +71,7 @@ def test_openai_client_completions_and_chat_equal_offline(served, text_models):
     import openai
 
     client = openai.OpenAI(base_url=f"{served}/v1", api_key="unused")
-    llm = LLM(*text_models)
+    llm = LLM(*text_models, **WHOLE)
     want = llm.generate("hello world", SamplingParams(max_tokens=24), use_tqdm=False)[0]
 
     got = client.completions.create(model="tiny", prompt="hello world", max_tokens=24,
@@ -109,7 +111,7 @@ def test_openai_client_completions_and_chat_equal_offline(served, text_models):
 
 
 def test_concurrent_streams_share_engine_steps(served, text_models):
-    llm = LLM(*text_models)
+    llm = LLM(*text_models, **WHOLE)
     prompts = [f"req {i} " + "ab" * i for i in range(16)]
     want = [o.text for o in llm.generate(prompts, SamplingParams(max_tokens=20),
                                           use_tqdm=False)]
@@ -194,7 +196,8 @@ def tight(served, text_models):
 
     target, drafter = text_models
     app = build_app({"model_name": "tiny", "max_pending": 1,
-                     "engine": {"target": target, "drafter": drafter, "max_model_len": 512},
+                     "engine": {"target": target, "drafter": drafter, "max_model_len": 512,
+                                **WHOLE},
                      "ingress": {"request_timeout_s": 0.3, "api_key": "sekret"}})
     serve.run(app, name="tight", route_prefix="/tight", blocking=False)
     base = f"{served}/tight"

@@ -13,6 +13,10 @@ import torch
 from dflash_ray import LLM, SamplingParams
 from dflash_ray.spec_decode import processed_probs, rejection_accept
 
+# z-lab's whole block, verified at any batch size (the tests count on it; the device defaults
+# have tests of their own)
+WHOLE = {"spec_profile": "whole_block"}
+
 PROMPTS = [[(7 * i + j) % 30 for j in range(1 + 3 * i)] for i in range(10)]  # lengths 1..28
 
 
@@ -119,7 +123,8 @@ def test_spec_max_batch_decodes_plain_above_the_limit_and_resumes(tiny, llms):
     params = SamplingParams(max_tokens=40)
     # fp32 drafter: the random drafter's few accepted drafts (checked last) are those of this
     # dtype's rounding; a bf16 one accepts none of them on these prompts
-    engine = LLM(tiny["moe"], tiny["drafter"], spec_max_batch=3, drafter_dtype="float32").engine
+    engine = LLM(tiny["moe"], tiny["drafter"], spec_max_batch=3, drafter_dtype="float32",
+                 **WHOLE).engine
     seen = []  # (decodes in the step, any block with drafts)
     execute = engine.executor.execute
 
@@ -147,7 +152,7 @@ def test_plain_stretch_skips_the_drafter_until_context_piles_up(tiny, llms, monk
     limit = 60
     monkeypatch.setattr(scheduler_module, "MAX_WAITING_CONTEXT", limit)
     params = SamplingParams(max_tokens=150)
-    engine = LLM(tiny["moe"], tiny["drafter"], spec_max_batch=0).engine
+    engine = LLM(tiny["moe"], tiny["drafter"], spec_max_batch=0, **WHOLE).engine
     worker = engine.executor.drafter
     passes = []  # per pass: the rows each running sequence brought
     draft = worker.draft
@@ -204,7 +209,7 @@ def blocks_after_misses(steps, n) -> tuple[list[int], list[int]]:
 @pytest.mark.parametrize("cooldown", [1, 2])
 def test_reject_cooldown_decodes_plain_after_a_miss_and_stays_lossless(tiny, llms, cooldown):
     params = SamplingParams(max_tokens=40)
-    engine = LLM(tiny["moe"], tiny["drafter"], spec_reject_cooldown=cooldown).engine
+    engine = LLM(tiny["moe"], tiny["drafter"], spec_reject_cooldown=cooldown, **WHOLE).engine
     steps = spy_blocks(engine)
     out = run_staggered(engine, PROMPTS, params)
     plain = llms["plain"].generate(PROMPTS, params, use_tqdm=False)
@@ -321,7 +326,7 @@ def test_reject_cooldown_keeps_sampling_exact(tiny):
     """The cooldown looks only at steps already done, so each verify step still samples from
     the target: the first three tokens' marginals match it (the third is where a cooldown after
     the first verify step acts)."""
-    llm = LLM(tiny["moe"], tiny["drafter"], spec_reject_cooldown=1)
+    llm = LLM(tiny["moe"], tiny["drafter"], spec_reject_cooldown=1, **WHOLE)
     steps = spy_blocks(llm.engine)
     prompt, n = [4, 8, 15, 16, 23], 3000
     params = [SamplingParams(max_tokens=3, temperature=0.7, top_k=8, top_p=0.9, seed=2000 + i)
@@ -335,7 +340,7 @@ def test_rollback_of_a_rejected_block_is_one_explicit_commit(tiny):
     """After every verify the target worker commits its caches once, with per decode the
     positions verified (bonus + proposed) and kept (committed tokens): the rejected rest is
     rolled back by that call, not by a side effect."""
-    engine = LLM(tiny["moe"], tiny["drafter"], drafter_dtype="float32").engine
+    engine = LLM(tiny["moe"], tiny["drafter"], drafter_dtype="float32", **WHOLE).engine
     cache = engine.executor.target.cache
     commits, results = [], []
     commit, execute = cache.commit, engine.executor.execute

@@ -99,8 +99,9 @@ def test_auto_engine_is_lossless_and_measures_both_kinds(tiny, max_num_seqs):
     params = SamplingParams(max_tokens=60, temperature=0.0)
     prompts = [[1 + i, 2, 3 + i] for i in range(6)]
     outs = {}
-    for name, kw in (("plain", {}), ("auto", {"drafter": tiny["drafter"], "spec_max_batch": "auto",
-                                              "spec_reject_cooldown": 1})):
+    auto = {"drafter": tiny["drafter"], "spec_max_batch": "auto", "spec_reject_cooldown": 1,
+            "spec_profile": "whole_block"}  # whole blocks: the random drafter is never confident
+    for name, kw in (("plain", {}), ("auto", auto)):
         e = make_engine(EngineConfig(target=tiny["moe"], max_num_seqs=max_num_seqs, **kw))
         rids = [e.add_request(p, params) for p in prompts]
         outs[name] = [o.token_ids for o in e.run_until_finished(rids)]
@@ -119,7 +120,7 @@ def test_model_server_stats_report_what_auto_measured(tiny):
     from dflash_ray.server.model_server import ModelServer
 
     server = ModelServer({"target": tiny["moe"], "drafter": tiny["drafter"],
-                          "spec_max_batch": "auto"}, "tiny")
+                          "spec_max_batch": "auto", "spec_profile": "whole_block"}, "tiny")
     e = server.engine
     e.run_until_finished([e.add_request([1, 2, 3 + i], SamplingParams(max_tokens=30))
                           for i in range(3)])

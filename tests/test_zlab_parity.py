@@ -30,7 +30,8 @@ def setup(request, tiny, tmp_path_factory):
     ref_target = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).eval()
     ref_drafter = zlab.DFlashDraftModel.from_pretrained(drafter, dtype=torch.float32).eval()
     # z-lab's reference runs in fp32: so does our drafter here (auto may pick bf16)
-    return LLM(target, drafter, drafter_dtype="float32"), ref_target, ref_drafter
+    llm = LLM(target, drafter, drafter_dtype="float32", spec_profile="whole_block")
+    return llm, ref_target, ref_drafter
 
 
 @pytest.mark.parametrize("max_tokens", [37, 64])
