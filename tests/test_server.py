@@ -65,6 +65,7 @@ def served(ray_cluster, text_models):
     wait_healthy(base)
     yield base
     serve.delete("dflash")
+    serve.shutdown()  # a later module's serve.start must get its own HTTP port
 
 
 def test_openai_client_completions_and_chat_equal_offline(served, text_models):
