@@ -96,6 +96,14 @@ class EngineConfig(BaseModel):
     kv_cache_gb: float | None = Field(
         None, gt=0, description="KV memory; default 85% of free GPU memory or 1 GiB on CPU"
     )
+    step_retries: int = Field(
+        2,
+        ge=0,
+        description="times a running request is recomputed from its committed tokens after "
+        "the workers were lost mid-step (executor=ray: a target shard died or hung past "
+        "cluster.step_timeout_s), as after a preemption, before it fails with the error; "
+        "0 fails it at once",
+    )
     executor: Literal["local", "ray"] = "local"
     num_target_shards: int = Field(1, ge=1, description="target shard actors (executor=ray)")
     cluster: dict = Field(

@@ -188,16 +188,38 @@ def test_drafter_killed_during_a_step(sharded, llms):
     assert ex.wait_for_drafter(60)
 
 
-def test_killed_target_shard_fails_the_step_fast_then_rebuilds(sharded, llms):
+def test_killed_target_shard_recomputes_the_running_requests_on_a_rebuilt_group(sharded, llms):
+    """A shard dies mid-run: the step fails within moments, the group is rebuilt, and the
+    running requests are recomputed from their committed tokens (as after a preemption), so
+    nothing is lost and the text is the one they would have had."""
     ex = sharded.executor
     ids = [sharded.add_request(p, GREEDY) for p in PROMPTS]
     sharded.step()
     sharded.step()
     ray.kill(ex.actors()["target shard 2"])  # the shard without attention
     start = time.monotonic()
-    with pytest.raises(StepError, match="target shard 2 failed"):
-        sharded.run_until_finished(ids)
-    assert time.monotonic() - start < 30
+    outs = sharded.run_until_finished(ids)
+    assert time.monotonic() - start < 90
+    want = llms["dflash"].generate(PROMPTS, GREEDY, use_tqdm=False)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in want]
+    assert all(o.finish_reason == "length" and o.metrics.num_preemptions >= 1 for o in outs)
+    assert sharded.blocks.num_free == sharded.blocks.num_blocks
+
+
+def test_killed_target_shard_without_retries_fails_the_step_fast_then_rebuilds(sharded, llms):
+    ex = sharded.executor
+    sharded.config.step_retries = 0
+    try:
+        ids = [sharded.add_request(p, GREEDY) for p in PROMPTS]
+        sharded.step()
+        sharded.step()
+        ray.kill(ex.actors()["target shard 1"])
+        start = time.monotonic()
+        with pytest.raises(StepError, match="target shard 1 failed"):
+            sharded.run_until_finished(ids)
+        assert time.monotonic() - start < 30
+    finally:
+        sharded.config.step_retries = 2
     assert sharded.blocks.num_free == sharded.blocks.num_blocks
     # the next requests rebuild the group and succeed
     again = generate(sharded, PROMPTS[:3], GREEDY)
@@ -206,8 +228,9 @@ def test_killed_target_shard_fails_the_step_fast_then_rebuilds(sharded, llms):
     assert [o.acceptance_lengths for o in again] == [o.acceptance_lengths for o in want]
 
 
-def test_hung_target_shard_times_out_then_rebuilds(sharded, llms):
-    """A shard that stops answering (SIGSTOP) fails the step at the step deadline."""
+def test_hung_target_shard_times_out_and_its_requests_are_recomputed(sharded, llms):
+    """A shard that stops answering (SIGSTOP) fails the step at the step deadline; the
+    running requests then finish on the rebuilt group with their own text."""
     ex = sharded.executor
     shard = ex.actors()["target shard 1"]
     pid = ray.get(shard.ready.remote())["pid"]
@@ -215,16 +238,13 @@ def test_hung_target_shard_times_out_then_rebuilds(sharded, llms):
     sharded.step()
     ex.cfg.step_timeout_s = 3.0
     os.kill(pid, signal.SIGSTOP)  # the executor's teardown SIGKILLs it
-    start = time.monotonic()
     try:
-        with pytest.raises(StepError, match=r"timed out after 3 s waiting for .*target shard 1"):
-            sharded.run_until_finished(ids)
+        outs = sharded.run_until_finished(ids)
     finally:
         ex.cfg.step_timeout_s = 30.0
-    assert time.monotonic() - start < 10
-    again = generate(sharded, PROMPTS[:2], GREEDY)
     want = llms["dflash"].generate(PROMPTS[:2], GREEDY, use_tqdm=False)
-    assert [o.token_ids for o in again] == [o.token_ids for o in want]
+    assert [o.token_ids for o in outs] == [o.token_ids for o in want]
+    assert all(o.metrics.num_preemptions >= 1 for o in outs)
 
 
 def test_plain_decoding_one_shard(ray_cluster, tiny, llms):

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import ray
 from ray.util.placement_group import remove_placement_group
 
-from ..core.step_io import ExecutorInfo, StepBatch, StepResult
+from ..core.step_io import ExecutorInfo, StepBatch, StepResult, WorkersLost
 from ..models.hf_config import TargetConfig
 from ..worker.caches import plan_cache
 from ..worker.worker_config import ModelSpec, WorkerConfig
@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 MAX_DRAFTER_RESTARTS = 3  # in a row without a successful start; then decoding stays plain
 
 
-class StepError(RuntimeError):
+class StepError(WorkersLost):
     """A target shard failed or a step timed out; the executor rebuilds on its next call."""
 
 

@@ -29,7 +29,7 @@ from .sequence import Sequence
 from .serving import Serving
 from .spec_policy import make_policy
 from .stats import EngineSnapshot, EngineStats, Listeners, StepStats, copy_stats
-from .step_io import Executor, SamplingSpec, SeqResult, StepBatch, StepResult
+from .step_io import Executor, SamplingSpec, SeqResult, StepBatch, StepResult, WorkersLost
 from .stopping import commit_tokens
 from .streams import Streams
 from .tokenizer import Tokenizer
@@ -182,9 +182,38 @@ class Engine(Serving):
             if released is not None:  # nothing to run: let the workers forget finished ones
                 self._release(released)
                 return []
-            result = self._guarded(self.executor.execute, batch)
+            try:
+                result = self.executor.execute(batch)
+            except WorkersLost as exc:
+                self._recompute_running(exc)
+                return []
+            except Exception as exc:
+                self._fail_all(exc)
+                raise
             with self._lock:
                 return self._finish_step(start, sched, batch, result)
+
+    def _recompute_running(self, exc: WorkersLost) -> None:
+        """The workers lost this step and every running sequence's caches with it: each goes
+        back to the head of the queue to be prefilled again from its committed tokens (the
+        rebuilt workers know nothing of it), or fails with `exc` once it has been recomputed
+        `step_retries` times."""
+        with self._lock:
+            self._released.clear()  # the workers that held them are gone
+            now, failed = time.monotonic(), []
+            requeued = self.scheduler.requeue_running()
+            self._stats.num_preemptions += len(requeued)
+            for seq in requeued:
+                seq.num_recomputes += 1
+                if seq.num_recomputes > self.config.step_retries:
+                    rid = self._rid_of[seq.seq_id]
+                    self._finish(seq, "error", now)
+                    failed.append(self._output(rid, seq, [], ""))
+                    self._fail_request(rid, exc)
+            self._listeners.outputs(failed)
+        log.warning("the workers were lost during a step (%s): %d running request(s) will be "
+                    "recomputed, %d failed after %d recompute(s)", exc,
+                    len(requeued) - len(failed), len(failed), self.config.step_retries)
 
     def _finish_step(self, start: float, sched: SchedulerOutput, batch: StepBatch,
                      result: StepResult) -> list[RequestOutput]:
@@ -353,12 +382,17 @@ class Engine(Serving):
                 if not seq.finished:
                     self._finish(seq, "error", now)
                     failed.append(self._output(rid, seq, [], ""))
-                if rid in self._sync_waiting:
-                    self._errors[rid] = exc
-                    self._wake.notify_all()
-                self._streams.post(rid, exc)
-                self._forget(rid)
+                self._fail_request(rid, exc)
             self._listeners.outputs(failed)
+
+    def _fail_request(self, rid: str, exc: Exception) -> None:
+        """Hand `exc` to whoever waits on request `rid` (a blocked caller, its stream) and forget
+        it (under the lock; the request is finished already)."""
+        if rid in self._sync_waiting:
+            self._errors[rid] = exc
+            self._wake.notify_all()
+        self._streams.post(rid, exc)
+        self._forget(rid)
 
     def shutdown(self) -> None:
         with self._wake:

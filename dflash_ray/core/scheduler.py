@@ -139,6 +139,14 @@ class Scheduler:
             budget -= n
         return out
 
+    def requeue_running(self) -> list[Sequence]:
+        """Preempt every running sequence (its workers' state is gone); returns them, now at
+        the head of the waiting queue in their running order."""
+        requeued = list(self.running)
+        for seq in reversed(requeued):
+            self._preempt(seq)
+        return requeued
+
     def _preempt(self, seq: Sequence) -> None:
         """Drop a running sequence's KV and state; it recomputes from its tokens when readmitted
         first."""

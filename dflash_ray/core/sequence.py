@@ -45,6 +45,8 @@ class Sequence:
     num_accepted_tokens: int = 0  # accepted drafts that were committed
     # steps left decoding plain (q = 1) after a verify step rejected all its drafts
     draft_cooldown: int = 0
+    # times it was recomputed after the workers were lost mid-step (EngineConfig.step_retries)
+    num_recomputes: int = 0
     # detokenizer state (owned by `stopping`)
     text: str = ""
     text_sent: int = 0  # characters of text handed out (the rest may still hold a stop string)

@@ -12,6 +12,13 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 
+class WorkersLost(RuntimeError):
+    """The executor lost its workers' state during a step (executor=ray: a target shard died or
+    the step passed its deadline). Nothing of the step was committed and the executor rebuilds
+    its workers on its next call, so the engine can recompute the running sequences from their
+    committed tokens, as after a preemption (`EngineConfig.step_retries`)."""
+
+
 @dataclass(slots=True, frozen=True)
 class SamplingSpec:
     """What the workers need of a request's SamplingParams, built once at admission. `seed` is
