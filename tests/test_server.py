@@ -1,12 +1,16 @@
-"""The Serve app over real HTTP: the unmodified openai client, bad input, overload, disconnect."""
+"""The Serve app over real HTTP: the unmodified openai client, bad input, overload, disconnect;
+and the same ingress over a model server in this process, where a test can fail the engine or
+hold the model server back."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
+import logging
 import shutil
 import socket
+import threading
 import time
 
 import httpx
@@ -137,6 +141,15 @@ def test_concurrent_streams_share_engine_steps(served, text_models):
     assert stats["max_batch_size"] > 1 and 0 < stats["spec_steps"] <= stats["num_steps"]
 
 
+def openai_error(r: httpx.Response, status: int) -> dict:
+    """The body of an error response: OpenAI's shape, a request id, no traceback."""
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert {"message", "type", "param", "code"} <= set(err) and err["message"], err
+    assert err["request_id"] and "Traceback" not in err["message"], err
+    return err
+
+
 @pytest.mark.parametrize(
     "body,status,field",
     [
@@ -146,21 +159,100 @@ def test_concurrent_streams_share_engine_steps(served, text_models):
         ({"prompt": "hi", "temperature": -1}, 400, "temperature"),
         ({"prompt": "hi", "top_p": 2}, 400, "top_p"),
         ({"prompt": "hi", "model": "gpt-9"}, 404, "model"),
-        ({"prompt": "x" * 600, "max_tokens": 4}, 400, "prompt"),
+        ({"prompt": "x" * 600, "max_tokens": 4}, 400, "prompt"),  # alone over max_model_len
+        ({"prompt": "x" * 500, "max_tokens": 100}, 400, "max_tokens"),  # fits, 500+100 not
         ({"prompt": ""}, 400, "prompt"),
         ({"prompt": "hi", "logprobs": 3}, 400, "logprobs"),
         ({"prompt": "y" * 5000}, 413, None),
+        ({"prompt": "\ud800"}, 400, "prompt"),  # a lone surrogate: the tokenizer raised
+        ({"prompt": "\ud800", "stream": True}, 400, "prompt"),
+        ({"prompt": [True, False]}, 400, "prompt"),  # booleans are not token ids
+        ({"prompt": "hi", "seed": "7"}, 400, "seed"),
+        ({"prompt": "hi", "ignore_eos": "yes"}, 400, "ignore_eos"),
+        ({"prompt": "hi", "stream_options": {"include_usage": True}}, 400, "stream_options"),
+        ({"prompt": "hi", "presence_penalty": 0.5}, 400, "presence_penalty"),
+        ({"prompt": "hi", "frequency_penalty": 1}, 400, "frequency_penalty"),
+        ({"prompt": "hi", "repetition_penalty": 1.2}, 400, "repetition_penalty"),
+        ({"prompt": "hi", "min_tokens": 2}, 400, "min_tokens"),
+        ({"prompt": "hi", "echo": True}, 400, "echo"),
+        ({"prompt": "hi", "max_token": 3}, 400, "max_token"),  # unknown: refused, not ignored
+        ({"prompt": "hi", "stop": ["\udfff"]}, 400, "stop[0]"),
     ],
 )
 def test_bad_input_is_rejected_naming_the_field(served, body, status, field):
     content = body if isinstance(body, str) else json.dumps(body)
     r = httpx.post(f"{served}/v1/completions", content=content,
                    headers={"content-type": "application/json"}, timeout=30)
-    assert r.status_code == status, r.text
-    err = r.json()["error"]
-    assert err["message"]
+    err = openai_error(r, status)
     if field is not None:
-        assert err["param"] == field or field in err["message"]
+        assert err["param"] == field and field.split("[")[0] in err["message"], err
+
+
+@pytest.mark.parametrize(
+    "extra,field,says",
+    [
+        ({"messages": [{"role": "user", "content": "a\ud800"}]}, "messages[0].content",
+         "surrogate"),
+        ({"messages": [{"role": "user", "content": [{"type": "text", "text": "\ud800"}]}],
+          "stream": True}, "messages[0].content[0].text", "surrogate"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+         "messages[0].content[0].type", "image_url"),  # was dropped without a word
+        ({"max_completion_tokens": 3, "max_tokens": 5}, "max_completion_tokens", "disagree"),
+        # the prompt fits, the prompt + the budget does not: named as the request named it
+        ({"max_completion_tokens": 505}, "max_completion_tokens", "max_completion_tokens (505)"),
+        ({"max_tokens": 505}, "max_tokens", "max_tokens (505)"),
+        ({"messages": [{"role": "user", "content": "x" * 600}]}, "messages", "messages ("),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "tools"),
+        ({"messages": [{"role": "user", "content": "hi", "name": "bob"}]}, "messages[0].name",
+         "unrecognized"),
+    ],
+)
+def test_bad_chat_input_is_rejected_naming_the_field(served, extra, field, says):
+    body = {"messages": [{"role": "user", "content": "hi"}]} | extra
+    r = httpx.post(f"{served}/v1/chat/completions", content=json.dumps(body),
+                   headers={"content-type": "application/json"}, timeout=30)
+    err = openai_error(r, 400)
+    assert err["param"] == field and says in err["message"], err
+    assert "prompt" not in err["message"], err  # a chat request has messages
+
+
+def test_max_completion_tokens_is_honoured(served):
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+    for route, body, want in [
+        ("chat/completions", chat | {"max_completion_tokens": 3}, 3),  # it was ignored: 64
+        ("chat/completions", chat | {"max_completion_tokens": 3, "max_tokens": 3}, 3),
+        ("chat/completions", chat | {"max_tokens": 4}, 4),
+        ("completions", {"prompt": "hi", "max_completion_tokens": 5}, 5),
+    ]:
+        r = httpx.post(f"{served}/v1/{route}", timeout=30,
+                       json=body | {"temperature": 0, "ignore_eos": True})
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] == want, (body, r.json()["usage"])
+
+
+@pytest.mark.parametrize(
+    "method,path,content,headers,status,says",
+    [
+        ("POST", "/v1/completions", b"", {"content-type": "application/json"}, 400, "empty"),
+        ("POST", "/v1/completions", b'{"prompt": "hi"}', {"content-type": "text/plain"}, 415,
+         "application/json"),
+        ("POST", "/v1/completions", b'{"prompt": "hi \xff"}',
+         {"content-type": "application/json"}, 400, "UTF-8"),
+        ("POST", "/v1/completions",
+         b'{"prompt": "hi", "logit_bias": ' + b"[" * 1900 + b"]" * 1900 + b"}",
+         {"content-type": "application/json"}, 400, "nested"),
+        ("POST", "/v1/completions", b"[1, 2]", {"content-type": "application/json"}, 400,
+         "JSON object"),
+        ("GET", "/v1/nothing", b"", {}, 404, "/v1/completions"),
+        ("GET", "/v1/completions", b"", {}, 405, "POST"),
+    ],
+    ids=["empty", "text/plain", "bad-utf8", "nested", "not-an-object", "no-route", "method"],
+)
+def test_bad_bodies_and_paths_get_openai_errors(served, method, path, content, headers,
+                                                status, says):
+    r = httpx.request(method, f"{served}{path}", content=content, headers=headers, timeout=30)
+    err = openai_error(r, status)
+    assert says in err["message"], err
 
 
 def test_nan_is_rejected(served):
@@ -257,6 +349,125 @@ def test_health_and_deep_health(served):
     assert httpx.get(f"{served}/health").json() == {"status": "ok"}
     deep = httpx.get(f"{served}/health/deep", timeout=60).json()
     assert deep["status"] == "ok" and deep["drafted"] is True
+
+
+class LocalBackend:
+    """The ingress's Backend over a ModelServer in this process: what the Serve handle reaches
+    in a replica, without Serve, so a test can hold the model server back or fail its engine."""
+
+    def __init__(self):
+        self.server = None
+
+    def generate(self, prompt, messages, params, request_id):
+        return self.server.generate(prompt, messages, params, request_id)
+
+    async def call(self, method):
+        while self.server is None:  # a Serve handle queues calls until a replica is up
+            await asyncio.sleep(0.05)
+        result = getattr(self.server, method)()
+        return await result if asyncio.iscoroutine(result) else result
+
+
+def model_server(text_models):
+    from dflash_ray.server.model_server import ModelServer
+
+    target, drafter = text_models
+    return ModelServer({"target": target, "drafter": drafter, "max_model_len": 512, **WHOLE},
+                       "tiny")
+
+
+@pytest.fixture(scope="module")
+def local():
+    """make_api over a LocalBackend whose model server is not there yet, served by uvicorn."""
+    import uvicorn
+
+    from dflash_ray.server.ingress import IngressSettings, make_api
+
+    backend = LocalBackend()
+    api = make_api(lambda: backend, IngressSettings(model_name="tiny", request_timeout_s=30))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(api, host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    yield backend, f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(10)
+    if backend.server is not None:
+        backend.server.engine.shutdown()
+
+
+def test_health_is_503_loading_until_the_model_server_is_ready(local, text_models, caplog):
+    backend, base = local
+    if backend.server is None:
+        r = httpx.get(f"{base}/health", timeout=10)
+        assert r.status_code == 503 and r.json()["status"] == "loading", r.text
+        with caplog.at_level(logging.INFO, logger="dflash_ray.server.model_server"):
+            backend.server = model_server(text_models)
+        ready = [rec.getMessage() for rec in caplog.records if "ready" in rec.getMessage()]
+        assert len(ready) == 1 and "'tiny'" in ready[0], ready  # one line, naming the model
+    assert httpx.get(f"{base}/health", timeout=10).json() == {"status": "ok"}
+
+
+def test_a_stream_failing_midway_ends_with_one_error_event_then_done(local, text_models,
+                                                                     monkeypatch):
+    backend, base = local
+    if backend.server is None:
+        backend.server = model_server(text_models)
+    executor = backend.server.engine.executor
+    execute, calls = executor.execute, []
+
+    def failing(batch):  # the 4th step fails, as a lost worker would
+        calls.append(batch)
+        if len(calls) == 4:
+            raise RuntimeError("injected: the target shard is gone\nTraceback (most recent...")
+        return execute(batch)
+
+    monkeypatch.setattr(executor, "execute", failing)
+    body = {"prompt": "abc", "max_tokens": 200, "temperature": 0, "ignore_eos": True,
+            "stream": True, "n": 2, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=30) as r:
+        assert r.status_code == 200
+        lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]", lines[-3:]
+    events = [json.loads(line[6:]) for line in lines[:-1]]
+    assert [e for e in events if "error" in e] == events[-1:]  # one, the last, no usage
+    err = events[-1]["error"]
+    assert err["type"] == "server_error" and err["code"] == 500 and err["request_id"], err
+    assert "the target shard is gone" in err["message"] and "Traceback" not in err["message"]
+    assert any(e.get("choices") for e in events[:-1])  # tokens streamed before it
+
+    calls.clear()  # without streaming: a 500 in OpenAI's shape
+    r = httpx.post(f"{base}/v1/completions", json=body | {"stream": False,
+                                                          "stream_options": None}, timeout=30)
+    assert openai_error(r, 500)["type"] == "server_error"
+
+
+def test_an_ingress_bug_is_a_500_with_a_request_id(local, monkeypatch):
+    backend, base = local
+
+    def broken(*args):
+        raise KeyError("a bug\nTraceback (most recent...")
+
+    monkeypatch.setattr(backend, "generate", broken)
+    r = httpx.post(f"{base}/v1/completions", json={"prompt": "hi"}, timeout=30,
+                   headers={"x-request-id": "req-42"})
+    err = openai_error(r, 500)
+    assert err["request_id"] == "req-42" and "req-42" in err["message"], err
+
+
+def test_the_engine_refuses_a_lone_surrogate_naming_the_prompt(local, text_models):
+    """Behind the edge's check, for the offline API too: the tokenizer raised a TypeError."""
+    from dflash_ray.core.sampling_params import InvalidRequest
+
+    backend, _ = local
+    if backend.server is None:
+        backend.server = model_server(text_models)
+    with pytest.raises(InvalidRequest, match="surrogate") as info:
+        backend.server.engine.add_request("a\ud800", SamplingParams(max_tokens=2))
+    assert info.value.field == "prompt"
 
 
 def test_generated_requests_never_get_a_server_error(served):

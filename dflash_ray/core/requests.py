@@ -13,6 +13,14 @@ def prompt_ids(prompt: str | list[int], tokenizer: Tokenizer | None, vocab_size:
             raise InvalidRequest(
                 "prompt is text but the target directory has no tokenizer.json", "prompt"
             )
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as exc:  # a lone surrogate ("\ud800" in JSON)
+            raise InvalidRequest(
+                f"prompt contains a lone UTF-16 surrogate {prompt[exc.start]!r} at character "
+                f"{exc.start}, which is no Unicode text; send valid Unicode",
+                "prompt",
+            ) from None
         ids = tokenizer.encode(prompt)
     else:
         ids = list(prompt)
@@ -31,12 +39,20 @@ def prompt_ids(prompt: str | list[int], tokenizer: Tokenizer | None, vocab_size:
 
 def check_fits(num_prompt: int, params: SamplingParams, max_model_len: int, num_blocks: int,
                blocks_needed: int) -> None:
-    """`blocks_needed`: KV blocks for the prompt, max_tokens and one verify block."""
+    """`blocks_needed`: KV blocks for the prompt, max_tokens and one verify block. The error
+    names the field to change: the prompt when it alone leaves no room for one token."""
+    if num_prompt >= max_model_len:
+        raise InvalidRequest(
+            f"prompt ({num_prompt} tokens) leaves no room to generate within the context "
+            f"length max_model_len={max_model_len}; shorten it",
+            "prompt",
+        )
     if num_prompt + params.max_tokens > max_model_len:
         raise InvalidRequest(
             f"prompt ({num_prompt} tokens) + max_tokens ({params.max_tokens}) exceeds the "
-            f"context length max_model_len={max_model_len}",
-            "prompt",
+            f"context length max_model_len={max_model_len}; max_tokens can be at most "
+            f"{max_model_len - num_prompt} here",
+            "max_tokens",
         )
     if blocks_needed > num_blocks:
         raise InvalidRequest(

@@ -6,6 +6,7 @@ Engine construction is data (`engine` args -> EngineConfig), so tests and YAMLs 
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -43,9 +44,20 @@ class AppArgs(BaseModel):
         return self
 
 
+def _log_through_serve() -> None:
+    """In a replica, dflash_ray's log records (the model server's "ready" line, request
+    failures with their tracebacks) go where Serve's own go: the replica's log file and the
+    console of `serve run`, with Serve's request ids. Without this only warnings reach stderr."""
+    ours, serves = logging.getLogger("dflash_ray"), logging.getLogger("ray.serve")
+    ours.handlers = list(serves.handlers)
+    ours.setLevel(logging.INFO)
+    ours.propagate = False
+
+
 @serve.deployment(name="DFlashServer", max_ongoing_requests=512)
 class DFlashServer(ModelServer):
     def __init__(self, engine_config: dict, model_name: str, max_pending: int, metrics: bool):
+        _log_through_serve()
         replica = serve.get_replica_context().replica_tag
         super().__init__(engine_config, model_name, max_pending,
                          RayBackend() if metrics else None, replica)
@@ -69,6 +81,7 @@ class HandleBackend:
 @serve.ingress()
 class Ingress:
     def __init__(self, server, settings: dict):
+        _log_through_serve()
         self.backend = HandleBackend(server)
         self.settings = IngressSettings(**settings)
 

@@ -1,9 +1,11 @@
 """The HTTP ingress: OpenAI-compatible routes, SSE streaming, errors in OpenAI's JSON shape.
 
-Owns HTTP concerns only: parsing and rejecting requests (400 naming the field, 413, 401),
-mapping failures to status codes (408 timeout, 503 + Retry-After overload), SSE framing, and
-cancelling the model-server stream when a client goes away. Generation is the model server's,
-reached through a `Backend` (a Serve deployment handle in production).
+Owns HTTP concerns only: parsing and rejecting requests (400 naming the field, 413, 415, 401,
+404), mapping failures to status codes (408 timeout, 503 + Retry-After overload, 503 while the
+model server loads, 500 with a request id and the traceback in the log), SSE framing (a failed
+stream ends with one error event, then [DONE]), and cancelling the model-server stream when a
+client goes away. Generation is the model server's, reached through a `Backend` (a Serve
+deployment handle in production).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import asyncio
 import contextlib
 import hmac
 import json
+import logging
 import os
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
@@ -20,11 +23,12 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
-from ray.serve.exceptions import BackPressureError
+from ray.serve.exceptions import BackPressureError, RequestCancelledError
+from starlette.exceptions import HTTPException
 
 from ..core.sampling_params import SamplingParams
+from .errors import APIError, body_parse_error, in_request_terms, validation_error
 from .protocol import (
-    APIError,
     ChatCompletionRequest,
     CompletionRequest,
     _SamplingFields,
@@ -33,6 +37,10 @@ from .protocol import (
     new_id,
     usage,
 )
+
+log = logging.getLogger(__name__)
+ROUTES = "POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health"
+LOADING_PROBE_S = 1.0  # how long /health waits for the model server before saying "loading"
 
 
 class IngressSettings(BaseModel):
@@ -51,8 +59,17 @@ class Backend(Protocol):
         """info / stats / deep_health on the model server."""
 
 
-def _error_response(err: APIError) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+def _error_response(err: APIError, request_id: str) -> JSONResponse:
+    return JSONResponse(err.body(request_id), status_code=err.status, headers=err.headers)
+
+
+def _request_id(request: Request) -> str:
+    """Serve's proxy puts its request id in `x-request-id` (the id its log lines carry); bare
+    FastAPI gets one made here."""
+    rid = getattr(request.state, "request_id", None)
+    if rid is None:
+        rid = request.state.request_id = request.headers.get("x-request-id") or new_id("req")
+    return rid
 
 
 def make_api(backend_factory, settings: IngressSettings) -> FastAPI:
@@ -60,39 +77,76 @@ def make_api(backend_factory, settings: IngressSettings) -> FastAPI:
     handle exists only inside the replica)."""
     api = FastAPI(title="dflash-ray", version="0.1.0")
     api_key = settings.api_key or os.environ.get("DFLASH_API_KEY") or None
+    model_ready = False  # once the model server has answered, /health stops asking it
 
     @api.middleware("http")
     async def guard(request: Request, call_next):
+        rid = _request_id(request)
         size = request.headers.get("content-length")
         if size is not None and size.isdigit() and int(size) > settings.max_body_bytes:
             return _error_response(APIError(413, f"request body of {size} bytes exceeds "
-                                                 f"{settings.max_body_bytes}", kind="too_large"))
+                                                 f"{settings.max_body_bytes}", kind="too_large"),
+                                   rid)
         path = request.url.path.removeprefix(request.scope.get("root_path", ""))
         if api_key and path.startswith("/v1/"):
             auth = request.headers.get("authorization", "")
             given = auth[7:] if auth.lower().startswith("bearer ") else ""
             if not hmac.compare_digest(given.encode(), api_key.encode()):
                 return _error_response(APIError(401, "invalid or missing API key",
-                                                kind="authentication_error"))
-        return await call_next(request)
+                                                kind="authentication_error"), rid)
+        try:
+            return await call_next(request)
+        except Exception:  # what no handler turned into an error response: a bug, logged
+            log.exception("request %s (%s %s) failed", rid, request.method, path)
+            return _error_response(APIError(500, f"internal server error; the server log has "
+                                                 f"the details under request id {rid}",
+                                            kind="server_error"), rid)
 
     @api.exception_handler(APIError)
     async def _api_error(request: Request, err: APIError):
-        return _error_response(err)
+        return _error_response(err, _request_id(request))
 
     @api.exception_handler(RequestValidationError)
     async def _invalid(request: Request, err: RequestValidationError):
-        first = err.errors()[0] if err.errors() else {}
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        if first.get("type") == "json_invalid":
-            return _error_response(APIError(400, "malformed JSON body", None))
-        field = ".".join(loc) or None
-        message = f"{field}: {first.get('msg', 'invalid value')}" if field else first.get(
-            "msg", "invalid request")
-        return _error_response(APIError(400, message, field))
+        model = ChatCompletionRequest if request.url.path.endswith("/chat/completions") \
+            else CompletionRequest
+        return _error_response(validation_error(
+            list(err.errors()), request.headers.get("content-type"), set(model.model_fields)),
+            _request_id(request))
+
+    @api.exception_handler(HTTPException)
+    async def _http_error(request: Request, err: HTTPException):
+        if err.status_code == 400:  # FastAPI could not parse the body; its cause says why
+            api_err = body_parse_error(err.__cause__)
+        elif err.status_code == 404:
+            api_err = APIError(404, f"no route {request.method} {request.url.path}; this "
+                                    f"server serves {ROUTES}", kind="not_found_error")
+        elif err.status_code == 405:
+            allow = (err.headers or {}).get("Allow", "?")
+            api_err = APIError(405, f"{request.method} is not allowed on {request.url.path} "
+                                    f"(allowed: {allow})", kind="method_not_allowed",
+                               headers=err.headers)
+        else:
+            api_err = APIError(err.status_code, str(err.detail), headers=err.headers)
+        return _error_response(api_err, _request_id(request))
 
     @api.get("/health")
-    async def health() -> dict:
+    async def health():
+        """503 "loading" until the model server has answered once. After that, replica
+        liveness is Serve's to check: asking the model server on every probe would queue the
+        probe behind generation and fail it under load."""
+        nonlocal model_ready
+        if not model_ready:
+            try:
+                await asyncio.wait_for(backend_factory().call("info"), LOADING_PROBE_S)
+            except Exception as exc:
+                loading = isinstance(exc, TimeoutError)
+                return JSONResponse(
+                    {"status": "loading" if loading else "unavailable",
+                     "message": "the model server is loading" if loading else
+                     f"the model server did not answer: {type(exc).__name__}"},
+                    status_code=503, headers={"Retry-After": "5"})
+            model_ready = True
         return {"status": "ok"}
 
     @api.get("/health/deep")
@@ -100,7 +154,9 @@ def make_api(backend_factory, settings: IngressSettings) -> FastAPI:
         try:
             return await asyncio.wait_for(backend_factory().call("deep_health"), 60)
         except Exception as exc:
-            raise APIError(503, f"deep health check failed: {exc}", kind="unhealthy") from exc
+            log.warning("deep health check failed", exc_info=exc)
+            raise APIError(503, f"deep health check failed: {type(exc).__name__}",
+                           kind="unhealthy") from exc
 
     @api.get("/stats")
     async def stats() -> dict:
@@ -112,15 +168,15 @@ def make_api(backend_factory, settings: IngressSettings) -> FastAPI:
                                             "owned_by": "dflash-ray"}]}
 
     @api.post("/v1/completions")
-    async def completions(req: CompletionRequest):
-        return await _serve(req, req.prompt_value(), None, chat=False)
+    async def completions(req: CompletionRequest, request: Request):
+        return await _serve(req, req.prompt_value(), None, False, _request_id(request))
 
     @api.post("/v1/chat/completions")
-    async def chat_completions(req: ChatCompletionRequest):
+    async def chat_completions(req: ChatCompletionRequest, request: Request):
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-        return await _serve(req, None, messages, chat=True)
+        return await _serve(req, None, messages, True, _request_id(request))
 
-    async def _serve(req: _SamplingFields, prompt, messages, chat: bool):
+    async def _serve(req: _SamplingFields, prompt, messages, chat: bool, request_id: str):
         if req.model not in (None, settings.model_name):
             raise APIError(404, f"model {req.model!r} does not exist; this server serves "
                                 f"{settings.model_name!r}", "model", kind="not_found_error")
@@ -128,10 +184,10 @@ def make_api(backend_factory, settings: IngressSettings) -> FastAPI:
         rid = new_id("chatcmpl" if chat else "cmpl")
         backend = backend_factory()
         streams = []
-        for i in range(req.n):
-            params = req.sampling_params(i)  # converted once, here at the edge
-            streams.append(_Stream(backend.generate(prompt, messages, params, f"{rid}-{i}")))
         try:
+            for i in range(req.n):
+                params = req.sampling_params(i)  # converted once, here at the edge
+                streams.append(_Stream(backend.generate(prompt, messages, params, f"{rid}-{i}")))
             # Wait for every choice's first output: request errors surface here, before any
             # byte of a 200 response is sent.
             await asyncio.wait_for(asyncio.gather(*(s.start() for s in streams)),
@@ -140,20 +196,16 @@ def make_api(backend_factory, settings: IngressSettings) -> FastAPI:
                 outs = await asyncio.wait_for(asyncio.gather(*(s.final() for s in streams)),
                                               settings.request_timeout_s)
                 return completion_body(rid, settings.model_name, outs, chat)
-        except TimeoutError as exc:
+        except BaseException as exc:
             await _close_all(streams)
-            raise APIError(408, f"request timed out after {settings.request_timeout_s}s",
-                           kind="timeout") from exc
-        except BackPressureError as exc:  # Serve's own queue (max_queued_requests) is full
-            await _close_all(streams)
-            raise APIError(503, f"server overloaded: {exc}", kind="overloaded",
-                           headers={"Retry-After": "1"}) from exc
-        except BaseException:
-            await _close_all(streams)
-            raise
+            failure = _as_http_error(exc, req, settings.request_timeout_s)
+            if failure is exc:
+                raise
+            raise failure from exc
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return StreamingResponse(
-            _sse(streams, rid, settings, chat, include_usage), media_type="text/event-stream")
+            _sse(streams, rid, request_id, settings, chat, include_usage),
+            media_type="text/event-stream")
 
     return api
 
@@ -167,11 +219,7 @@ class _Stream:
         self.last: dict | None = None
 
     async def start(self) -> None:
-        self._first = await self._agen.__anext__()
-        if "error" in self._first:
-            e = self._first["error"]
-            raise APIError(e["status"], e["message"], e.get("param"), e.get("type",
-                           "invalid_request_error"), e.get("headers"))
+        self._first = _raise_error(await self._agen.__anext__())
 
     async def items(self) -> AsyncIterator[dict]:
         item = self._first
@@ -180,7 +228,7 @@ class _Stream:
             yield item
             if item["finished"]:
                 return
-            item = await self._agen.__anext__()
+            item = _raise_error(await self._agen.__anext__())
 
     async def final(self) -> dict:
         async for _ in self.items():
@@ -195,6 +243,33 @@ class _Stream:
                 await result
 
 
+def _as_http_error(exc: BaseException, req: _SamplingFields, timeout_s: float) -> BaseException:
+    """What a failure while serving a request tells the client; anything else is a bug."""
+    if isinstance(exc, APIError):
+        return in_request_terms(exc, req.engine_names())
+    if isinstance(exc, TimeoutError):
+        return APIError(408, f"request timed out after {timeout_s}s", kind="timeout")
+    if isinstance(exc, BackPressureError):  # Serve's own queue (max_queued_requests) is full
+        return APIError(503, "server overloaded: too many requests queued", kind="overloaded",
+                        headers={"Retry-After": "1"})
+    if isinstance(exc, RequestCancelledError):
+        return _cancelled()
+    return exc
+
+
+def _cancelled() -> APIError:
+    return APIError(499, "the request was cancelled (the client went away)", kind="cancelled")
+
+
+def _raise_error(item: dict) -> dict:
+    """The model server reports a refused or failed request as an {"error": ...} item."""
+    if "error" in item:
+        e = item["error"]
+        raise APIError(e["status"], e["message"], e.get("param"),
+                       e.get("type", "invalid_request_error"), e.get("headers"))
+    return item
+
+
 async def _close_all(streams: list[_Stream]) -> None:
     for s in streams:
         with contextlib.suppress(Exception):  # must not mask the original error
@@ -204,8 +279,11 @@ async def _close_all(streams: list[_Stream]) -> None:
 _TIMED_OUT = object()  # put in an SSE stream's queue when its deadline passes
 
 
-async def _sse(streams, rid, settings: IngressSettings, chat: bool, include_usage: bool):
-    """Interleave the choices' deltas as SSE events; always end with [DONE]."""
+async def _sse(streams, rid, request_id: str, settings: IngressSettings, chat: bool,
+               include_usage: bool):
+    """Interleave the choices' deltas as SSE events; always end with [DONE]. The first failure
+    (a choice's error, the deadline) ends the stream with one error event: no usage chunk then,
+    the failed choices have none."""
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(index: int, stream: _Stream) -> None:
@@ -217,9 +295,15 @@ async def _sse(streams, rid, settings: IngressSettings, chat: bool, include_usag
                     await queue.put(chunk_body(rid, settings.model_name, index, out["new_text"],
                                                finish, chat, first))
                     first = False
-        except Exception as exc:
-            await queue.put({"error": {"message": str(exc), "type": "server_error",
-                                       "code": 500}})
+        except APIError as err:
+            await queue.put(err)
+        except RequestCancelledError:  # the client went away: nobody to tell, nothing to log
+            await queue.put(_cancelled())
+        except Exception:
+            log.exception("stream %s (request id %s) failed", rid, request_id)
+            await queue.put(APIError(500, f"the stream failed on the server; the server log "
+                                          f"has the details under request id {request_id}",
+                                     kind="server_error"))
         finally:
             await queue.put(None)
 
@@ -232,8 +316,10 @@ async def _sse(streams, rid, settings: IngressSettings, chat: bool, include_usag
         while done < len(tasks):
             item = await queue.get()
             if item is _TIMED_OUT:
-                yield _event({"error": {"message": "request timed out", "type": "timeout",
-                                        "code": 408}})
+                item = APIError(408, f"request timed out after {settings.request_timeout_s}s",
+                                kind="timeout")
+            if isinstance(item, APIError):
+                yield _event(item.body(request_id))
                 break
             if item is None:
                 done += 1

@@ -2,13 +2,16 @@
 
 Every request is a streaming call (`generate`) yielding plain dicts (RequestOutput fields), so
 many concurrent HTTP requests join the same engine steps. Closing the stream (client gone,
-timeout) aborts the request and frees its KV blocks.
+timeout) aborts the request and frees its KV blocks. A request that fails, before its first
+output or mid-way, ends its stream with one {"error": ...} item with a short message; the
+traceback goes to this server's log.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import AsyncIterator
 
 from ..config import EngineConfig
@@ -17,7 +20,7 @@ from ..core.outputs import RequestOutput
 from ..core.sampling_params import InvalidRequest, SamplingParams
 from ..executors import make_engine
 from ..metrics.exporter import Backend, Exporter
-from .protocol import APIError
+from .errors import APIError
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +30,9 @@ class ModelServer:
                  metrics_backend: Backend | None = None, replica: str = "0"):
         """`metrics_backend`: where the engine's metrics go (Ray's metrics agent in a Serve
         replica); None exports none."""
-        self.engine = make_engine(EngineConfig(**engine_config))
+        start = time.perf_counter()
+        config = EngineConfig(**engine_config)
+        self.engine = make_engine(config)
         if metrics_backend is not None:
             exporter = Exporter(metrics_backend, model_name, replica,
                                 has_drafter=self.engine.block_size > 1)
@@ -38,6 +43,9 @@ class ModelServer:
         self._pending = 0
         tok = self.engine.tokenizer
         self.chat = ChatTemplate(tok.config.get("chat_template") if tok else None)
+        log.info("ready: model %r (target %s, drafter %s, block size %d, max_model_len %d) "
+                 "loaded in %.1f s", model_name, config.target, config.drafter,
+                 self.engine.block_size, self.engine.max_model_len, time.perf_counter() - start)
 
     def info(self) -> dict:
         return {
@@ -91,9 +99,15 @@ class ModelServer:
             except APIError as exc:
                 yield _error(exc)
                 return
+            except Exception as exc:
+                yield _error(_failed(request_id, "could not start", exc))
+                return
             yield _wire(first)
-            async for out in stream:
-                yield _wire(out)
+            try:
+                async for out in stream:
+                    yield _wire(out)
+            except Exception as exc:
+                yield _error(_failed(request_id, "failed mid-stream", exc))
         finally:
             self._pending -= 1
             if stream is not None:
@@ -116,6 +130,14 @@ def _wire(out: RequestOutput) -> dict:
         return dataclasses.asdict(out)
     return {"new_text": out.new_text, "new_token_ids": out.new_token_ids, "finished": False,
             "finish_reason": None}
+
+
+def _failed(request_id: str, what: str, exc: Exception) -> APIError:
+    """Log the traceback here; the client gets the cause's first line, cut short."""
+    log.error("request %s %s", request_id, what, exc_info=exc)
+    cause = (str(exc).strip().splitlines() or [""])[0][:200]
+    return APIError(500, f"generation {what}: {type(exc).__name__}"
+                         f"{': ' + cause if cause else ''}", kind="server_error")
 
 
 def _error(err: APIError) -> dict:
