@@ -68,6 +68,17 @@ class EngineConfig(BaseModel):
         "only at steps already done); acceptance comes in runs, so the step after a miss often "
         "misses too; default from spec_profile",
     )
+    sampling: Literal["coupled", "rejection"] = Field(
+        "coupled",
+        description="how sampled requests (temperature > 0) draw tokens, both exact in "
+        "distribution. 'coupled': each token is argmax(p / E), E exponential noise fixed by "
+        "the request's seed and the token's position (the Gumbel-max trick); the drafter "
+        "proposes with the same noise and a draft is kept when it equals the target's own "
+        "draw, so a seeded request's text depends only on its seed and the target: the same "
+        "with speculation on or off, in any batch, after preemption or a drafter loss. "
+        "'rejection': speculative rejection sampling (accept d with probability p(d)/q(d)), "
+        "which keeps a few more drafts but gives other text when other steps speculate",
+    )
     stream_interval: int = Field(
         1,
         ge=1,

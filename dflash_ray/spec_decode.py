@@ -10,10 +10,12 @@ Vocabulary (used unchanged in metrics and docs):
   *acceptance rate* = accepted / proposed.
 
 Greedy: accept while d_j == argmax p_{j-1}; the bonus is argmax p_a. Sampling (temperature > 0,
-top-k, top-p): standard speculative rejection sampling, accept d_j with probability
-min(1, p(d_j) / q(d_j)), and on the first rejection draw from normalize(max(p - q, 0)); when all
-are accepted the bonus is drawn from p at the last position. Both reproduce the target's
-distribution exactly (greedy: token for token).
+top-k, top-p) has two rules. Coupled (the default): the target's choice at each position is its
+own draw argmax(p / E) from noise E fixed by (seed, position), and acceptance is greedy's with
+that choice in place of the argmax (`worker/sampler.py`). Rejection: standard speculative
+rejection sampling, accept d_j with probability min(1, p(d_j) / q(d_j)), and on the first
+rejection draw from normalize(max(p - q, 0)); when all are accepted the bonus is drawn from p at
+the last position. All reproduce the target's distribution exactly (greedy: token for token).
 """
 
 from __future__ import annotations

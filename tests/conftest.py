@@ -114,6 +114,10 @@ def llms(tiny):
         # proposes only the drafts the (random) drafter is confident in: mostly 0-2 of 7
         "dflash_cut": LLM(tiny["moe"], tiny["drafter"], spec_min_confidence=0.02,
                           drafter_dtype="float32", **WHOLE),
+        # the engines above sample with the coupled rule (the default); this one with
+        # speculative rejection sampling
+        "dflash_rejection": LLM(tiny["moe"], tiny["drafter"], drafter_dtype="float32",
+                                sampling="rejection", **WHOLE),
     }
 
 

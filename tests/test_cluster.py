@@ -79,12 +79,15 @@ def test_cut_blocks_and_plain_steps_cross_the_actors_like_in_process(
 ):
     """Blocks cut by drafter confidence (NO_DRAFT entries over the channel) and steps above
     spec_max_batch (q = 1: the drafter actor only takes in context, once enough waits) give the
-    in-process engine's tokens and acceptance lengths, greedy and seeded sampling. A bf16
-    drafter actor, fed the fp32 target's features over the channel."""
+    in-process engine's tokens and acceptance lengths, greedy and seeded rejection sampling
+    (the shared fixture samples coupled, no distributions on the wire). A bf16 drafter actor,
+    fed the fp32 target's features over the channel."""
     from dflash_ray.core import scheduler as scheduler_module
 
     monkeypatch.setattr(scheduler_module, "MAX_WAITING_CONTEXT", 24)  # the engines run here
-    spec = {"spec_min_confidence": 0.02, "spec_max_batch": 3, "drafter_dtype": "bfloat16"}
+    # rejection sampling: the draft distributions of cut blocks cross the channel, ragged
+    spec = {"spec_min_confidence": 0.02, "spec_max_batch": 3, "drafter_dtype": "bfloat16",
+            "sampling": "rejection"}
     sampled = [
         SamplingParams(max_tokens=30, temperature=0.8, top_k=12, seed=3 + i) for i in range(2)
     ]

@@ -256,7 +256,8 @@ def check_marginals(outs, exact_per_position):
         assert tv < 2.5 * math.sqrt(support / (2 * math.pi * n)), (position, tv)
 
 
-@pytest.mark.parametrize("mode", ["plain", "dflash", "dflash_bf16", "dflash_cut"])
+@pytest.mark.parametrize("mode", ["plain", "dflash", "dflash_bf16", "dflash_cut",
+                                  "dflash_rejection"])
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 8, 0.9)])
 def test_sampling_matches_target_distribution(llms, mode, temperature, top_k, top_p):
     prompt = [4, 8, 15, 16, 23]
@@ -369,3 +370,63 @@ def test_rollback_of_a_rejected_block_is_one_explicit_commit(tiny):
     assert rejected > 0, "no block had a rejected tail to roll back"
     plain = LLM(tiny["moe"]).generate(PROMPTS[:4], SamplingParams(max_tokens=30), use_tqdm=False)
     assert [o.token_ids for o in out] == [o.token_ids for o in plain]
+
+
+COUPLED = [SamplingParams(max_tokens=40, temperature=t, top_k=k, top_p=p, seed=s)
+           for t, k, p, s in [(0.8, 12, 1.0, 7), (1.0, 0, 0.9, 8), (0.6, 0, 1.0, 9)]]
+
+
+def texts(outs) -> list[list[int]]:
+    return [o.token_ids for o in outs]
+
+
+def test_coupled_sampling_text_is_the_same_with_speculation_on_or_off(llms):
+    """With the coupled rule a seeded request's tokens are a function of its seed and the
+    target: plain decoding, whole blocks, cut blocks and a bf16 drafter give the same text,
+    and drafts are accepted on the way."""
+    prompts = PROMPTS[:3]
+    want = texts(llms["plain"].generate(prompts, COUPLED, use_tqdm=False))
+    for mode in ("dflash", "dflash_cut", "dflash_bf16"):
+        outs = llms[mode].generate(prompts, COUPLED, use_tqdm=False)
+        assert texts(outs) == want, mode
+    assert sum(o.num_accepted_tokens for o in outs) > 0
+
+
+def test_coupled_sampling_text_does_not_depend_on_the_batch_or_preemption(llms, tiny):
+    """The same seeded requests alone, staggered among ten others, and preempted in a KV cache
+    too small for all of them give the same text."""
+    prompts = PROMPTS[:3]
+    alone = [texts(llms["dflash"].generate([p], [sp], use_tqdm=False))[0]
+             for p, sp in zip(prompts, COUPLED, strict=True)]
+    crowd = PROMPTS + prompts
+    params = [SamplingParams(max_tokens=30, temperature=0.9, seed=50 + i)
+              for i in range(len(PROMPTS))] + COUPLED
+    ids, engine = {}, llms["dflash"].engine
+    outs = {}
+    for i, (p, sp) in enumerate(zip(crowd, params, strict=True)):  # joining while others run
+        ids[engine.add_request(p, sp)] = i
+        for out in engine.step():
+            if out.finished:
+                outs[ids[out.request_id]] = out
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                outs[ids[out.request_id]] = out
+    assert [outs[len(PROMPTS) + j].token_ids for j in range(3)] == alone
+    tight = LLM(tiny["moe"], tiny["drafter"], drafter_dtype="float32", kv_block_len=4,
+                num_kv_blocks=30, **WHOLE)
+    got = tight.generate(crowd, params, use_tqdm=False)
+    assert sum(o.metrics.num_preemptions for o in got) > 0, "nothing was preempted"
+    assert texts(got[len(PROMPTS):]) == alone
+
+
+def test_rejection_sampling_text_depends_on_which_steps_speculate(llms, tiny):
+    """Why coupled is the default: under rejection sampling the same seeds give other text
+    when drafts are verified (a plain step and a verify step draw differently), while each is
+    still reproducible. Checked so that a change making the two rules one would be noticed."""
+    prompts = PROMPTS[:3]
+    plain = LLM(tiny["moe"], sampling="rejection")
+    want = texts(plain.generate(prompts, COUPLED, use_tqdm=False))
+    assert texts(plain.generate(prompts, COUPLED, use_tqdm=False)) == want
+    rejection = texts(llms["dflash_rejection"].generate(prompts, COUPLED, use_tqdm=False))
+    assert rejection != want

@@ -71,9 +71,10 @@ class Channel:
 
 
 def sampled(batch: StepBatch) -> list[int]:
-    """Decodes whose drafts come with distributions: the sampled ones the drafter drafts."""
+    """Decodes whose drafts come with distributions: those the drafter drafts that rejection
+    sampling will accept (greedy and coupled blocks are accepted by equality)."""
     return [i for i in batch.drafter_decodes()
-            if not batch.decodes[i].sampling.greedy and batch.decodes[i].num_queries > 1]
+            if batch.decodes[i].sampling.needs_draft_probs and batch.decodes[i].num_queries > 1]
 
 
 def send_features(ch: Channel, features: torch.Tensor) -> None:

@@ -93,7 +93,8 @@ class Engine(Serving):
         # unseeded requests get a seed of their own: every random draw of a request is then a
         # function of (seed, position), whatever else shares its steps (worker/sampler.py)
         seed = params.seed if params.seed is not None else secrets.randbits(63)
-        sampling = SamplingSpec(params.temperature, params.top_p, params.top_k, seed)
+        sampling = SamplingSpec(params.temperature, params.top_p, params.top_k, seed,
+                                coupled=self.config.sampling == "coupled")
         with self._lock:
             if self._closed:
                 raise RuntimeError("the engine was shut down; it takes no new requests")

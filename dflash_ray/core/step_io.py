@@ -24,16 +24,24 @@ class SamplingSpec:
     """What the workers need of a request's SamplingParams, built once at admission. `seed` is
     always set (the engine draws one for unseeded requests), so every random draw is a function
     of (seed, position): a step's draws do not depend on the requests it shares or on
-    preemption (only on whether the step speculates, see `worker/sampler.py`)."""
+    preemption. `coupled` (EngineConfig.sampling): every token is drawn with noise fixed by
+    (seed, position) and drafts are accepted by equality with the target's own draw, so the
+    text does not depend on drafting either; else rejection sampling (see `worker/sampler.py`)."""
 
     temperature: float
     top_p: float
     top_k: int
     seed: int
+    coupled: bool = False
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def needs_draft_probs(self) -> bool:
+        """Its drafts are accepted by rejection sampling, which reads the drafter's q."""
+        return not self.greedy and not self.coupled
 
 
 @dataclass(slots=True)

@@ -23,7 +23,7 @@ from ..spec_decode import processed_probs, sample
 from .caches import ModelCache, bytes_per_token
 from .drafts import NO_DRAFT, Drafts
 from .layout import SeqSpan, build_layout, slot_mapping
-from .sampler import generator
+from .sampler import coupled_draw, generator
 from .trace import traced
 from .worker_config import ModelSpec, WorkerConfig
 
@@ -186,7 +186,7 @@ class DraftWorker:
         chunk = PROPOSE_CHUNK if threshold > 0 else width
         prefix_prob = dict.fromkeys(drafting, 1.0)
         gens = {i: generator(decodes[i].sampling, decodes[i].start, "drafter", dev)
-                for i in drafting if not decodes[i].sampling.greedy}
+                for i in drafting if decodes[i].sampling.needs_draft_probs}
         live = drafting
         for lo in range(0, width, chunk):
             spans = [(i, min(lo + chunk, decodes[i].num_queries - 1)) for i in live]
@@ -208,8 +208,11 @@ class DraftWorker:
                         n, prefix_prob[i] = proposal_length(top, top, prefix_prob[i], threshold)
                 else:
                     q = processed_probs(seq_logits, s.temperature, s.top_k, s.top_p)
-                    drafted = sample(q, gens[i])
-                    probs[i] = q if probs[i] is None else torch.cat((probs[i], q))
+                    if s.coupled:  # the target's noise of the rows that verify these drafts
+                        drafted = coupled_draw(q, s, decodes[i].start + lo)
+                    else:  # rejection sampling reads q
+                        drafted = sample(q, gens[i])
+                        probs[i] = q if probs[i] is None else torch.cat((probs[i], q))
                     if threshold > 0:
                         own = q.gather(1, drafted[:, None])[:, 0]
                         n, prefix_prob[i] = proposal_length(
