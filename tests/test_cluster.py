@@ -170,6 +170,8 @@ def test_killed_drafter_falls_back_to_plain_then_speculates_again(sharded, llms)
     assert ex.wait_for_drafter(60)
     again = generate(sharded, PROMPTS, GREEDY)
     assert read()["dflash_drafter_restarts_total"] == 1  # the engine saw it come back
+    account = ex.last_restart  # where the restart's seconds went
+    assert account["total_s"] > 0 and account["load_s"] >= 0 and account["connect_s"] >= 0
     assert [o.token_ids for o in again] == [o.token_ids for o in plain]
     want = llms["dflash"].generate(PROMPTS, GREEDY, use_tqdm=False)
     assert [o.acceptance_lengths for o in again] == [o.acceptance_lengths for o in want]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 import ray
 import torch
@@ -39,6 +40,7 @@ from .channel import (
 )
 
 log = logging.getLogger(__name__)
+IMPORTED_AT = time.time()  # this actor process has started and imported torch and the package
 
 
 def _started(cfg: WorkerConfig, per_token: int, per_seq: int = 0) -> dict:
@@ -53,12 +55,16 @@ def _started(cfg: WorkerConfig, per_token: int, per_seq: int = 0) -> dict:
 
 class DrafterActor:
     def __init__(self, cfg: WorkerConfig):
+        constructed = time.time()
         self.cfg, self.spec = cfg, ModelSpec.resolve(cfg)
         self.worker = DraftWorker(cfg, self.spec)
         self.channel: Channel | None = None
+        # wall-clock times of its start-up, for the executor's account of a restart
+        self.timing = {"imported": IMPORTED_AT, "constructed": constructed,
+                       "loaded": time.time()}
 
     def ready(self) -> dict:
-        return _started(self.cfg, self.worker.kv_bytes_per_token())
+        return {**_started(self.cfg, self.worker.kv_bytes_per_token()), "timing": self.timing}
 
     def allocate(self, num_blocks: int) -> None:
         self.worker.allocate(num_blocks)

@@ -58,6 +58,18 @@ class StepTiming:
         return self.wall - self.draft - self.verify - self.transfer
 
 
+def restart_account(asked: float, timing: dict, seen: float, connected: float) -> dict:
+    """Where a drafter restart's seconds went, from wall-clock times (one host's clock: the
+    actor runs in the executor's placement group)."""
+    return {
+        "total_s": connected - asked,
+        "process_and_imports_s": timing["imported"] - asked,
+        "load_s": timing["loaded"] - timing["constructed"],
+        "until_seen_s": seen - timing["loaded"],
+        "connect_s": connected - seen,
+    }
+
+
 class RayExecutor:
     def __init__(self, cfg: WorkerConfig, num_target_shards: int = 1, **options):
         """`options`: any other `ClusterConfig` field."""
@@ -78,6 +90,8 @@ class RayExecutor:
         self._drafter = None  # connected drafter actor, or None while it is dead or starting
         self._starting = None  # (actor, ready ref, started at) of a drafter coming up
         self._drafter_failures = 0
+        self._restart_asked = 0.0
+        self.last_restart: dict | None = None  # restart_account of the last drafter restart
         self._broken = False
         self._info: ExecutorInfo | None = None
         self._start_all()
@@ -203,6 +217,7 @@ class RayExecutor:
         self._start_drafter()
 
     def _start_drafter(self) -> None:
+        self._restart_asked = time.time()
         actor = self._actor(DrafterActor, 0, self.wcfg)
         self._starting = (actor, actor.ready.remote(), time.monotonic())
 
@@ -218,7 +233,8 @@ class RayExecutor:
         try:
             if not done:
                 raise TimeoutError(f"not ready within {self.cfg.start_timeout_s:g} s")
-            ray.get(ready)
+            started = ray.get(ready)
+            seen = time.time()
             self._connect_drafter(actor)
         except Exception as exc:
             ray.kill(actor, no_restart=True)
@@ -235,7 +251,11 @@ class RayExecutor:
             return
         self._drafter_failures = 0
         self._drafter = actor
-        log.warning("drafter actor restarted; new requests speculate again")
+        self.last_restart = restart_account(self._restart_asked, started["timing"], seen,
+                                            time.time())
+        log.warning("drafter actor restarted in %.1f s (process start and imports %.1f s, "
+                    "model load %.1f s, until a step saw it ready %.1f s, channel %.1f s); new "
+                    "requests speculate again", *self.last_restart.values())
 
     def _connect_drafter(self, drafter, deadline: Deadline | None = None) -> None:
         """Cache, then the channel: target rank 0 and the drafter join it together."""
