@@ -62,7 +62,7 @@ def served(ray_cluster, text_models):
     app = build_app({
         "model_name": "tiny",
         "engine": {"target": target, "drafter": drafter, "max_model_len": 512, **WHOLE},
-        "ingress": {"max_body_bytes": 4096, "request_timeout_s": 30},
+        "ingress": {"max_body_bytes": 4096, "request_timeout_s": 30, "body_timeout_s": 2},
     })
     serve.run(app, name="dflash", route_prefix="/", blocking=False)
     base = f"http://127.0.0.1:{port}"
@@ -191,6 +191,25 @@ def test_bad_input_is_rejected_naming_the_field(served, body, status, field):
 @pytest.mark.parametrize(
     "extra,field,says",
     [
+        ({"stop": [f"s{i}" for i in range(17)]}, "stop", "17 strings; this server allows at "
+         "most 16"),  # 80k stop strings made two 256-token requests take 23 s
+        ({"stop": ["ok", "z" * 257]}, "stop[1]", "257 characters; this server allows at most "
+         "256"),
+        ({"stop": "z" * 257}, "stop", "at most 256"),
+        ({"stop_token_ids": list(range(257))}, "stop_token_ids", "at most 256"),
+        ({"n": 17}, "n", "between 1 and 16"),
+    ],
+)
+def test_a_request_past_a_limit_is_400_naming_the_field_and_the_limit(served, extra, field,
+                                                                       says):
+    r = httpx.post(f"{served}/v1/completions", json={"prompt": "hi"} | extra, timeout=30)
+    err = openai_error(r, 400)
+    assert err["param"] == field and says in err["message"], err
+
+
+@pytest.mark.parametrize(
+    "extra,field,says",
+    [
         ({"messages": [{"role": "user", "content": "a\ud800"}]}, "messages[0].content",
          "surrogate"),
         ({"messages": [{"role": "user", "content": [{"type": "text", "text": "\ud800"}]}],
@@ -261,6 +280,61 @@ def test_nan_is_rejected(served):
     assert r.status_code == 400 and "temperature" in r.text
 
 
+def raw_request(base: str, head: str, parts: list[bytes], gap_s: float = 0.0,
+                wait_s: float = 15) -> tuple[int, dict, float]:
+    """Send a request by hand, as httpx would not (a chunked body past the cap, a body that
+    stalls or trickles), `gap_s` between parts, and never finish it: (status, JSON body,
+    seconds from the first byte to the answer). A server that waits for the rest times out."""
+    host, port = base.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=wait_s)
+
+    def send() -> None:
+        with contextlib.suppress(OSError):  # the server answered and closed: stop sending
+            sock.sendall(f"{head}\r\nHost: {host}\r\n\r\n".encode())
+            for part in parts:
+                sock.sendall(part)
+                time.sleep(gap_s)
+
+    start = time.perf_counter()
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    data = b""
+    with sock:
+        while b"\r\n\r\n" not in data or not data.rstrip().endswith(b"}"):
+            chunk = sock.recv(65536)  # socket.timeout: no answer in wait_s
+            if not chunk:
+                break
+            data += chunk
+    elapsed = time.perf_counter() - start
+    status = int(data.split(b" ", 2)[1])
+    return status, json.loads(data[data.index(b"{"):data.rindex(b"}") + 1]), elapsed
+
+
+def test_the_body_cap_holds_for_a_chunked_body(served):
+    """No Content-Length to check: the bytes are counted as they come and the request is
+    refused once they pass the cap (4096 here), while the client is still sending."""
+    chunk = b"400\r\n" + b"x" * 1024 + b"\r\n"  # 1 KiB chunks, no terminating chunk
+    status, body, _ = raw_request(
+        served, "POST /v1/completions HTTP/1.1\r\nContent-Type: application/json\r\n"
+        "Transfer-Encoding: chunked", [chunk] * 6)
+    assert status == 413 and "4096" in body["error"]["message"], body
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["stalled", "trickled"])
+def test_a_body_that_does_not_arrive_in_time_is_408(served, chunked):
+    """body_timeout_s is 2 here: a body that stops half-way, or arrives a byte at a time, is
+    answered then (it was held with no deadline)."""
+    if chunked:
+        head, parts = "Transfer-Encoding: chunked", [b"1\r\n{\r\n"] + [b"1\r\n \r\n"] * 40
+    else:
+        head, parts = "Content-Length: 100", [b'{"prompt": "h']
+    status, body, elapsed = raw_request(
+        served, f"POST /v1/completions HTTP/1.1\r\nContent-Type: application/json\r\n{head}",
+        parts, gap_s=0.25)
+    assert status == 408 and body["error"]["type"] == "timeout", body
+    assert elapsed < 8, elapsed
+
+
 def test_disconnect_mid_stream_frees_kv_blocks(served):
     body = {"model": "tiny", "prompt": "abc", "max_tokens": 400, "temperature": 0,
             "stream": True}
@@ -282,7 +356,7 @@ def test_disconnect_mid_stream_frees_kv_blocks(served):
 @pytest.fixture(scope="module")
 def tight(served, text_models):
     """A second app on the same Serve instance: one request in flight, a 0.3 s deadline, an
-    API key."""
+    API key, prompts of at most 64 characters and 4 messages."""
     from ray import serve
 
     from dflash_ray.server.app import build_app
@@ -291,7 +365,8 @@ def tight(served, text_models):
     app = build_app({"model_name": "tiny", "max_pending": 1,
                      "engine": {"target": target, "drafter": drafter, "max_model_len": 512,
                                 **WHOLE},
-                     "ingress": {"request_timeout_s": 0.3, "api_key": "sekret"}})
+                     "ingress": {"request_timeout_s": 0.3, "api_key": "sekret",
+                                 "limits": {"max_prompt_chars": 64, "max_messages": 4}}})
     serve.run(app, name="tight", route_prefix="/tight", blocking=False)
     base = f"{served}/tight"
     wait_healthy(base)
@@ -326,6 +401,29 @@ def test_api_key_is_required_when_configured(tight):
     assert httpx.get(f"{tight}/health").status_code == 200  # probes need no key
     ok = httpx.post(f"{tight}/v1/completions", json=body, headers=AUTH, timeout=30)
     assert ok.status_code in (200, 408)  # authorised (the 0.3 s deadline may still hit)
+    # everything that costs compute or shows state: /health/deep ran the model for anyone
+    for path in ("/health/deep", "/stats", "/docs", "/redoc", "/openapi.json", "/v1/models"):
+        err = openai_error(httpx.get(f"{tight}{path}", timeout=30), 401)
+        assert err["type"] == "authentication_error", (path, err)
+        assert httpx.get(f"{tight}{path}", headers=AUTH, timeout=60).status_code == 200, path
+
+
+@pytest.mark.parametrize(
+    "route,body,field,says",
+    [
+        ("completions", {"prompt": "p" * 65}, "prompt", "65 characters"),
+        ("completions", {"prompt": ["p" * 65]}, "prompt", "at most 64"),
+        ("chat/completions", {"messages": [{"role": "user", "content": "m"}] * 5}, "messages",
+         "5 messages"),
+        ("chat/completions", {"messages": [{"role": "user", "content": "m" * 40}] * 2},
+         "messages", "80 characters"),
+    ],
+)
+def test_prompt_and_messages_past_the_configured_limits_are_400(tight, route, body, field,
+                                                                says):
+    r = httpx.post(f"{tight}/v1/{route}", json=body, headers=AUTH, timeout=30)
+    err = openai_error(r, 400)
+    assert err["param"] == field and says in err["message"], err
 
 
 def test_overload_is_503_with_retry_after(tight):
@@ -456,6 +554,52 @@ def test_an_ingress_bug_is_a_500_with_a_request_id(local, monkeypatch):
                    headers={"x-request-id": "req-42"})
     err = openai_error(r, 500)
     assert err["request_id"] == "req-42" and "req-42" in err["message"], err
+
+
+def test_deep_health_is_one_model_pass_for_many_callers(local, text_models):
+    """60 calls (50 at once) share one check: it joined other users' batches per call."""
+    backend, base = local
+    if backend.server is None:
+        backend.server = model_server(text_models)
+    engine = backend.server.engine
+    before = engine.stats().counters.prompt_tokens  # a check prefills one token
+
+    async def burst():
+        async with httpx.AsyncClient(timeout=60) as client:
+            return await asyncio.gather(*(client.get(f"{base}/health/deep") for _ in range(50)))
+
+    responses = asyncio.run(burst()) + [httpx.get(f"{base}/health/deep", timeout=60)
+                                        for _ in range(10)]
+    assert all(r.status_code == 200 and r.json()["status"] == "ok" for r in responses)
+    assert engine.stats().counters.prompt_tokens - before <= 2  # one per 5 s ttl
+
+
+def test_a_long_prompt_does_not_hold_up_other_requests(local, text_models):
+    """A 1 MB prompt was tokenized on the event loop under the engine's lock: every other
+    request waited for it. Short requests sent while it is tokenized now finish meanwhile."""
+    backend, base = local
+    if backend.server is None:
+        backend.server = model_server(text_models)
+    text = "ab" * 500_000
+    start = time.perf_counter()
+    backend.server.engine.tokenizer.encode(text)
+    encode_s = time.perf_counter() - start
+    if encode_s < 0.5:
+        pytest.skip(f"tokenizing took only {encode_s:.2f}s here: nothing to wait for")
+    big: list[httpx.Response] = []
+    sender = threading.Thread(target=lambda: big.append(httpx.post(
+        f"{base}/v1/completions", json={"prompt": text, "max_tokens": 1}, timeout=60)))
+    sender.start()
+    waits = []
+    while sender.is_alive():
+        start = time.perf_counter()
+        r = httpx.post(f"{base}/v1/completions", timeout=60,
+                       json={"prompt": "hi", "max_tokens": 8, "ignore_eos": True})
+        assert r.status_code == 200, r.text
+        waits.append(time.perf_counter() - start)
+    sender.join()
+    assert big[0].status_code == 400 and big[0].json()["error"]["param"] == "prompt"
+    assert len(waits) >= 2 and max(waits) < encode_s / 2, (encode_s, waits)
 
 
 def test_the_engine_refuses_a_lone_surrogate_naming_the_prompt(local, text_models):

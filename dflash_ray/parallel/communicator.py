@@ -13,6 +13,8 @@ formed again in a live process after a peer died.
 
 from __future__ import annotations
 
+import os
+import socket
 from datetime import timedelta
 
 import torch
@@ -39,11 +41,22 @@ LOCAL = Communicator()
 
 
 def open_store(host: str, timeout_s: float) -> tuple[dist.TCPStore, int]:
-    """A rendezvous store served by this process on a free port: (store, port)."""
-    store = dist.TCPStore(
-        host, 0, None, True, timeout=timedelta(seconds=timeout_s), wait_for_workers=False
-    )
-    return store, store.port
+    """A rendezvous store served by this process on a free port of `host`: (store, port).
+
+    TCPStore's own server listens on every interface (`::`); it gets a socket bound to the
+    address the ranks connect to instead, so the store is reachable from nowhere else."""
+    family, kind, proto, _, addr = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    sock.bind(addr)
+    sock.listen()
+    port, fd = sock.getsockname()[1], sock.detach()  # the store owns (and closes) the fd
+    try:
+        store = dist.TCPStore(host, port, None, True, timeout=timedelta(seconds=timeout_s),
+                              wait_for_workers=False, master_listen_fd=fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    return store, port
 
 
 def connect_store(host: str, port: int, timeout_s: float) -> dist.TCPStore:

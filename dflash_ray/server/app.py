@@ -27,6 +27,8 @@ class AppArgs(BaseModel):
     demo: bool = Field(False, description="serve the trained pair shipped with the package")
     engine: dict[str, Any] = Field(default_factory=dict, description="EngineConfig fields")
     max_pending: int = Field(256, ge=1, description="requests in flight before 503")
+    deep_health_ttl_s: float = Field(5.0, ge=0, description="how long one /health/deep check "
+                                     "(a model pass) answers every caller")
     metrics: bool = Field(True, description="export the engine's metrics through Ray's metrics "
                           "agent (names in dflash_ray/metrics/catalog.py)")
     ingress: IngressSettings = Field(default_factory=IngressSettings)
@@ -56,11 +58,12 @@ def _log_through_serve() -> None:
 
 @serve.deployment(name="DFlashServer", max_ongoing_requests=512)
 class DFlashServer(ModelServer):
-    def __init__(self, engine_config: dict, model_name: str, max_pending: int, metrics: bool):
+    def __init__(self, engine_config: dict, model_name: str, max_pending: int, metrics: bool,
+                 deep_health_ttl_s: float):
         _log_through_serve()
         replica = serve.get_replica_context().replica_tag
         super().__init__(engine_config, model_name, max_pending,
-                         RayBackend() if metrics else None, replica)
+                         RayBackend() if metrics else None, replica, deep_health_ttl_s)
 
 
 class HandleBackend:
@@ -91,5 +94,6 @@ class Ingress:
 
 def build_app(args: dict) -> serve.Application:
     a = AppArgs(**args)
-    server = DFlashServer.bind(a.engine, a.model_name, a.max_pending, a.metrics)
+    server = DFlashServer.bind(a.engine, a.model_name, a.max_pending, a.metrics,
+                               a.deep_health_ttl_s)
     return Ingress.bind(server, a.ingress.model_dump())

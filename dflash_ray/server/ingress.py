@@ -1,11 +1,12 @@
 """The HTTP ingress: OpenAI-compatible routes, SSE streaming, errors in OpenAI's JSON shape.
 
-Owns HTTP concerns only: parsing and rejecting requests (400 naming the field, 413, 415, 401,
-404), mapping failures to status codes (408 timeout, 503 + Retry-After overload, 503 while the
-model server loads, 500 with a request id and the traceback in the log), SSE framing (a failed
-stream ends with one error event, then [DONE]), and cancelling the model-server stream when a
-client goes away. Generation is the model server's, reached through a `Backend` (a Serve
-deployment handle in production).
+Owns HTTP concerns only: parsing and rejecting requests (400 naming the field or the limit
+passed, 413 and 408 for a body too large or too slow (body.py), 415, 401 on every route but
+/health when an API key is set, 404), mapping failures to status codes (408 timeout, 503 +
+Retry-After overload, 503 while the model server loads, 500 with a request id and the traceback
+in the log), SSE framing (a failed stream ends with one error event, then [DONE]), and
+cancelling the model-server stream when a client goes away. Generation is the model server's,
+reached through a `Backend` (a Serve deployment handle in production).
 """
 
 from __future__ import annotations
@@ -27,10 +28,12 @@ from ray.serve.exceptions import BackPressureError, RequestCancelledError
 from starlette.exceptions import HTTPException
 
 from ..core.sampling_params import SamplingParams
+from .body import BoundedBody, request_id
 from .errors import APIError, body_parse_error, in_request_terms, validation_error
 from .protocol import (
     ChatCompletionRequest,
     CompletionRequest,
+    RequestLimits,
     _SamplingFields,
     chunk_body,
     completion_body,
@@ -46,8 +49,12 @@ LOADING_PROBE_S = 1.0  # how long /health waits for the model server before sayi
 class IngressSettings(BaseModel):
     model_name: str = "dflash-demo"
     request_timeout_s: float = Field(600.0, gt=0, description="server-side timeout -> 408")
-    max_body_bytes: int = Field(1 << 20, gt=0, description="larger bodies -> 413")
-    api_key: str | None = Field(None, description="require `Authorization: Bearer <key>`")
+    max_body_bytes: int = Field(1 << 20, gt=0, description="larger bodies -> 413, counted as "
+                                "they arrive (chunked bodies too)")
+    body_timeout_s: float = Field(10.0, gt=0, description="a body not read whole by then -> 408")
+    api_key: str | None = Field(None, description="require `Authorization: Bearer <key>` on "
+                                "every route but /health (DFLASH_API_KEY when unset)")
+    limits: RequestLimits = Field(default_factory=RequestLimits)
 
 
 class Backend(Protocol):
@@ -64,12 +71,7 @@ def _error_response(err: APIError, request_id: str) -> JSONResponse:
 
 
 def _request_id(request: Request) -> str:
-    """Serve's proxy puts its request id in `x-request-id` (the id its log lines carry); bare
-    FastAPI gets one made here."""
-    rid = getattr(request.state, "request_id", None)
-    if rid is None:
-        rid = request.state.request_id = request.headers.get("x-request-id") or new_id("req")
-    return rid
+    return request_id(request.scope)
 
 
 def make_api(backend_factory, settings: IngressSettings) -> FastAPI:
@@ -78,17 +80,17 @@ def make_api(backend_factory, settings: IngressSettings) -> FastAPI:
     api = FastAPI(title="dflash-ray", version="0.1.0")
     api_key = settings.api_key or os.environ.get("DFLASH_API_KEY") or None
     model_ready = False  # once the model server has answered, /health stops asking it
+    # inside `guard` (added later, so it runs first): no body is read before the key is checked
+    api.add_middleware(BoundedBody, max_bytes=settings.max_body_bytes,
+                       timeout_s=settings.body_timeout_s)
 
     @api.middleware("http")
     async def guard(request: Request, call_next):
         rid = _request_id(request)
-        size = request.headers.get("content-length")
-        if size is not None and size.isdigit() and int(size) > settings.max_body_bytes:
-            return _error_response(APIError(413, f"request body of {size} bytes exceeds "
-                                                 f"{settings.max_body_bytes}", kind="too_large"),
-                                   rid)
         path = request.url.path.removeprefix(request.scope.get("root_path", ""))
-        if api_key and path.startswith("/v1/"):
+        # Everything but the liveness probe costs compute or shows state (/health/deep runs
+        # the model, /stats and the docs describe the deployment): all of it needs the key.
+        if api_key and path != "/health":
             auth = request.headers.get("authorization", "")
             given = auth[7:] if auth.lower().startswith("bearer ") else ""
             if not hmac.compare_digest(given.encode(), api_key.encode()):
@@ -180,7 +182,7 @@ def make_api(backend_factory, settings: IngressSettings) -> FastAPI:
         if req.model not in (None, settings.model_name):
             raise APIError(404, f"model {req.model!r} does not exist; this server serves "
                                 f"{settings.model_name!r}", "model", kind="not_found_error")
-        req.check_supported()
+        req.check_supported(settings.limits)
         rid = new_id("chatcmpl" if chat else "cmpl")
         backend = backend_factory()
         streams = []

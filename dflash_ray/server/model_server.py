@@ -5,14 +5,22 @@ many concurrent HTTP requests join the same engine steps. Closing the stream (cl
 timeout) aborts the request and frees its KV blocks. A request that fails, before its first
 output or mid-way, ends its stream with one {"error": ...} item with a short message; the
 traceback goes to this server's log.
+
+Text prompts are rendered and tokenized here, in a worker thread, and reach the engine as token
+ids: the engine tokenizes in `add_request`, on the caller's thread (this event loop) under its
+bookkeeping lock, so a long prompt held up every step and every stream while it was tokenized.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
+
+from tokenizers import Tokenizer
 
 from ..config import EngineConfig
 from ..core.chat_template import ChatTemplate
@@ -27,9 +35,11 @@ log = logging.getLogger(__name__)
 
 class ModelServer:
     def __init__(self, engine_config: dict, model_name: str, max_pending: int = 256,
-                 metrics_backend: Backend | None = None, replica: str = "0"):
+                 metrics_backend: Backend | None = None, replica: str = "0",
+                 deep_health_ttl_s: float = 5.0):
         """`metrics_backend`: where the engine's metrics go (Ray's metrics agent in a Serve
-        replica); None exports none."""
+        replica); None exports none. `deep_health_ttl_s`: how long one deep health check's
+        result answers every caller."""
         start = time.perf_counter()
         config = EngineConfig(**engine_config)
         self.engine = make_engine(config)
@@ -43,6 +53,13 @@ class ModelServer:
         self._pending = 0
         tok = self.engine.tokenizer
         self.chat = ChatTemplate(tok.config.get("chat_template") if tok else None)
+        # the engine's tokenizer file, used through `encode_batch`: the binding releases the GIL
+        # there (not in `encode`), so the engine's stepping thread runs while a prompt encodes
+        self._encoder = Tokenizer.from_file(str(Path(config.target) / "tokenizer.json")) \
+            if tok else None
+        self.deep_health_ttl_s = deep_health_ttl_s
+        self._deep_check: asyncio.Task | None = None
+        self._deep_checked = 0.0
         log.info("ready: model %r (target %s, drafter %s, block size %d, max_model_len %d) "
                  "loaded in %.1f s", model_name, config.target, config.drafter,
                  self.engine.block_size, self.engine.max_model_len, time.perf_counter() - start)
@@ -89,8 +106,8 @@ class ModelServer:
         stream = None
         try:
             try:
-                if messages is not None:
-                    prompt = self.chat.render(messages)
+                if messages is not None or isinstance(prompt, str):
+                    prompt = await asyncio.to_thread(self._prompt_ids, prompt, messages)
                 stream = self.engine.stream(prompt, params, request_id)
                 first = await anext(stream)  # add_request validates before the first step
             except InvalidRequest as exc:
@@ -113,10 +130,35 @@ class ModelServer:
             if stream is not None:
                 await stream.aclose()
 
+    def _prompt_ids(self, prompt: str | None, messages: list[dict] | None) -> str | list[int]:
+        """The prompt as token ids (in a worker thread); text where the engine should refuse
+        it, in its own words (no tokenizer, a lone surrogate)."""
+        text = self.chat.render(messages) if messages is not None else prompt
+        if self._encoder is None:
+            return text
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            return text
+        return self._encoder.encode_batch([text])[0].ids
+
     async def deep_health(self) -> dict:
-        """Two tokens through the whole path: prefill, one drafter pass, one verify."""
-        outs = [o async for o in self.engine.stream([0], SamplingParams(max_tokens=2,
-                                                                          ignore_eos=True))]
+        """Two tokens through the whole path: prefill, one drafter pass, one verify. One check
+        at a time, and its result (or failure) answers every caller for `deep_health_ttl_s`:
+        each check joins the batch other requests run in, so 300 probes raised their latency
+        six-fold."""
+        task = self._deep_check
+        stale = time.monotonic() - self._deep_checked > self.deep_health_ttl_s
+        if task is None or (task.done() and stale):
+            task = self._deep_check = asyncio.ensure_future(self._deep_pass())
+        return await asyncio.shield(task)  # a caller that gives up does not cancel the others'
+
+    async def _deep_pass(self) -> dict:
+        try:
+            outs = [o async for o in self.engine.stream([0], SamplingParams(max_tokens=2,
+                                                                              ignore_eos=True))]
+        finally:
+            self._deep_checked = time.monotonic()
         out = outs[-1] if outs else None
         if out is None or len(out.token_ids) != 2:
             raise RuntimeError(f"deep health check produced {out!r}")

@@ -2,8 +2,10 @@
 
 Owns which request fields we accept and how strictly (JSON types as written: "7" is no seed, true
 no token id), which we refuse (400 naming the field: every field we do not implement, unless it
-carries its neutral value), and how engine outputs become OpenAI JSON. No Ray, no FastAPI here,
-so it is tested without a server.
+carries its neutral value), how long a request's lists may be (`RequestLimits`: what a stop
+string list or a prompt costs is per step or per token, so 80k stop strings slowed every batch
+they joined), and how engine outputs become OpenAI JSON. No Ray, no FastAPI here, so it is
+tested without a server.
 """
 
 from __future__ import annotations
@@ -36,6 +38,27 @@ STRICT = ConfigDict(strict=True, extra="forbid")
 
 def _not_implemented(neutral: str) -> str:
     return f"not implemented: refused unless it is {neutral} (or absent)"
+
+
+class RequestLimits(BaseModel):
+    """How much one request may ask for, beyond what the body size bounds. Past a limit: 400
+    naming the field and the limit."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_n: int = Field(16, ge=1, description="choices per request (`n`)")
+    max_stop: int = Field(16, ge=0, description="stop strings per request (OpenAI allows 4); "
+                          "each is searched for in every step's new text")
+    max_stop_chars: int = Field(256, ge=1, description="characters in one stop string")
+    max_stop_token_ids: int = Field(256, ge=0, description="entries in `stop_token_ids`")
+    max_messages: int = Field(2048, ge=1, description="chat messages per request")
+    max_prompt_chars: int = Field(
+        1 << 20, ge=1, description="characters of the prompt (chat: of the messages' contents "
+        "together), refused before anything is rendered or tokenized")
+
+
+def _too_many(field: str, got: int, limit: int, what: str) -> APIError:
+    return APIError(400, f"{field} has {got} {what}; this server allows at most {limit}", field)
 
 
 class StreamOptions(BaseModel):
@@ -102,15 +125,25 @@ class _SamplingFields(BaseModel):
         field = self.budget()[1]
         return {"max_tokens": field} if field != "max_tokens" else {}
 
-    def check_supported(self) -> None:
+    def check_supported(self, limits: RequestLimits) -> None:
         for name, neutral in self.NOT_IMPLEMENTED.items():
             value = getattr(self, name)
             if value is not None and not any(value == n for n in neutral):
                 allowed = " or ".join(show(n) for n in neutral)
                 raise APIError(400, f"{name}={show(value)} is not supported by this server; "
                                     f"send {allowed} or leave it out", name)
-        if not 1 <= self.n <= 16:
-            raise APIError(400, f"n must be between 1 and 16, got {self.n}", "n")
+        if not 1 <= self.n <= limits.max_n:
+            raise APIError(400, f"n must be between 1 and {limits.max_n}, got {self.n}", "n")
+        stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
+        if len(stops) > limits.max_stop:
+            raise _too_many("stop", len(stops), limits.max_stop, "strings")
+        for i, s in enumerate(stops):
+            if len(s) > limits.max_stop_chars:
+                field = "stop" if isinstance(self.stop, str) else f"stop[{i}]"
+                raise _too_many(field, len(s), limits.max_stop_chars, "characters")
+        ids = self.stop_token_ids or []
+        if len(ids) > limits.max_stop_token_ids:
+            raise _too_many("stop_token_ids", len(ids), limits.max_stop_token_ids, "entries")
         if self.stream_options is not None and not self.stream:
             raise APIError(400, "stream_options is only allowed with stream: true",
                            "stream_options")
@@ -185,6 +218,13 @@ class CompletionRequest(_SamplingFields):
     def _prompt(cls, p: Any) -> Any:
         return _prompt_shape(p)
 
+    def check_supported(self, limits: RequestLimits) -> None:
+        super().check_supported(limits)
+        p = self.prompt
+        chars = len(p) if isinstance(p, str) else sum(len(x) for x in p if isinstance(x, str))
+        if chars > limits.max_prompt_chars:
+            raise _too_many("prompt", chars, limits.max_prompt_chars, "characters")
+
     def prompt_value(self) -> str | list[int]:
         p = self.prompt
         if isinstance(p, list) and p and isinstance(p[0], str | list):
@@ -230,6 +270,15 @@ class ChatCompletionRequest(_SamplingFields):
     functions: list[dict] | None = Field(None, description=_not_implemented("[]"))
     function_call: str | dict | None = Field(None, description=_not_implemented('"none"'))
     response_format: dict | None = Field(None, description=_not_implemented('{"type": "text"}'))
+
+    def check_supported(self, limits: RequestLimits) -> None:
+        super().check_supported(limits)
+        if len(self.messages) > limits.max_messages:
+            raise _too_many("messages", len(self.messages), limits.max_messages, "messages")
+        chars = sum(len(m.text()) for m in self.messages)
+        if chars > limits.max_prompt_chars:
+            raise _too_many("messages", chars, limits.max_prompt_chars,
+                            "characters of content together")
 
     def engine_names(self) -> dict[str, str]:
         return {**super().engine_names(), "prompt": "messages"}
