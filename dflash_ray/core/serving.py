@@ -14,6 +14,7 @@ import threading
 from collections.abc import AsyncIterator
 
 from .outputs import RequestOutput
+from .requests import prompt_ids
 from .sampling_params import SamplingParams
 from .streams import deltas
 
@@ -67,6 +68,8 @@ class Serving:
         the consumer is busy arrives merged, and after the first delta deltas wait for
         `stream_interval` tokens); closing the generator early (a client that went away) aborts
         the request and frees its blocks."""
+        if isinstance(prompt, str):  # tokenized before the lock: a long prompt blocks no one
+            prompt = prompt_ids(prompt, self.tokenizer, self.vocab_size)
         with self._lock:
             rid = self.add_request(prompt, params, request_id)
             queue = self._streams.open(rid, asyncio.get_running_loop())

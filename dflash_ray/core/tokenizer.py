@@ -24,7 +24,9 @@ class Tokenizer:
         return cls(model_dir) if (Path(model_dir) / "tokenizer.json").is_file() else None
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        # encode_batch lets go of the GIL while it works (encode holds it), so a long prompt
+        # does not stop the engine's other threads
+        return self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
