@@ -10,6 +10,13 @@ import platform
 import torch
 import torch.nn.functional as F
 
+# oneDNN keeps one primitive per GEMM shape it has run, up to this many (its default, 1024,
+# ~130 KiB each): a server's ragged batches fill it with a shape per token count, which looked
+# like a leak of ~130 MiB (bench/soak_memory.py). 64 holds the RSS flat and measured no slower
+# (docs/reliability.md). Read at oneDNN's first primitive, so it is set on import, before any;
+# a value in the environment wins.
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
+
 
 class PackedWeight:
     """A linear layer's weight laid out once in oneDNN's blocked CPU format (fp32 or bf16).
@@ -27,7 +34,6 @@ class PackedWeight:
     def __init__(self, weight: torch.Tensor):
         self.source = weight.detach()  # the original (shared, not copied): the one-row path
         self.data = torch.ops.mkldnn._reorder_linear_weight(self.source.contiguous())
-
 
     def apply(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """`F.linear` through oneDNN (same values up to GEMM rounding). One fp32 row (a plain
