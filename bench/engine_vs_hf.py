@@ -88,6 +88,24 @@ def ours_step_ms(llm: LLM, context: int, block: int, repeat: int) -> float:
     return median_ms(lambda: forward(context, block), repeat)
 
 
+@torch.inference_mode()
+def hf_generate(model, prompts: list[list[int]], max_tokens: int) -> tuple[float, list[list[int]]]:
+    """transformers' own `generate` on a loaded model: batch 1, greedy, exactly `max_tokens`
+    new tokens a prompt (no EOS stop). Returns the seconds all prompts took and their tokens."""
+    from transformers import GenerationConfig
+
+    gen = GenerationConfig(max_new_tokens=max_tokens, do_sample=False, eos_token_id=None,
+                           pad_token_id=model.config.pad_token_id or 0)
+    seconds, outputs = 0.0, []
+    for prompt in prompts:
+        ids = torch.tensor([prompt], device=model.device)
+        start = time.perf_counter()
+        out = model.generate(ids, generation_config=gen)
+        seconds += time.perf_counter() - start
+        outputs.append(out[0, len(prompt):].tolist())
+    return seconds, outputs
+
+
 def decode_tok_s(llm: LLM, batch: int, max_tokens: int) -> float:
     prompts = [[(i * 7 + j) % 100 + 1 for j in range(16)] for i in range(batch)]
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)

@@ -169,7 +169,7 @@ def run(args) -> dict:
     return result
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--target")
     ap.add_argument("--drafter")
@@ -178,6 +178,11 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--json", action="store_true", help="print the result as JSON")
+    return ap
+
+
+def main() -> None:
+    ap = parser()
     args = ap.parse_args()
     if bool(args.target) != bool(args.drafter):
         ap.error("--target and --drafter go together")

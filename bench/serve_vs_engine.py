@@ -111,7 +111,7 @@ async def run_http(base: str, prompts, concurrency, max_tokens) -> dict:
     return rec.summary(seconds)
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--target")
     ap.add_argument("--drafter")
@@ -126,7 +126,11 @@ def main() -> None:
                     help="engine setting for both sides (deployments/dflash.yaml uses 2)")
     ap.add_argument("--stream-interval", type=int, default=None,
                     help="engine setting for both sides: tokens per streamed delta (default 1)")
-    args = ap.parse_args()
+    return ap
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Start a local Ray and Serve, measure every concurrency level, shut both down."""
     if args.demo:
         from dflash_ray.demo import demo_pair
 
@@ -172,12 +176,19 @@ def main() -> None:
         engine.shutdown()
         serve.shutdown()
         ray.shutdown()
+    shown = {k: (os.path.relpath(v) if k in ("target", "drafter") and v else v)
+             for k, v in vars(args).items()}
+    return {"args": shown, "rows": rows}
+
+
+def main() -> None:
+    args = parser().parse_args()
+    result = run(args)
     if args.json:
         with open(args.json, "w") as f:
-            shown = {k: (os.path.relpath(v) if k in ("target", "drafter") and v else v)
-                     for k, v in vars(args).items()}
-            json.dump({"args": shown, "rows": rows}, f, indent=2)
-    print(f"mean Serve / in-process ratio: {statistics.mean(r['ratio'] for r in rows):.2f}")
+            json.dump(result, f, indent=2)
+    print(f"mean Serve / in-process ratio: "
+          f"{statistics.mean(r['ratio'] for r in result['rows']):.2f}")
 
 
 if __name__ == "__main__":

@@ -177,6 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
         "plain": plain,
         "dflash": spec,
         "tau": tau,
+        "tok_s": {"plain": rate("plain"), "dflash": rate("dflash")},
         "speedup": rate("dflash") / rate("plain"),
         # the same tokens per step, costs changed: no drafter, then verify at a plain step's cost
         # (per step of the same batch: a plain step commits 1 token a sequence, this one tau)

@@ -61,18 +61,24 @@ def test_bad_values_exit_with_a_message(tiny, capsys):
     assert "expected an integer, 'auto' or 'none', got 'lots'" in capsys.readouterr().err
 
 
-def test_step_costs_counts_experts_and_restores_the_router(tiny, tmp_path):
-    """bench/step_costs.py on the tiny MoE (4 experts, top-2): a one-token step runs exactly 2
-    experts per layer, a multi-token verify 2 to 4; the router it wraps is put back."""
+def bench_script(name: str):
+    """A script under bench/, imported as a module."""
     import importlib.util
     from pathlib import Path
 
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_step_costs_counts_experts_and_restores_the_router(tiny, tmp_path):
+    """bench/step_costs.py on the tiny MoE (4 experts, top-2): a one-token step runs exactly 2
+    experts per layer, a multi-token verify 2 to 4; the router it wraps is put back."""
     from dflash_ray.ops import OPS, REFERENCE
 
-    path = Path(__file__).resolve().parents[1] / "bench" / "step_costs.py"
-    spec = importlib.util.spec_from_file_location("step_costs", path)
-    step_costs = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(step_costs)
+    step_costs = bench_script("step_costs")
     out_file = tmp_path / "costs.json"
     out = step_costs.main(["--target", tiny["moe"], "--drafter", tiny["drafter"],
                            "--spec-min-confidence", "0", "--prompts", "2", "--max-tokens", "12",
@@ -87,3 +93,34 @@ def test_step_costs_counts_experts_and_restores_the_router(tiny, tmp_path):
         assert (row["experts_per_layer"] == 2.0) if tokens == 1 else (
             2.0 <= row["experts_per_layer"] <= 4.0)
     assert out["dflash"]["draft_ms"] > 0 and 1.0 <= out["tau"] <= 8.0
+
+
+def test_ratios_in_process_parts(tiny, tmp_path):
+    """bench/ratios.py's in-process parts (Serve and Ray left out) on the tiny models: every row
+    has its fields, positive figures and a `met` that agrees with value and target; both sides
+    gave the same tokens (z-lab's loop, transformers' generate, plain vs DFlash)."""
+    ratios = bench_script("ratios")
+    out = tmp_path / "ratios"
+    result = ratios.main(["--out", str(out), "--target", tiny["moe"], "--drafter", tiny["drafter"],
+                          "--parts", "zlab", "bench", "code", "hf", "bound",
+                          "--concurrency", "1", "2", "--prompts", "2", "--sweep-prompts", "2",
+                          "--max-tokens", "8", "--rounds", "1"])
+    assert json.loads((out / "ratios.json").read_text()) == json.loads(json.dumps(result))
+    assert (out / "ratios.png").stat().st_size > 1000
+    rows = {r["name"]: r for r in result["ratios"]}
+    assert list(rows) == ["engine_vs_zlab_c1", "dflash_vs_plain_bench_c1", "dflash_vs_plain_c1",
+                          "dflash_vs_plain_c2", "dflash_vs_plain_thirdparty_c1",
+                          "plain_vs_hf_generate_b1", "speedup_over_bound_c1"]
+    for r in rows.values():
+        assert set(r) == {"name", "value", "target", "met", "inputs", "command"}, r
+        assert r["value"] > 0 and r["command"][0] in ("python3", "dflash-ray")
+        i = r["inputs"]
+        assert i["numerator_value"] > 0 and i["denominator_value"] > 0
+        assert i["unit"] == ("speedup" if r["name"] == "speedup_over_bound_c1" else "tok/s")
+        assert r["met"] is (None if r["target"] is None else r["value"] >= r["target"])
+        if r["name"] != "speedup_over_bound_c1":
+            assert i["outputs_identical"] is True, r["name"]
+    for name in ("engine_vs_zlab_c1", "plain_vs_hf_generate_b1"):  # exactly max_tokens each
+        assert rows[name]["inputs"]["tokens"] == [2 * 8, 2 * 8]
+        assert rows[name]["inputs"]["mismatched_prompts"] == []
+    assert rows["speedup_over_bound_c1"]["target"] is None
