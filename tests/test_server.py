@@ -353,6 +353,51 @@ def test_disconnect_mid_stream_frees_kv_blocks(served):
     assert stats["generation_tokens"] < 10_000
 
 
+def test_a_replica_death_ends_its_streams_with_an_error_event_then_done(served, text_models):
+    """The model-server replica dies mid-stream (killed): the stream ends with one error event
+    saying so, then [DONE]; Serve starts a new replica and the app serves again."""
+    import ray
+    from ray import serve
+
+    from dflash_ray.server.app import build_app
+
+    target, drafter = text_models
+    serve.run(build_app({"model_name": "tiny",
+                         "engine": {"target": target, "drafter": drafter, "max_model_len": 512}}),
+              name="mortal", route_prefix="/mortal", blocking=False)
+    base = f"{served}/mortal"
+    try:
+        wait_healthy(base)
+        name, namespace = next((a["name"], a["namespace"])
+                               for a in ray.util.list_named_actors(all_namespaces=True)
+                               if "mortal" in a["name"] and "DFlashServer" in a["name"])
+        body = {"prompt": "a", "max_tokens": 480, "temperature": 0, "stream": True,
+                "ignore_eos": True}
+        lines = []
+        with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=60) as r:
+            for line in r.iter_lines():
+                if not line.startswith("data: "):
+                    continue
+                lines.append(line)
+                if len(lines) == 2:
+                    ray.kill(ray.get_actor(name, namespace=namespace), no_restart=False)
+        assert lines[-1] == "data: [DONE]"
+        error = json.loads(lines[-2][6:])["error"]
+        assert error["type"] == "server_error" and "replica" in error["message"], error
+        assert error["request_id"]
+        deadline = time.time() + 90  # Serve replaces the dead replica
+        while time.time() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                r = httpx.post(f"{base}/v1/completions", timeout=30,
+                               json={"prompt": "a", "max_tokens": 2})
+                if r.status_code == 200:
+                    break
+            time.sleep(1)
+        assert r.status_code == 200, r.text
+    finally:
+        serve.delete("mortal")
+
+
 @pytest.fixture(scope="module")
 def tight(served, text_models):
     """A second app on the same Serve instance: one request in flight, a 0.3 s deadline, an

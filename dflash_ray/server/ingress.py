@@ -24,6 +24,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
+from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError, RequestCancelledError
 from starlette.exceptions import HTTPException
 
@@ -256,7 +257,15 @@ def _as_http_error(exc: BaseException, req: _SamplingFields, timeout_s: float) -
                         headers={"Retry-After": "1"})
     if isinstance(exc, RequestCancelledError):
         return _cancelled()
+    if isinstance(exc, RayActorError | ActorUnavailableError):
+        return _replica_died()
     return exc
+
+
+def _replica_died() -> APIError:
+    return APIError(503, "the model replica serving this request died (Serve starts a new "
+                         "one); retry it. A stream keeps the tokens it was sent",
+                    kind="server_error", headers={"Retry-After": "1"})
 
 
 def _cancelled() -> APIError:
@@ -301,6 +310,10 @@ async def _sse(streams, rid, request_id: str, settings: IngressSettings, chat: b
             await queue.put(err)
         except RequestCancelledError:  # the client went away: nobody to tell, nothing to log
             await queue.put(_cancelled())
+        except (RayActorError, ActorUnavailableError):  # the model replica died or is gone
+            log.warning("stream %s (request id %s): its model replica died", rid, request_id,
+                        exc_info=True)
+            await queue.put(_replica_died())
         except Exception:
             log.exception("stream %s (request id %s) failed", rid, request_id)
             await queue.put(APIError(500, f"the stream failed on the server; the server log "
