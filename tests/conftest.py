@@ -15,8 +15,9 @@ os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-# z-lab's whole block, verified at any batch size (the tests count on it; the device defaults
-# have tests of their own)
+# z-lab's whole block, verified at any batch size: the tiny random drafter is never confident
+# enough for the CPU defaults' cut, and the tests count its accepted drafts (the device defaults
+# have tests of their own, on the shipped pair)
 WHOLE = {"spec_profile": "whole_block"}
 
 torch.set_num_threads(1)

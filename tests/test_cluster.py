@@ -19,6 +19,8 @@ from dflash_ray.config import EngineConfig
 from dflash_ray.core.engine import Engine
 from dflash_ray.worker.worker_config import WorkerConfig
 
+from .conftest import WHOLE
+
 ray = pytest.importorskip("ray")
 
 from dflash_ray.cluster import ActorStartError, RayExecutor, StepError  # noqa: E402
@@ -27,7 +29,6 @@ pytestmark = pytest.mark.timeout(120)
 
 PROMPTS = [[(5 * i + j) % 30 for j in range(1 + 4 * i)] for i in range(6)]  # lengths 1..21
 GREEDY = SamplingParams(max_tokens=40)
-WHOLE = {"spec_profile": "whole_block"}  # the shared llms' setting
 
 
 def ray_engine(target: str, drafter: str | None, shards: int, **spec) -> Engine:

@@ -18,12 +18,11 @@ import pytest
 
 from dflash_ray import LLM, SamplingParams
 
+from .conftest import WHOLE
 from .test_engine import add_char_tokenizer
 
 pytestmark = pytest.mark.timeout(240)
 AUTH = {"Authorization": "Bearer sekret"}
-# whole blocks: the tiny random drafter is never confident enough for the CPU defaults' cut
-WHOLE = {"spec_profile": "whole_block"}
 
 
 def free_port() -> int:

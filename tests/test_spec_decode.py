@@ -13,9 +13,7 @@ import torch
 from dflash_ray import LLM, SamplingParams
 from dflash_ray.spec_decode import processed_probs, rejection_accept
 
-# z-lab's whole block, verified at any batch size (the tests count on it; the device defaults
-# have tests of their own)
-WHOLE = {"spec_profile": "whole_block"}
+from .conftest import WHOLE
 
 PROMPTS = [[(7 * i + j) % 30 for j in range(1 + 3 * i)] for i in range(10)]  # lengths 1..28
 
