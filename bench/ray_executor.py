@@ -7,6 +7,7 @@ Ray overhead (actor-call dispatch, pickling, waiting on results, skew between ac
 
     python3 bench/ray_executor.py                 # the demo pair, or random models of its shape
     python3 bench/ray_executor.py --target DIR --drafter DIR --concurrency 1 8 --shards 1 2
+    python3 bench/ray_executor.py --shards 1 --step-calls both  # compiled graphs vs actor calls
 """
 
 from __future__ import annotations
@@ -117,9 +118,11 @@ def run(args) -> dict:
     )
     prompts = bench_prompts(target, args.requests)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
+    calls = {"compiled": [True], "actor": [False], "both": [False, True]}[args.step_calls]
     setups = [("in-process", {})] + [
-        (f"ray {n} shard{'s' * (n > 1)}", {"executor": "ray", "num_target_shards": n})
-        for n in args.shards
+        (f"ray {n} shard{'s' * (n > 1)}{' (actor calls)' * (not compiled)}",
+         {"executor": "ray", "num_target_shards": n, "cluster": {"compiled_graph": compiled}})
+        for n in args.shards for compiled in calls
     ]
     result = {
         "target": target,
@@ -153,7 +156,7 @@ def run(args) -> dict:
             )
             result["rows"].append(row)
             tqdm.write(
-                f"{name:>13} c={c}: {row['tok_s']:7.1f} tok/s, tau {row['mean_tau']:.2f}, "
+                f"{name:>27} c={c}: {row['tok_s']:7.1f} tok/s, tau {row['mean_tau']:.2f}, "
                 + ", ".join(f"{k} {v:.2f}" for k, v in row["ms_per_step"].items() if k != "steps")
                 + " ms/step"
             )
@@ -175,6 +178,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--drafter")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--shards", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--step-calls", choices=["compiled", "actor", "both"], default="compiled",
+                    help="how steps reach the actors: compiled graphs (the default), one actor "
+                    "call per actor, or both side by side")
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -188,11 +194,11 @@ def main() -> None:
         ap.error("--target and --drafter go together")
     result = run(args)
     print()
-    print(f"{'setup':>13} {'c':>2} {'tok/s':>8} {'vs in-proc':>10} {'same':>5}  ms/step")
+    print(f"{'setup':>27} {'c':>2} {'tok/s':>8} {'vs in-proc':>10} {'same':>5}  ms/step")
     for r in result["rows"]:
         ms = r["ms_per_step"]
         print(
-            f"{r['setup']:>13} {r['concurrency']:>2} {r['tok_s']:8.1f} "
+            f"{r['setup']:>27} {r['concurrency']:>2} {r['tok_s']:8.1f} "
             f"{r['vs_in_process']:10.2f} {str(r['outputs_identical']):>5}  "
             + " ".join(f"{k}={v:.2f}" for k, v in ms.items() if k != "steps")
         )

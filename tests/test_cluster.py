@@ -253,6 +253,36 @@ def test_hung_target_shard_times_out_and_its_requests_are_recomputed(sharded, ll
     assert all(o.metrics.num_preemptions >= 1 for o in outs)
 
 
+def test_compiled_graph_steps_equal_actor_call_steps(ray_cluster, tiny, llms, sharded):
+    """`compiled_graph: true` (the steps as Ray compiled graphs) runs the same steps as the
+    default, one actor call per actor per step (the module's other tests), and survives its
+    drafter dying."""
+    assert sharded.executor.step_calls == "actor calls"
+    config = EngineConfig(target=tiny["moe"], drafter=tiny["drafter"], executor="ray",
+                          num_kv_blocks=96, drafter_dtype="float32", **WHOLE)
+    engine = Engine(config, executor=RayExecutor(WorkerConfig.from_engine(config), 1,
+                                                 compiled_graph=True))
+    try:
+        ex = engine.executor
+        assert ex.step_calls == "compiled graph"
+        got = generate(engine, PROMPTS, GREEDY)
+        ids = [engine.add_request(p, GREEDY) for p in PROMPTS[:3]]
+        engine.step()
+        drafter = ex.actors()["drafter"]
+        ray.kill(drafter)
+        wait_dead(drafter)
+        plain_after_kill = engine.run_until_finished(ids)
+        assert ex.wait_for_drafter(60)
+        again = generate(engine, PROMPTS[:3], GREEDY)
+    finally:
+        engine.shutdown()
+    want = llms["dflash"].generate(PROMPTS, GREEDY, use_tqdm=False)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert [o.acceptance_lengths for o in got] == [o.acceptance_lengths for o in want]
+    assert [o.token_ids for o in plain_after_kill] == [o.token_ids for o in want[:3]]
+    assert [o.acceptance_lengths for o in again] == [o.acceptance_lengths for o in want[:3]]
+
+
 def test_plain_decoding_one_shard(ray_cluster, tiny, llms):
     engine = ray_engine(tiny["moe"], None, 1)
     try:

@@ -43,6 +43,13 @@ class ClusterConfig(BaseModel):
     step_timeout_s: float = Field(
         30.0, gt=0, description="one engine step; past it the step fails and shards rebuild"
     )
+    compiled_graph: bool = Field(
+        False,
+        description="run each step's actor calls as Ray compiled graphs (a loop in each actor "
+        "fed through shared memory) instead of one actor call per actor per step; each loop "
+        "spins a CPU core while it waits, which made steps slower on a 2-core CPU "
+        "(cluster/step_graph.py)",
+    )
     collective_timeout_s: float = Field(
         30.0, gt=0, description="one collective of the target shard group"
     )

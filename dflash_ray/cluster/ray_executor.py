@@ -30,6 +30,7 @@ from ..worker.worker_config import ModelSpec, WorkerConfig
 from .actors import DrafterActor, TargetShardActor
 from .cluster_config import ClusterConfig
 from .launch import Deadline, cause, enclosing_group, place, spawn, wait_all
+from .step_graph import StepGraph
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,8 @@ class RayExecutor:
         self.last_restart: dict | None = None  # restart_account of the last drafter restart
         self._broken = False
         self._info: ExecutorInfo | None = None
+        self._shard_graph: StepGraph | None = None  # with cfg.compiled_graph (step_graph.py)
+        self._drafter_graph: StepGraph | None = None
         self._start_all()
 
     # ---- the executor interface -----------------------------------------------------------
@@ -115,12 +118,20 @@ class RayExecutor:
             self._start_all()
         t0 = time.perf_counter()
         drafter = self._drafter
-        refs = {}
-        for rank, shard in enumerate(self._shards):
-            refs[shard.step.remote(batch, drafter is not None)] = f"target shard {rank}"
         drafting = drafter is not None and bool(batch.drafter_decodes())
+        if self._shard_graph is not None:
+            refs = self._shard_graph.submit(batch, drafter is not None)
+        else:
+            refs = {shard.step.remote(batch, drafter is not None): f"target shard {rank}"
+                    for rank, shard in enumerate(self._shards)}
         if drafting:
-            refs[drafter.step.remote(batch)] = "drafter"
+            if self._drafter_graph is not None:
+                try:
+                    refs |= self._drafter_graph.submit(batch)
+                except ray.exceptions.RayChannelError as exc:  # the graph died with its actor
+                    self._lose_drafter(drafter, f"its step graph broke: {cause(exc)}")
+            else:
+                refs[drafter.step.remote(batch)] = "drafter"
         outs = self._collect(refs)
         lead: StepResult = outs["target shard 0"]
         spans = lead.spans + outs.get("drafter", [])
@@ -138,6 +149,11 @@ class RayExecutor:
 
     def shutdown(self) -> None:
         self._teardown()
+
+    @property
+    def step_calls(self) -> str:
+        """How steps reach the shards now: "compiled graph" or "actor calls"."""
+        return "compiled graph" if self._shard_graph is not None else "actor calls"
 
     def actors(self) -> dict:
         """Live actor handles by name ("drafter", "target shard 0", ...), for operators and
@@ -161,6 +177,8 @@ class RayExecutor:
         """Every actor's result by name. A failed drafter is replaced (the target side falls back
         by itself); a failed shard or the deadline fails the step and marks a rebuild."""
         deadline = time.monotonic() + self.cfg.step_timeout_s
+        if self._shard_graph is not None:
+            return self._collect_compiled(refs, deadline)
         pending, outs = dict(refs), {}
         while pending:
             ready, _ = ray.wait(
@@ -180,20 +198,23 @@ class RayExecutor:
                 self._lose_drafter(self._drafter, f"it failed: {cause(exc)}")
         return outs
 
-    def _fail_shards(self, name: str, exc: Exception, pending: dict) -> None:
-        """One shard failed: its peers fail within moments (their collectives lose it), so
-        gather those too and name the actor that died first in the message."""
-        failed = {name: exc}
-        ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=1.0)
-        for ref in ready:
+    def _collect_compiled(self, refs: dict, deadline: float) -> dict:
+        """`_collect` for compiled graphs' outputs, read in order (shards first: the drafter's
+        output is only its spans); a graph's outputs cannot be waited on together."""
+        outs = {}
+        for ref, name in refs.items():
             try:
-                ray.get(ref)
-            except Exception as other:
-                failed[pending[ref]] = other
-        dead_first = sorted(
-            failed, key=lambda n: not isinstance(failed[n], ray.exceptions.RayActorError)
-        )
-        self._fail("; ".join(f"{n} failed: {cause(failed[n])}" for n in dead_first), exc)
+                outs[name] = ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
+            except ray.exceptions.RayChannelTimeoutError as exc:
+                waiting = sorted(n for n in refs.values() if n not in outs)
+                self._fail(f"step timed out after {self.cfg.step_timeout_s:g} s waiting for "
+                           f"{waiting}", exc)
+            except Exception as exc:
+                if name != "drafter":
+                    dead = self._shard_graph.dead_actor(exc) or name
+                    self._fail(f"{dead} failed: {cause(exc)}", exc)
+                self._lose_drafter(self._drafter, f"it failed: {cause(exc)}")
+        return outs
 
     def _fail(self, why: str, cause: Exception | None = None) -> None:
         self._teardown()
@@ -213,6 +234,7 @@ class RayExecutor:
             why,
         )
         ray.kill(drafter, no_restart=True)
+        self._close_drafter_graph()
         self._drafter = None
         self._start_drafter()
 
@@ -251,6 +273,7 @@ class RayExecutor:
             return
         self._drafter_failures = 0
         self._drafter = actor
+        self._drafter_graph = self._graph({"drafter": actor})
         self.last_restart = restart_account(self._restart_asked, started["timing"], seen,
                                             time.time())
         log.warning("drafter actor restarted in %.1f s (process start and imports %.1f s, "
@@ -329,11 +352,26 @@ class RayExecutor:
             wait_all(allocs, "allocate the KV cache", deadline)
             if drafter is not None:
                 self._connect_drafter(drafter, deadline)
+            self._shard_graph = self._graph(
+                {f"target shard {r}": s for r, s in enumerate(self._shards)})
+            if drafter is not None:
+                self._drafter_graph = self._graph({"drafter": drafter})
         except BaseException:
             self._teardown()
             raise
         self._drafter = drafter
         self._broken = False
+
+    def _graph(self, actors: dict) -> StepGraph | None:
+        """The actors' step as a compiled graph (`compiled_graph`), or None: actor calls."""
+        if not self.cfg.compiled_graph:
+            return None
+        return StepGraph(actors, "step", 2 if "drafter" not in actors else 1)
+
+    def _close_drafter_graph(self) -> None:
+        if self._drafter_graph is not None:
+            self._drafter_graph.close()
+            self._drafter_graph = None
 
     def _size(self, started: list[dict]) -> ExecutorInfo:
         """KV blocks and state slots that every actor's cache budget holds (each actor has a
@@ -353,6 +391,10 @@ class RayExecutor:
         for actor in actors:
             if actor is not None:
                 ray.kill(actor, no_restart=True)
+        for graph in (self._shard_graph, self._drafter_graph):  # after the kills: quick then
+            if graph is not None:
+                graph.close()
+        self._shard_graph = self._drafter_graph = None
         if self._pg is not None and self._pg_owned:
             remove_placement_group(self._pg)
         self._pg, self._shards, self._drafter, self._starting = None, [], None, None
