@@ -31,6 +31,14 @@ class Linear(nn.Linear):
         return OPS.linear(x, packed or self.weight, self.bias)
 
 
+def embedding(num_embeddings: int, dim: int) -> nn.Embedding:
+    """A token embedding whose weight is left uninitialised (the checkpoint fills it). Models
+    are built on the meta device, and `nn.Embedding`'s own init (`normal_`) runs there through
+    Python decompositions whose first use imports ~900 modules: 2.7 s of every process that
+    loads a model (a restarted drafter actor among them)."""
+    return nn.Embedding(num_embeddings, dim, _weight=torch.empty(num_embeddings, dim))
+
+
 def prepack(model: nn.Module) -> bool:
     """Pack the linear weights of an inference model for the CPU GEMM path (see `PackedWeight`)
     once its weights are final: every module with a `prepack` method packs its own. No-op

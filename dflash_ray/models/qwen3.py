@@ -18,7 +18,16 @@ from ..ops import AttentionGroup, RotaryTable
 from ..parallel.communicator import LOCAL, Communicator
 from .cache_spec import CacheSpec
 from .hf_config import TargetConfig
-from .layers import MLP, Attention, DecoderLayer, Linear, NoAttention, RMSNorm, SparseMoE
+from .layers import (
+    MLP,
+    Attention,
+    DecoderLayer,
+    Linear,
+    NoAttention,
+    RMSNorm,
+    SparseMoE,
+    embedding,
+)
 from .loader import load_weights
 from .sharding import ShardSpec, full_shard
 
@@ -31,7 +40,7 @@ class Qwen3Target(nn.Module):
         self.cfg = cfg
         self.shard = shard or full_shard(cfg)
         d, s = cfg.decoder, self.shard
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, d.hidden_size)
+        self.embed_tokens = embedding(cfg.vocab_size, d.hidden_size)
         layers = []
         for i, kind in enumerate(d.layer_types):
             if kind != "full_attention":

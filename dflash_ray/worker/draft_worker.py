@@ -16,7 +16,7 @@ from torch import nn
 
 from ..core.step_io import DecodeItem, StepBatch
 from ..models.hf_config import TargetConfig
-from ..models.layers import Linear, prepack
+from ..models.layers import Linear, embedding, prepack
 from ..models.loader import load_weights
 from ..models.registry import load_drafter
 from ..spec_decode import processed_probs, sample
@@ -55,7 +55,7 @@ class TargetHead(nn.Module):
     def __init__(self, cfg: TargetConfig):
         super().__init__()
         hidden = cfg.decoder.hidden_size
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, hidden)
+        self.embed_tokens = embedding(cfg.vocab_size, hidden)
         self.lm_head = Linear(hidden, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
