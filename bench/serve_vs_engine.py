@@ -5,6 +5,7 @@ Reports output tok/s, TTFT and inter-token latency (p50/p99), and the Serve / in
 
     python3 bench/serve_vs_engine.py --demo [--concurrency 1 8 32] [--requests 32]
     python3 bench/serve_vs_engine.py --target DIR --drafter DIR
+    python3 bench/serve_vs_engine.py --demo --direct-streaming  # + the one-deployment app
 """
 
 from __future__ import annotations
@@ -124,6 +125,9 @@ def parser() -> argparse.ArgumentParser:
                     help="engine setting for both sides (deployments/dflash.yaml uses 0.1)")
     ap.add_argument("--spec-max-batch", type=int, default=None,
                     help="engine setting for both sides (deployments/dflash.yaml uses 2)")
+    ap.add_argument("--direct-streaming", action="store_true",
+                    help="also measure the app with direct_streaming (the model replica serves "
+                    "HTTP itself), side by side")
     ap.add_argument("--stream-interval", type=int, default=None,
                     help="engine setting for both sides: tokens per streamed delta (default 1)")
     return ap
@@ -157,6 +161,9 @@ def run(args: argparse.Namespace) -> dict:
         port = s.getsockname()[1]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"engine": engine_cfg}), name="bench", route_prefix="/")
+    if args.direct_streaming:
+        serve.run(build_app({"engine": engine_cfg, "direct_streaming": True}), name="direct",
+                  route_prefix="/direct")
     base = f"http://127.0.0.1:{port}"
     engine = make_engine(EngineConfig(**engine_cfg))
     rows = []
@@ -166,6 +173,13 @@ def run(args: argparse.Namespace) -> dict:
             http = asyncio.run(run_http(base, prompts, c, args.max_tokens))
             rows.append({"concurrency": c, "in_process": local, "serve": http,
                          "ratio": http["tok_s"] / local["tok_s"]})
+            if args.direct_streaming:
+                direct = asyncio.run(run_http(f"{base}/direct", prompts, c, args.max_tokens))
+                rows[-1] |= {"direct": direct, "direct_ratio": direct["tok_s"] / local["tok_s"]}
+                print(f"c={c:>2}: direct streaming {direct['tok_s']:.0f} tok/s "
+                      f"({direct['tok_s'] / local['tok_s']:.0%}); TTFT p50/p99 "
+                      f"{direct['ttft_p50_ms']:.0f}/{direct['ttft_p99_ms']:.0f} ms, ITL p50/p99 "
+                      f"{direct['itl_p50_ms']:.1f}/{direct['itl_p99_ms']:.1f} ms", flush=True)
             print(f"c={c:>2}: in-process {local['tok_s']:.0f} tok/s, Serve {http['tok_s']:.0f} "
                   f"tok/s ({http['tok_s'] / local['tok_s']:.0%}); Serve TTFT p50/p99 "
                   f"{http['ttft_p50_ms']:.0f}/{http['ttft_p99_ms']:.0f} ms, ITL p50/p99 "

@@ -397,6 +397,65 @@ def test_a_replica_death_ends_its_streams_with_an_error_event_then_done(served, 
         serve.delete("mortal")
 
 
+def test_direct_streaming_serves_the_same_routes_from_the_model_replica(served, text_models):
+    """`direct_streaming`: one deployment serves the routes itself. Same text, streamed and not,
+    chat too; bad input still a 400 naming the field; a client that leaves frees its blocks."""
+    import ray
+    from ray import serve
+
+    from dflash_ray.server.app import build_app
+
+    target, drafter = text_models
+    serve.run(build_app({"model_name": "tiny", "direct_streaming": True,
+                         "engine": {"target": target, "drafter": drafter, "max_model_len": 512,
+                                    **WHOLE}}),
+              name="direct", route_prefix="/direct", blocking=False)
+    base = f"{served}/direct"
+    try:
+        wait_healthy(base)
+        deployments = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                       if "direct" in a["name"]}
+        assert any("DFlashDirect" in n for n in deployments)
+        assert not any("Ingress" in n for n in deployments), deployments
+        llm = LLM(*text_models, **WHOLE)
+        want = llm.generate("hello world", SamplingParams(max_tokens=24), use_tqdm=False)[0]
+        body = {"prompt": "hello world", "max_tokens": 24, "temperature": 0}
+        got = httpx.post(f"{base}/v1/completions", json=body, timeout=30).json()
+        assert got["choices"][0]["text"] == want.text
+        assert got["usage"]["completion_tokens"] == 24
+        text, usage = "", None
+        with httpx.stream("POST", f"{base}/v1/completions", timeout=30,
+                          json=body | {"stream": True,
+                                       "stream_options": {"include_usage": True}}) as r:
+            lines = [ln for ln in r.iter_lines() if ln.startswith("data: ")]
+        assert lines[-1] == "data: [DONE]"
+        for line in lines[:-1]:
+            chunk = json.loads(line[6:])
+            text += "".join(c["text"] for c in chunk["choices"])
+            usage = chunk.get("usage") or usage
+        assert text == want.text and usage["completion_tokens"] == 24
+        prompt = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+        offline = llm.generate(prompt, SamplingParams(max_tokens=16), use_tqdm=False)[0]
+        chat = httpx.post(f"{base}/v1/chat/completions", timeout=30, json={
+            "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16,
+            "temperature": 0}).json()
+        assert chat["choices"][0]["message"]["content"] == offline.text
+        bad = httpx.post(f"{base}/v1/completions", json={"prompt": "a", "max_tokens": -1})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "max_tokens"
+        with httpx.stream("POST", f"{base}/v1/completions", timeout=30,
+                          json={"prompt": "abc", "max_tokens": 400, "stream": True}) as r:
+            next(ln for ln in r.iter_lines() if ln.startswith("data: "))  # then leave
+        deadline, stats = time.time() + 20, {}
+        while time.time() < deadline:
+            stats = httpx.get(f"{base}/stats").json()
+            if stats["running"] == 0 and stats["kv_blocks_used"] == 0:
+                break
+            time.sleep(0.2)
+        assert stats["running"] == 0 and stats["kv_blocks_used"] == 0, stats
+    finally:
+        serve.delete("direct")
+
+
 @pytest.fixture(scope="module")
 def tight(served, text_models):
     """A second app on the same Serve instance: one request in flight, a 0.3 s deadline, an

@@ -2,10 +2,17 @@
 
 Two deployments: `Ingress` (FastAPI, OpenAI routes) and `DFlashServer` (one Engine per replica).
 Engine construction is data (`engine` args -> EngineConfig), so tests and YAMLs pick the models.
+
+With `direct_streaming` the model-server replica serves the routes itself (one deployment,
+`DFlashDirect`): every delta crosses one process boundary (replica -> HTTP proxy) instead of
+two (replica -> ingress -> proxy), as Ray Serve LLM's direct streaming does. What it gives up:
+when a replica dies, nothing is left to tell its streams why (the proxy ends them without an
+error event or `[DONE]`), and the HTTP work shares the engine's process.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 from typing import Any
 
@@ -32,6 +39,9 @@ class AppArgs(BaseModel):
     metrics: bool = Field(True, description="export the engine's metrics through Ray's metrics "
                           "agent (names in dflash_ray/metrics/catalog.py)")
     ingress: IngressSettings = Field(default_factory=IngressSettings)
+    direct_streaming: bool = Field(False, description="the model server serves HTTP itself: "
+                                   "one hop per delta instead of two; a replica's death then "
+                                   "ends its streams without an error event (module docstring)")
 
     @model_validator(mode="after")
     def _models(self) -> AppArgs:
@@ -92,8 +102,41 @@ class Ingress:
         return make_api(lambda: self.backend, self.settings)
 
 
+class LocalBackend:
+    """The routes' view of a model server in the same process (`direct_streaming`)."""
+
+    def __init__(self, server: ModelServer):
+        self.server = server
+
+    def generate(self, prompt, messages, params, request_id: str):
+        return self.server.generate(prompt, messages, params, request_id)
+
+    async def call(self, method: str):
+        result = getattr(self.server, method)()
+        return await result if inspect.isawaitable(result) else result
+
+
+@serve.deployment(name="DFlashDirect", max_ongoing_requests=1024)
+@serve.ingress()
+class DFlashDirect(ModelServer):
+    def __init__(self, engine_config: dict, model_name: str, max_pending: int, metrics: bool,
+                 deep_health_ttl_s: float, settings: dict):
+        _log_through_serve()
+        replica = serve.get_replica_context().replica_tag
+        super().__init__(engine_config, model_name, max_pending,
+                         RayBackend() if metrics else None, replica, deep_health_ttl_s)
+        self.backend = LocalBackend(self)
+        self.settings = IngressSettings(**settings)
+
+    def __serve_build_asgi_app__(self):
+        return make_api(lambda: self.backend, self.settings)
+
+
 def build_app(args: dict) -> serve.Application:
     a = AppArgs(**args)
+    if a.direct_streaming:
+        return DFlashDirect.bind(a.engine, a.model_name, a.max_pending, a.metrics,
+                                 a.deep_health_ttl_s, a.ingress.model_dump())
     server = DFlashServer.bind(a.engine, a.model_name, a.max_pending, a.metrics,
                                a.deep_health_ttl_s)
     return Ingress.bind(server, a.ingress.model_dump())
