@@ -99,6 +99,9 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         mask = g.mask.expand(n, 1, num_q, width).view(torch.uint8)  # [N, 1, Q, K]
         valid = g.query_valid.view(torch.uint8)
         block_m = max(16, min(64, triton.next_power_of_2(num_q * group_size)))
+        # fp32 tiles of the gathered K and V, two stages in flight: kept under ~110 KiB of
+        # shared memory at head dim 128 (Hopper allows 227 KiB per block)
+        block_n = 64 if block_d <= 64 else 32
         grid = (n, nkv, triton.cdiv(num_q * group_size, block_m))
         _paged_attention_kernel[grid](
             q, k_cache, v_cache, out, g.query_rows, valid, g.key_slots, mask,
@@ -108,7 +111,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             g.query_rows.stride(0), g.query_rows.stride(1), valid.stride(0), valid.stride(1),
             g.key_slots.stride(0), g.key_slots.stride(1),
             mask.stride(0), mask.stride(2), mask.stride(3),
-            GROUP=group_size, HEAD_DIM=hd, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=64,
-            PRECISION=precision,
+            GROUP=group_size, HEAD_DIM=hd, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
+            PRECISION=precision, num_warps=4 if block_d <= 64 else 8, num_stages=2,
         )
     return out

@@ -2,8 +2,9 @@
 random ragged batches, run by Triton's interpreter on CPU tensors (`TRITON_INTERPRET=1`), and the
 registry offers them only where they can run.
 
-Tolerances, fp32: the kernels sum in another order than torch (online softmax over 64-key tiles,
-one dot per tile), so results differ by float rounding, ~1e-7 relative; 1e-5 leaves margin.
+Tolerances, fp32: the kernels sum in another order than torch (online softmax over 32- or
+64-key tiles, one dot per tile), so results differ by float rounding, ~1e-7 relative; 1e-5
+leaves margin.
 bf16: the kernel's inputs are the bf16 tensors, the reference runs on the same values widened to
 fp32 (the exact answer for those inputs); the kernel's one rounding of its output to bf16 is a
 relative error <= 2^-9, RMSNorm and RoPE round to bf16 at the same steps as the reference and may
@@ -109,6 +110,13 @@ def test_paged_attention_target_verify(dtype, num_queries):
     got, want = attention_case(spans, True, dtype, 4, 2, 16, query_offset=2, seed=num_queries)
     close(got, want, dtype)
     assert not got[:2].any() and not got[-1].any(), "rows in no group must stay zero"
+
+
+def test_paged_attention_head_dim_128():
+    """Qwen3's head dim (32-key tiles, several per sequence), 8 query heads per KV head."""
+    spans = ragged_spans(random.Random(5), 2, 4, 0, 64)
+    got, want = attention_case(spans, True, torch.float32, 8, 1, 128, query_offset=0, seed=5)
+    close(got, want, torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
