@@ -144,7 +144,10 @@ def lossless(args) -> dict:
     out = {}
     for dtype in ("float32", "bfloat16"):
         common = dict(device=args.device, dtype=dtype, max_num_seqs=8, kv_cache_gb=1.0)
-        llms = {"plain": LLM(target, **common), "dflash": LLM(target, drafter, **common)}
+        # whole blocks at any batch size: CUDA's default, and on CPU (whose defaults decode
+        # plain above 2 sequences) the only way this check drafts at all
+        llms = {"plain": LLM(target, **common),
+                "dflash": LLM(target, drafter, spec_profile="whole_block", **common)}
         # every prompt at once (batches of 8), compared prompt by prompt
         plain, spec = (llms[k].generate(prompts, params, use_tqdm=False) for k in llms)
         margins = []

@@ -14,30 +14,35 @@ bit, so 1e-2 absolute + relative (values are O(1)).
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 import os
 import random
 
+import dflash_kernels
 import pytest
 import torch
 
+from dflash_ray import ops
 from dflash_ray.ops import reference
 from dflash_ray.worker.layout import SeqSpan, build_layout
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are decorated (import)
-pytest.importorskip("triton", reason="triton is not installed (the `kernels` extra)")
-if os.environ["TRITON_INTERPRET"] != "1" and not torch.cuda.is_available():
-    pytest.skip("TRITON_INTERPRET is not 1 and there is no CUDA device", allow_module_level=True)
+INTERPRET = os.environ["TRITON_INTERPRET"] == "1"
+if importlib.util.find_spec("triton") is None:
+    WHY_NOT = "triton is not installed (the `kernels` extra)"
+elif not INTERPRET and not torch.cuda.is_available():
+    WHY_NOT = "TRITON_INTERPRET is not 1 and there is no CUDA device"
+else:
+    WHY_NOT = None
+    if INTERPRET:
+        from dflash_kernels.interpret import patch_interpreter
 
+        patch_interpreter()
+    from dflash_kernels import attention, elementwise
+needs_triton = pytest.mark.skipif(WHY_NOT is not None, reason=str(WHY_NOT))
 
-if os.environ["TRITON_INTERPRET"] == "1":
-    from dflash_kernels.interpret import patch_interpreter
-
-    patch_interpreter()
-
-import dflash_kernels  # noqa: E402
-from dflash_kernels import attention, elementwise  # noqa: E402
-
-DEVICE = "cpu" if os.environ["TRITON_INTERPRET"] == "1" else "cuda"
+DEVICE = "cpu" if INTERPRET else "cuda"
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 BLOCK_LEN = 4
 
@@ -87,6 +92,7 @@ def attention_case(spans, causal: bool, dtype: torch.dtype, nh: int, nkv: int, h
     return got, want
 
 
+@needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("num_queries", [1, 16])
 def test_paged_attention_target_verify(dtype, num_queries):
@@ -99,6 +105,7 @@ def test_paged_attention_target_verify(dtype, num_queries):
     assert not got[:2].any() and not got[-1].any(), "rows in no group must stay zero"
 
 
+@needs_triton
 def test_paged_attention_head_dim_128():
     """Qwen3's head dim (32-key tiles, several per sequence), 8 query heads per KV head."""
     spans = ragged_spans(random.Random(5), 2, 4, 0, 64)
@@ -106,6 +113,7 @@ def test_paged_attention_head_dim_128():
     close(got, want, torch.float32)
 
 
+@needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_paged_attention_drafter_block(dtype):
     """The drafter: a block of B = 8 queries, non-causal over [cached context, new context,
@@ -115,6 +123,7 @@ def test_paged_attention_drafter_block(dtype):
     close(got, want, dtype)
 
 
+@needs_triton
 def test_paged_attention_prefill_and_decode_groups():
     """A prefill (> 32 queries, its own group) beside a decode (q = 1) and a verify (q = 16)
     that share a group, so the decode's row is padded to 16 queries: two launches, one output."""
@@ -124,6 +133,7 @@ def test_paged_attention_prefill_and_decode_groups():
     close(got, want, torch.float32)
 
 
+@needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rms_norm(dtype):
     g = torch.Generator().manual_seed(1)
@@ -140,6 +150,7 @@ def test_rms_norm(dtype):
         same_bits(got, want)
 
 
+@needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_apply_rope(dtype):
     g = torch.Generator().manual_seed(2)
@@ -154,6 +165,7 @@ def test_apply_rope(dtype):
     same_bits(got, want)
 
 
+@needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_store_kv(dtype):
     g = torch.Generator().manual_seed(3)
@@ -169,19 +181,33 @@ def test_store_kv(dtype):
 
 def test_registry_offers_kernels_only_where_they_run(monkeypatch):
     """No CUDA: no kernel, and the reason says so. CUDA present: the kernel, which still runs
-    the reference for CPU tensors (and float64)."""
+    the reference for CPU tensors (and float64) without loading any Triton code."""
     dflash_kernels._unavailable.cache_clear()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert dflash_kernels.get("rms_norm") is None
-    assert dflash_kernels.reason("rms_norm") == "no CUDA device"
+    assert dflash_kernels.reason("rms_norm") in ("no CUDA device", "triton is not installed")
     assert dflash_kernels.reason("linear") == "no kernel written for this op"
     dflash_kernels._unavailable.cache_clear()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(dflash_kernels.importlib.util, "find_spec", lambda name: object())
     op = dflash_kernels.get("rms_norm")
     assert op is not None and dflash_kernels.get("linear") is None
-    calls = []
-    monkeypatch.setattr(elementwise, "rms_norm", lambda *a: calls.append(a))
-    x = torch.randn(3, 8, dtype=torch.float64)
-    torch.testing.assert_close(op(x, None, 1e-6), reference.rms_norm(x, None, 1e-6))
-    assert not calls, "a CPU tensor reached the Triton kernel"
+
+    def no_kernel(name):
+        raise AssertionError(f"a CPU tensor loaded {name}")
+
+    monkeypatch.setattr(dflash_kernels.importlib, "import_module", no_kernel)
+    for dtype in (torch.float32, torch.float64):
+        x = torch.randn(3, 8, dtype=dtype)
+        torch.testing.assert_close(op(x, None, 1e-6), reference.rms_norm(x, None, 1e-6))
     dflash_kernels._unavailable.cache_clear()
+
+
+def test_the_registry_logs_why_an_op_keeps_its_reference(caplog):
+    dflash_kernels._unavailable.cache_clear()
+    with caplog.at_level(logging.INFO, logger="dflash_ray.ops"):
+        ops._choose("paged_attention")
+        ops._choose("linear")
+    why = dflash_kernels.reason("paged_attention")
+    assert f"op paged_attention: reference ({why})" in caplog.text
+    assert "op linear: reference (no kernel written for this op)" in caplog.text
