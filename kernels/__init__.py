@@ -10,8 +10,13 @@ installed. Even then a call whose tensors are not on a CUDA device (a CPU model 
 process, a test) runs the reference, so the choice made at import is never wrong for a tensor.
 Triton itself is imported at a kernel's first call, not here, so `import dflash_ray` stays free
 of it. The Triton code also runs on CPU tensors under `TRITON_INTERPRET=1` (how
-`tests/test_kernels.py` checks its numerics without a GPU); call `attention` / `elementwise`
-directly for that.
+`tests/test_kernels.py` checks its numerics without a GPU): call `attention` / `elementwise`
+directly for that, after `interpret.patch_interpreter()`.
+
+There is no FlashInfer path yet: its paged attention plans each batch on the host from page
+indices and lengths (then runs per layer), while an `AttentionGroup` carries resolved key slots
+and a mask; the plan would be built once per forward from those (page size 1, or the block
+table passed along) and cached across layers. It cannot be installed or tested without a GPU.
 """
 
 from __future__ import annotations

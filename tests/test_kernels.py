@@ -142,7 +142,8 @@ def test_rms_norm(dtype):
     qkv = torch.randn(5, 7, 16, generator=g).to(dtype)  # q and k heads of a fused projection
     x3 = qkv[:, :5]  # a strided view, as the attention layer passes it
     w3 = (1 + 0.1 * torch.randn(5, 16, generator=g)).to(dtype)
-    for x, w in ((x2, w2), (x2, None), (x3, w3), (x3, w3[0])):
+    # (x2, w2.float()): a weight in another dtype, the result in the promoted one
+    for x, w in ((x2, w2), (x2, None), (x3, w3), (x3, w3[0]), (x2, w2.float())):
         got = elementwise.rms_norm(x, w, 1e-6)
         want = reference.rms_norm(x, w, 1e-6)
         assert got.dtype == want.dtype and got.shape == want.shape
