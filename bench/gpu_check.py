@@ -435,7 +435,7 @@ def kernels(args) -> dict:
         from dflash_kernels.interpret import patch_interpreter
 
         patch_interpreter()
-    from dflash_kernels import attention, elementwise
+    from dflash_kernels import attention, elementwise, intake
 
     from dflash_ray.ops import OPS, reference
     from dflash_ray.worker.layout import SeqSpan, build_layout
@@ -505,6 +505,22 @@ def kernels(args) -> dict:
         elementwise.store_kv(caches[0], caches[1], slots, x[:, nh:nh + nkv], x[:, nh + nkv:])
         reference.store_kv(caches[2], caches[3], slots, x[:, nh:nh + nkv], x[:, nh + nkv:])
         pairs["store_kv"] = (torch.cat(caches[:2]), torch.cat(caches[2:]))
+        # the drafter's intake of 64 context rows into 2 layers (features of 5 target layers)
+        hidden = nh * hd
+        feats = torch.randn(64, 5 * hidden, device=dev, generator=g).to(dtype)
+        fc = (0.01 * torch.randn(hidden, 5 * hidden, device=dev, generator=g)).to(dtype)
+        layers = [reference.IntakeLayer(
+            (0.02 * torch.randn(2 * nkv * hd, hidden, device=dev, generator=g)).to(dtype), None,
+            (1 + 0.1 * torch.randn(hd, device=dev, generator=g)).to(dtype)) for _ in range(2)]
+        kv = [[torch.zeros(256, nkv, hd, device=dev, dtype=dtype) for _ in range(2)]
+              for _ in range(4)]
+        slots = torch.randperm(256, device=dev)[:64]
+        intake_args = (feats, fc, torch.ones(hidden, device=dev, dtype=dtype), 1e-6, layers,
+                       nkv, cos[:64], sin[:64])
+        intake.context_intake(*intake_args, kv[:2], slots)
+        reference.context_intake(*intake_args, kv[2:], slots)
+        pairs["context_intake"] = (torch.cat([c for layer in kv[:2] for c in layer]),
+                                   torch.cat([c for layer in kv[2:] for c in layer]))
         for name, (got, want) in pairs.items():
             key = f"{name}_{tag}"
             got, want = got.float(), want.float()

@@ -4,14 +4,15 @@
 this machine; `dflash_ray.ops` asks once per op at import and logs its choice, with `reason(name)`
 when it keeps the reference (`DFLASH_OPS=ref` skips the question).
 
-Kernels (Triton, `attention.py` and `elementwise.py`): `paged_attention`, `store_kv`, `rms_norm`,
-`apply_rope`. They are offered only where they can run: a CUDA device is present and Triton is
-installed. Even then a call whose tensors are not on a CUDA device (a CPU model in the same
-process, a test) runs the reference, so the choice made at import is never wrong for a tensor.
-Triton itself is imported at a kernel's first call, not here, so `import dflash_ray` stays free
-of it. The Triton code also runs on CPU tensors under `TRITON_INTERPRET=1` (how
-`tests/test_kernels.py` checks its numerics without a GPU): call `attention` / `elementwise`
-directly for that, after `interpret.patch_interpreter()`.
+Kernels (Triton): `paged_attention` (`attention.py`); `store_kv`, `rms_norm`, `apply_rope`
+(`elementwise.py`); `context_intake`, each drafter layer's k-norm + RoPE + K/V store fused after
+its projection (`intake.py`). They are offered only where they can run: a CUDA device is
+present and Triton is installed. Even then a call whose tensors are not on a CUDA device (a CPU
+model in the same process, a test) runs the reference, so the choice made at import is never
+wrong for a tensor. Triton itself is imported at a kernel's first call, not here, so
+`import dflash_ray` stays free of it. The Triton code also runs on CPU tensors under
+`TRITON_INTERPRET=1` (how `tests/test_kernels.py` checks its numerics without a GPU): call
+`attention` / `elementwise` / `intake` directly for that, after `interpret.patch_interpreter()`.
 
 There is no FlashInfer path yet: its paged attention plans each batch on the host from page
 indices and lengths (then runs per layer), while an `AttentionGroup` carries resolved key slots
@@ -32,6 +33,7 @@ KERNELS = {
     "store_kv": "elementwise",
     "rms_norm": "elementwise",
     "apply_rope": "elementwise",
+    "context_intake": "intake",
 }
 # dtypes the kernels are written and tested for; others take the reference
 DTYPES = ("float32", "bfloat16", "float16")

@@ -39,7 +39,7 @@ else:
         from dflash_kernels.interpret import patch_interpreter
 
         patch_interpreter()
-    from dflash_kernels import attention, elementwise
+    from dflash_kernels import attention, elementwise, intake
 needs_triton = pytest.mark.skipif(WHY_NOT is not None, reason=str(WHY_NOT))
 
 DEVICE = "cpu" if INTERPRET else "cuda"
@@ -178,6 +178,34 @@ def test_store_kv(dtype):
     reference.store_kv(*want, slots, k, v)
     elementwise.store_kv(*caches, slots, k, v)
     assert torch.equal(caches[0], want[0]) and torch.equal(caches[1], want[1])
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_context_intake(dtype):
+    """The drafter's context intake over two layers (bias on one): both layers' caches as the
+    reference writes them, at scattered slots; untouched slots stay as they were."""
+    g = torch.Generator().manual_seed(4)
+    tc, feat, hidden, nkv, hd = 5, 96, 48, 2, 16
+
+    def rand(*shape, scale=1.0, offset=0.0):
+        return (offset + scale * torch.randn(*shape, generator=g)).to(dtype)
+
+    features, fc, hidden_norm = rand(tc, feat), rand(hidden, feat, scale=0.1), rand(hidden)
+    layers = [reference.IntakeLayer(rand(2 * nkv * hd, hidden, scale=0.2), bias,
+                                    rand(hd, scale=0.1, offset=1.0))
+              for bias in (None, rand(2 * nkv * hd))]
+    cos, sin = reference.RotaryTable(hd, 10000.0)(torch.tensor([3, 4, 5, 9, 30]), dtype)
+    slots = torch.tensor([7, 0, 12, 3, 18])
+    caches = [[rand(20, nkv, hd) for _ in range(2)] for _ in layers]
+    want = [[c.clone() for c in kv] for kv in caches]
+    args = (features, fc, hidden_norm, 1e-6, layers, nkv, cos, sin)
+    reference.context_intake(*args, want, slots)
+    intake.context_intake(*args, caches, slots)
+    for got_kv, want_kv in zip(caches, want, strict=True):
+        for got, w in zip(got_kv, want_kv, strict=True):
+            close(got, w, dtype)
+            same_bits(got, w)
 
 
 def test_registry_offers_kernels_only_where_they_run(monkeypatch):
