@@ -638,8 +638,8 @@ def _pair_rank(rank: int, port: int, backend: str, device: str, rounds: int, sha
         if torch.device(device).type == "cuda":
             torch.cuda.set_device(torch.device(device))
         comm = GroupCommunicator(rank, 2)
-        store = connect_store("127.0.0.1", port, 60)
-        comm.connect(backend, store, f"pair_{backend}", 60, device=device)
+        store = connect_store("127.0.0.1", port, 30)
+        comm.connect(backend, store, f"pair_{backend}", 30, device=device)
         # gloo moves host memory: GPU tensors are staged through it, as the drafter channel does
         wire = "cpu" if backend == "gloo" else device
         g = torch.Generator().manual_seed(0)
@@ -669,7 +669,7 @@ def _pair(backend: str, devices: list[str], rounds: int, shapes: dict) -> dict:
     from dflash_ray.parallel.communicator import open_store
 
     ctx = mp.get_context("spawn")
-    store, port = open_store("127.0.0.1", 60)
+    store, port = open_store("127.0.0.1", 30)
     results = ctx.Queue()
     procs = [ctx.Process(target=_pair_rank, args=(r, port, backend, devices[r], rounds, shapes,
                                                   results)) for r in (0, 1)]
@@ -678,7 +678,7 @@ def _pair(backend: str, devices: list[str], rounds: int, shapes: dict) -> dict:
     got = {}
     try:
         for _ in procs:
-            rank, r = results.get(timeout=150)
+            rank, r = results.get(timeout=90)  # start (imports, CUDA) + 30 s to connect
             got[f"rank{rank}"] = r
     except Exception as exc:
         got["error"] = f"no answer from every rank: {type(exc).__name__}"
