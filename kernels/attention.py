@@ -57,7 +57,9 @@ def _paged_attention_kernel(
         k = tl.load(k_ptr + slots[:, None] * stride_kt + kv_head * stride_kh + d[None, :],
                     mask=kv_ok, other=0.0).to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [BLOCK_M, BLOCK_N]
-        mask_at = mask_ptr + n * stride_mn + j[:, None] * stride_mq + c[None, :] * stride_mk
+        # int64: a long prefill's mask row offset j * K passes 2^31 near 46k tokens
+        mask_at = (mask_ptr + n.to(tl.int64) * stride_mn + j.to(tl.int64)[:, None] * stride_mq
+                   + c[None, :] * stride_mk)
         allowed = tl.load(mask_at, mask=row_ok[:, None] & c_ok[None, :], other=0) != 0
         s = tl.where(allowed, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
