@@ -9,7 +9,21 @@ skipped, so one short run on a borrowed GPU brings back everything at once:
 - timing: a random model of Qwen3-8B's shape (bf16) and a 5-layer drafter of z-lab's
   Qwen3-8B-DFlash-b16 shape: decode step at batch 1 / 8 / 32, a 16-token verify step and a
   drafter pass, each against the memory-bandwidth floor (weight bytes / measured copy bandwidth);
-- train: `train-drafter` on the device for a few dozen steps (online features, bf16 target).
+- train: `train-drafter` on the device for a few dozen steps (online features, bf16 target);
+- kernels: that the registry picked the Triton kernels, and each kernel against its reference
+  on the device (ragged paged batches: decode, 16-token verify, the drafter's non-causal block,
+  a prefill group; fp32 and bf16), with kernel / reference times;
+- graphs: a random target's decode and verify steps padded to their bucket and replayed from
+  CUDA graphs (`worker/graphs.py`) against the same steps run eagerly, over several steps;
+  `timing` then also times the steps with graphs;
+- nccl: two processes (torch.multiprocessing, no Ray) exchanging a hidden-state buffer and a
+  draft block through `parallel.communicator.GroupCommunicator`, over NCCL (on two GPUs, or
+  recording NCCL's refusal of two ranks on one GPU) and over gloo staging GPU tensors through
+  host memory (the drafter channel's one-GPU setup).
+
+On CPU, `graphs` runs the same steps with an eager stand-in for capture, `kernels` runs the
+Triton code interpreted when TRITON_INTERPRET=1 is set (slow: minutes) and is skipped otherwise,
+and `nccl` runs only its gloo pair. The whole run is sized for ~8 minutes on an H200.
 
     python3 bench/gpu_check.py --out gpu_check.json                  # on the GPU machine
     python3 bench/gpu_check.py --device cpu --small --out check.json # the same code on CPU
@@ -19,9 +33,12 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
 import os
+import random
 import statistics
+import sys
 import tempfile
 import time
 import traceback
@@ -38,6 +55,30 @@ SMALL = dict(num_hidden_layers=4, hidden_size=256, intermediate_size=512, num_at
              num_key_value_heads=2, head_dim=64, vocab_size=4096, rope_theta=10000.0,
              max_position_embeddings=4096)
 DRAFTER_SMALL = dict(num_hidden_layers=2, target_layer_ids=[1, 2], block_size=16)
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def use_this_checkout() -> str:
+    """Import `dflash_ray` and `dflash_kernels` from this script's checkout: its root goes first
+    on sys.path (an installed copy elsewhere, or none, as on the bare tree the device machine
+    gets), and `kernels/` is linked as `dflash_kernels` where no install maps it here. Must run
+    before `dflash_ray` is imported, whose op registry asks for kernels once. Returns where the
+    kernels were found."""
+    sys.path.insert(0, str(REPO))
+    spec = importlib.util.find_spec("dflash_kernels")
+    if spec is None or Path(spec.origin).parent.resolve() != (REPO / "kernels").resolve():
+        shim = Path(tempfile.mkdtemp(prefix="dflash_kernels_shim_"))
+        (shim / "dflash_kernels").symlink_to(REPO / "kernels")
+        sys.path.insert(0, str(shim))
+    import dflash_kernels
+
+    return str(Path(dflash_kernels.__file__).parent)
+
+
+def cuda(args) -> bool:
+    return torch.device(args.device).type == "cuda"
 
 
 def sync(device: str) -> None:
@@ -104,7 +145,10 @@ def lossless(args) -> dict:
     out = {}
     for dtype in ("float32", "bfloat16"):
         common = dict(device=args.device, dtype=dtype, max_num_seqs=8, kv_cache_gb=1.0)
-        llms = {"plain": LLM(target, **common), "dflash": LLM(target, drafter, **common)}
+        # whole blocks at any batch size: CUDA's default, and on CPU (whose defaults decode
+        # plain above 2 sequences) the only way this check drafts at all
+        llms = {"plain": LLM(target, **common),
+                "dflash": LLM(target, drafter, spec_profile="whole_block", **common)}
         # every prompt at once (batches of 8), compared prompt by prompt
         plain, spec = (llms[k].generate(prompts, params, use_tqdm=False) for k in llms)
         margins = []
@@ -201,6 +245,45 @@ def _random(model: torch.nn.Module, device: str, dtype: torch.dtype) -> torch.nn
     return model.eval()
 
 
+def graph_timings(args, target, cache, tables, ctx: int, scratch: int, layer_ids) -> dict:
+    """`timing`'s target steps replayed from CUDA graphs: with the host's layout and padding
+    (`_graph_ms`, what a step costs) and the replay alone (`_replay_ms`)."""
+    from dflash_ray.ops import OPS
+    from dflash_ray.worker.graphs import (
+        StepGraphs,
+        attention_group,
+        graph_shape,
+        make_buckets,
+        padded_inputs,
+    )
+    from dflash_ray.worker.layout import SeqSpan
+
+    if not cuda(args) or "triton" not in OPS.paged_attention.__qualname__:
+        return {"graphs": "off: CUDA graphs need CUDA and the Triton paged attention"}
+    dev, blen = args.device, 16
+
+    def forward(inputs):
+        hidden, _ = target(inputs["input_ids"], inputs["positions"], cache, inputs["write_slots"],
+                           [attention_group(inputs)], capture=layer_ids)
+        return target.logits(hidden)
+
+    step_graphs, out = StepGraphs(forward), {}
+    for b, q in ((1, 1), (8, 1), (32, 1), (1, 16)):
+        spans = [SeqSpan(tables[i], ctx, q, q) for i in range(b)]
+        shape = graph_shape(spans, make_buckets(len(tables)), len(tables[0]) * blen)
+        ids = torch.randint(5, target.cfg.vocab_size, (b * q,)).tolist()
+        pos = [p for _ in range(b) for p in range(ctx, ctx + q)]
+        name = f"decode_b{b}" if q == 1 else f"verify{q}_b{b}"
+        out[f"{name}_graph_ms"] = median_ms(
+            lambda spans=spans, ids=ids, pos=pos, shape=shape: step_graphs.run(
+                shape, padded_inputs(spans, ids, pos, shape, scratch, blen, True, dev)),
+            dev, args.repeat)
+        inputs = padded_inputs(spans, ids, pos, shape, scratch, blen, True, dev)
+        out[f"{name}_replay_ms"] = median_ms(
+            lambda shape=shape, inputs=inputs: step_graphs.run(shape, inputs), dev, args.repeat)
+    return out
+
+
 @torch.inference_mode()
 def timing(args) -> dict:
     """Step times of a model of Qwen3-8B's shape against the floor of reading its weights."""
@@ -232,8 +315,9 @@ def timing(args) -> dict:
     d = tcfg.decoder
     batches = (1, 8, 32)
     per_seq = (ctx + 16 + blen - 1) // blen
-    cache = PagedKVCache(d.num_layers, per_seq * max(batches), blen, target.num_kv_heads,
-                         d.head_dim, dtype, dev)
+    scratch = per_seq * max(batches)  # one more block: where graphs' pad rows write
+    cache = PagedKVCache(d.num_layers, scratch + 1, blen, target.num_kv_heads, d.head_dim, dtype,
+                         dev)
     tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(max(batches))]
     layer_ids = dcfg.target_layer_ids
     # prefill every sequence's context once (features of sequence 0 feed the drafter)
@@ -266,6 +350,12 @@ def timing(args) -> dict:
         out[f"decode_b{b}_floor_ms"] = floor_ms(b)
         out[f"decode_b{b}_vs_floor"] = ms / floor_ms(b)
     out["verify16_b1_ms"] = median_ms(lambda: target_step(1, 16), dev, args.repeat)
+    out["verify16_over_decode_b1"] = out["verify16_b1_ms"] / out["decode_b1_ms"]
+    out.update(graph_timings(args, target, cache, tables, ctx, scratch, layer_ids))
+    if "decode_b1_graph_ms" in out:
+        out["decode_b1_graph_vs_floor"] = out["decode_b1_graph_ms"] / floor_ms(1)
+        out["verify16_over_decode_b1_graph"] = (out["verify16_b1_graph_ms"]
+                                                / out["decode_b1_graph_ms"])
     # the drafter: context K/V materialized once, then one pass over [bonus, MASK x 15]
     dd = dcfg.decoder
     dcache = PagedKVCache(dd.num_layers, per_seq, blen, dd.num_kv_heads, dd.head_dim, dtype, dev)
@@ -317,8 +407,323 @@ def train(args) -> dict:
     return result
 
 
-SECTIONS = {"env": env, "lossless": lossless, "hf_parity": hf_parity, "timing": timing,
-            "train": train}
+def ragged_spans(rng: random.Random, num_seqs: int, q: int, extra_new: int, context: int,
+                 blen: int, first_block: int = 1):
+    """Sequences of ragged cached lengths (odd, up to `context`) on shuffled, disjoint blocks."""
+    from dflash_ray.worker.layout import SeqSpan
+
+    need = [(c, (c + q + extra_new + blen - 1) // blen)
+            for c in (rng.randrange(context // 2, context) | 1 for _ in range(num_seqs))]
+    pool = list(range(first_block, first_block + sum(n for _, n in need)))
+    rng.shuffle(pool)
+    spans = []
+    for cached, n in need:
+        table, pool = pool[:n], pool[n:]
+        spans.append(SeqSpan(table, cached, q + extra_new, q))
+    return spans
+
+
+@torch.inference_mode()
+def kernels(args) -> dict:
+    """Each Triton kernel against its reference on the device, and their times (bf16)."""
+    interpreted = not cuda(args)
+    if interpreted and os.environ.get("TRITON_INTERPRET") != "1":
+        return {"skipped": "needs CUDA, or TRITON_INTERPRET=1 for a dry run on CPU (the kernels' "
+                           "numerics on CPU are tests/test_kernels.py)"}
+    import dflash_kernels
+
+    if interpreted:
+        from dflash_kernels.interpret import patch_interpreter
+
+        patch_interpreter()
+    from dflash_kernels import attention, elementwise, intake
+
+    from dflash_ray.ops import OPS, reference
+    from dflash_ray.worker.layout import SeqSpan, build_layout
+
+    dev, blen = args.device, 16
+    nh, nkv, hd = (4, 2, 64) if args.small else (32, 8, 128)
+    out: dict = {"registry": {n: getattr(OPS, n).__qualname__ for n in dflash_kernels.KERNELS}}
+    # (the interpreter's dry run: the registry rightly keeps the references on CPU)
+    missing = [] if interpreted else [n for n, q in out["registry"].items() if "triton" not in q]
+    out["interpreted"] = interpreted
+    # fp32: IEEE dots in the kernel, fp32 SDPA in the reference: rounding of sums, ~1e-6; bf16:
+    # one rounding of the output (2^-9) and tf32 probabilities (2^-11) against the exact answer
+    tol = {torch.float32: 2e-4, torch.bfloat16: 2e-2}
+    rng = random.Random(0)
+    ctx = args.context
+    cases = {
+        "decode_b32": (ragged_spans(rng, 32, 1, 0, ctx, blen), True),
+        "verify16_b8": (ragged_spans(rng, 8, 16, 0, ctx, blen), True),
+        "drafter16_b8": (ragged_spans(rng, 8, 16, 3, ctx, blen), False),
+        "prefill_and_decodes": ([SeqSpan(list(range(1, 1 + (ctx + blen - 1) // blen)), 0, ctx,
+                                         ctx)] + ragged_spans(rng, 4, 1, 0, ctx, blen, 1000),
+                                True),
+    }
+    errors, worst = {}, []
+    for name, (spans, causal) in cases.items():
+        slots = blen * (1 + max(b for s in spans for b in s.block_table))
+        _, groups = build_layout(spans, blen, causal, dev)
+        t = sum(s.num_queries for s in spans)
+        for dtype in (torch.float32, torch.bfloat16):
+            g = torch.Generator(device=dev).manual_seed(1)
+            q = torch.randn(t, nh, hd, device=dev, generator=g).to(dtype)
+            kc = torch.randn(slots, nkv, hd, device=dev, generator=g).to(dtype)
+            vc = torch.randn(slots, nkv, hd, device=dev, generator=g).to(dtype)
+            want = reference.paged_attention(q.float(), kc.float(), vc.float(), groups, hd**-0.5)
+            got = attention.paged_attention(q, kc, vc, groups, hd**-0.5)
+            err = float((got.float() - want).abs().max())
+            key = f"paged_attention_{name}_{str(dtype)[6:]}"
+            errors[key] = err
+            if err > tol[dtype]:
+                worst.append(key)
+            if dtype == torch.bfloat16:
+                out[f"{name}_kernel_ms"] = median_ms(
+                    lambda q=q, kc=kc, vc=vc, groups=groups: attention.paged_attention(
+                        q, kc, vc, groups, hd**-0.5), dev, args.repeat)
+                out[f"{name}_reference_ms"] = median_ms(
+                    lambda q=q, kc=kc, vc=vc, groups=groups: reference.paged_attention(
+                        q, kc, vc, groups, hd**-0.5), dev, args.repeat)
+    for dtype in (torch.float32, torch.bfloat16):
+        g = torch.Generator(device=dev).manual_seed(2)
+        tag = str(dtype)[6:]
+        x = torch.randn(512, nh + 2 * nkv, hd, device=dev, generator=g).to(dtype)
+        w = (1 + 0.1 * torch.randn(nh + nkv, hd, device=dev, generator=g)).to(dtype)
+        xs = x[:, : nh + nkv]
+        pairs = {"rms_norm_heads": (elementwise.rms_norm(xs, w, 1e-6),
+                                    reference.rms_norm(xs, w, 1e-6))}
+        h = torch.randn(512, nh * hd, device=dev, generator=g).to(dtype)
+        wh = torch.ones(nh * hd, device=dev, dtype=dtype)
+        pairs["rms_norm_hidden"] = (elementwise.rms_norm(h, wh, 1e-6),
+                                    reference.rms_norm(h, wh, 1e-6))
+        cos, sin = reference.RotaryTable(hd, 1e6).to(dev)(
+            torch.arange(512, device=dev) * 7, dtype)
+        roped = elementwise.rms_norm(xs, w, 1e-6)
+        pairs["apply_rope"] = (elementwise.apply_rope(roped, cos, sin),
+                               reference.apply_rope(roped, cos, sin))
+        caches = [torch.zeros(2048, nkv, hd, device=dev, dtype=dtype) for _ in range(4)]
+        slots = torch.randperm(2048, device=dev)[:512]
+        elementwise.store_kv(caches[0], caches[1], slots, x[:, nh:nh + nkv], x[:, nh + nkv:])
+        reference.store_kv(caches[2], caches[3], slots, x[:, nh:nh + nkv], x[:, nh + nkv:])
+        pairs["store_kv"] = (torch.cat(caches[:2]), torch.cat(caches[2:]))
+        # the drafter's intake of 64 context rows into 2 layers (features of 5 target layers)
+        hidden = nh * hd
+        feats = torch.randn(64, 5 * hidden, device=dev, generator=g).to(dtype)
+        fc = (0.01 * torch.randn(hidden, 5 * hidden, device=dev, generator=g)).to(dtype)
+        layers = [reference.IntakeLayer(
+            (0.02 * torch.randn(2 * nkv * hd, hidden, device=dev, generator=g)).to(dtype), None,
+            (1 + 0.1 * torch.randn(hd, device=dev, generator=g)).to(dtype)) for _ in range(2)]
+        kv = [[torch.zeros(256, nkv, hd, device=dev, dtype=dtype) for _ in range(2)]
+              for _ in range(4)]
+        slots = torch.randperm(256, device=dev)[:64]
+        intake_args = (feats, fc, torch.ones(hidden, device=dev, dtype=dtype), 1e-6, layers,
+                       nkv, cos[:64], sin[:64])
+        intake.context_intake(*intake_args, kv[:2], slots)
+        reference.context_intake(*intake_args, kv[2:], slots)
+        pairs["context_intake"] = (torch.cat([c for layer in kv[:2] for c in layer]),
+                                   torch.cat([c for layer in kv[2:] for c in layer]))
+        for name, (got, want) in pairs.items():
+            key = f"{name}_{tag}"
+            got, want = got.float(), want.float()
+            errors[key] = float((got - want).abs().max())
+            # the reference's roundings: at most one ulp apart where the fp32 intermediates
+            # differ in their last bit (bf16: 2^-8 relative); a copy is exact
+            limit = 0.0 if name == "store_kv" else 1e-5 if dtype == torch.float32 else 1e-2
+            if not torch.allclose(got, want, rtol=limit, atol=limit):
+                worst.append(key)
+    out["max_abs_error"] = errors
+    if missing or worst:
+        out["FAILED"] = f"registry kept references for {missing}; outside tolerance: {worst}"
+    return out
+
+
+def _graph_target(args, dtype):
+    """A random target (the small shape, or Qwen3-8B's widths on 4 layers) for graph checks."""
+    from dflash_ray.models.hf_config import TargetConfig
+    from dflash_ray.models.qwen3 import Qwen3Target
+
+    shape = dict(SMALL if args.small else QWEN3_8B, num_hidden_layers=4)
+    with tempfile.TemporaryDirectory() as root:
+        tdir, _ = _write_configs(Path(root), shape, DRAFTER_SMALL)
+        cfg = TargetConfig.load(tdir)
+    with torch.device("meta"):
+        target = Qwen3Target(cfg)
+    return _random(target, args.device, dtype)
+
+
+@torch.inference_mode()
+def graphs(args) -> dict:
+    """Decode (q = 1) and verify (q = 16) steps of 5 ragged sequences, eager and unpadded vs
+    padded to bucket 8 and replayed from one CUDA graph per shape, four steps each."""
+    from dflash_ray.ops import OPS
+    from dflash_ray.worker.caches import PagedKVCache
+    from dflash_ray.worker.graphs import (
+        StepGraphs,
+        attention_group,
+        cuda_graph_capture,
+        eager_replay,
+        graph_shape,
+        make_buckets,
+        padded_inputs,
+    )
+    from dflash_ray.worker.layout import SeqSpan, build_layout
+
+    if cuda(args) and "triton" not in OPS.paged_attention.__qualname__:
+        return {"FAILED": "the registry kept the reference paged_attention, which syncs with the "
+                          "host (boolean indexing) and cannot be captured"}
+    # on CPU a dry run of the same steps, with the eager stand-in for capture
+    capture = cuda_graph_capture if cuda(args) else eager_replay
+    dev, blen, out = args.device, 16, {"capture": capture.__name__}
+    for dtype in (torch.float32, torch.bfloat16):
+        target = _graph_target(args, dtype)
+        d = target.cfg.decoder
+        g = torch.Generator().manual_seed(0)
+        lens = [37, 5, 130, 64, 17]
+        per_seq = (max(lens) + 8 * 16 + blen - 1) // blen
+        scratch = 5 * per_seq
+        caches = [PagedKVCache(d.num_layers, scratch + 1, blen, target.num_kv_heads, d.head_dim,
+                               dtype, dev) for _ in range(2)]
+        tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(5)]
+        spans = [SeqSpan(t, 0, n, n) for t, n in zip(tables, lens, strict=True)]
+        slots, groups = build_layout(spans, blen, True, dev)
+        ids = torch.randint(5, target.cfg.vocab_size, (sum(lens),), generator=g).to(dev)
+        pos = torch.cat([torch.arange(n) for n in lens]).to(dev)
+        for c in caches:
+            target(ids, pos, c, slots, groups)
+
+        def forward(inputs, cache=caches[1], target=target):
+            hidden, _ = target(inputs["input_ids"], inputs["positions"], cache,
+                               inputs["write_slots"], [attention_group(inputs)])
+            return target.logits(hidden)
+
+        step_graphs = StepGraphs(forward, capture)
+        worst, same = 0.0, True
+        for q in (1, 16, 1, 16, 16, 1, 1, 16):
+            spans = [SeqSpan(t, n, q, q) for t, n in zip(tables, lens, strict=True)]
+            ids = torch.randint(5, target.cfg.vocab_size, (5 * q,), generator=g).tolist()
+            pos = [p for n in lens for p in range(n, n + q)]
+            slots, groups = build_layout(spans, blen, True, dev)
+            hidden, _ = target(torch.tensor(ids, device=dev), torch.tensor(pos, device=dev),
+                               caches[0], slots, groups)
+            want = target.logits(hidden)
+            shape = graph_shape(spans, make_buckets(8), per_seq * blen)
+            got = step_graphs.run(shape, padded_inputs(spans, ids, pos, shape, scratch, blen,
+                                                       True, dev))[: 5 * q]
+            worst = max(worst, float((got - want).abs().max()))
+            same &= bool(torch.equal(got.argmax(-1), want.argmax(-1)))
+            lens = [n + q for n in lens]
+        out[str(dtype)[6:]] = {"max_abs_logit_diff": worst, "argmax_equal": same,
+                               "graphs": len(step_graphs)}
+        del target, caches, step_graphs
+        gc.collect()
+        if cuda(args):
+            torch.cuda.empty_cache()
+    # fp32: the same kernels on more (masked) key columns and more GEMM rows: rounding only
+    # bf16: GEMMs over more rows may pick other cuBLAS kernels (other rounding), so a near tie
+    # of a random model may flip; the logits must still agree to bf16 rounding
+    limits = {"float32": 1e-3, "bfloat16": 0.25}
+    bad = [k for k, limit in limits.items() if out[k]["max_abs_logit_diff"] > limit
+           or (k == "float32" and not out[k]["argmax_equal"])]
+    if bad:
+        out["FAILED"] = f"graph replay differs from eager: {bad}"
+    return out
+
+
+def _pair_rank(rank: int, port: int, backend: str, device: str, rounds: int, shapes: dict,
+               results) -> None:
+    """One side of the drafter-target pair: rank 0 (target) sends the hidden-state features,
+    rank 1 (drafter) answers with a draft block, `rounds` times; both check what they got."""
+    from dflash_ray.parallel.communicator import GroupCommunicator, connect_store
+
+    try:
+        if torch.device(device).type == "cuda":
+            torch.cuda.set_device(torch.device(device))
+        comm = GroupCommunicator(rank, 2)
+        store = connect_store("127.0.0.1", port, 30)
+        comm.connect(backend, store, f"pair_{backend}", 30, device=device)
+        # gloo moves host memory: GPU tensors are staged through it, as the drafter channel does
+        wire = "cpu" if backend == "gloo" else device
+        g = torch.Generator().manual_seed(0)
+        features = torch.randn(shapes["features"], generator=g).to(torch.bfloat16).to(device)
+        drafts = torch.randint(0, 150000, shapes["drafts"], generator=g).float().to(device)
+        bufs = [torch.empty(x.shape, dtype=x.dtype, device=wire) for x in (features, drafts)]
+        times, ok = [], True
+        for _ in range(rounds):
+            sync(device)
+            t = time.perf_counter()
+            for src, (x, buf) in enumerate(zip((features, drafts), bufs, strict=True)):
+                if rank == src:
+                    comm.broadcast(x.to(wire), src)
+                else:
+                    ok &= bool(torch.equal(comm.broadcast(buf, src).to(device), x))
+            sync(device)
+            times.append(time.perf_counter() - t)
+        comm.close()
+        results.put((rank, {"ok": ok, "round_trip_ms": 1000 * statistics.median(times[1:])}))
+    except Exception as exc:
+        results.put((rank, {"error": f"{type(exc).__name__}: {exc}"[:600]}))
+
+
+def _pair(backend: str, devices: list[str], rounds: int, shapes: dict) -> dict:
+    import torch.multiprocessing as mp
+
+    from dflash_ray.parallel.communicator import open_store
+
+    ctx = mp.get_context("spawn")
+    store, port = open_store("127.0.0.1", 30)
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_pair_rank, args=(r, port, backend, devices[r], rounds, shapes,
+                                                  results)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    got = {}
+    try:
+        for _ in procs:
+            rank, r = results.get(timeout=90)  # start (imports, CUDA) + 30 s to connect
+            got[f"rank{rank}"] = r
+    except Exception as exc:
+        got["error"] = f"no answer from every rank: {type(exc).__name__}"
+    for p in procs:
+        p.join(10)
+        if p.is_alive():
+            p.kill()
+    del store
+    return {"devices": devices, **got}
+
+
+def nccl(args) -> dict:
+    """The drafter-target exchange between two processes, without Ray."""
+    h = 256 if args.small else 4096
+    k = len((DRAFTER_SMALL if args.small else DRAFTER_8B)["target_layer_ids"])
+    # a verify of 8 decodes' 16-token blocks: 128 feature rows; drafts [8, 15] as fp32
+    shapes = {"features": (128, k * h), "drafts": (8 * 15,)}
+    out = {"feature_bytes": 128 * k * h * 2}
+    if cuda(args):
+        n = torch.cuda.device_count()
+        devices = ["cuda:0", "cuda:1"] if n > 1 else ["cuda:0", "cuda:0"]
+        out["nccl"] = _pair("nccl", devices, args.repeat, shapes)
+        out["gloo_staged"] = _pair("gloo", ["cuda:0", "cuda:0"], args.repeat, shapes)
+    else:
+        out["nccl"] = {"skipped": "needs CUDA"}
+        out["gloo_staged"] = _pair("gloo", ["cpu", "cpu"], args.repeat, shapes)
+    devices = out["nccl"].get("devices", [])
+    errors = [r.get("error", "") for r in out["nccl"].values() if isinstance(r, dict)]
+    # NCCL (>= 2.5) refuses two ranks of one communicator on one GPU: expected, not a failure
+    refused = len(set(devices)) == 1 and any("Duplicate GPU" in e or "invalid usage" in e
+                                               for e in errors)
+    if refused:
+        out["nccl"]["note"] = ("NCCL refuses two ranks on one GPU; there the drafter channel "
+                               "runs gloo, staged through host memory (gloo_staged)")
+    failed = [name for name in ("nccl", "gloo_staged")
+              if "skipped" not in out[name] and not (name == "nccl" and refused)
+              and not all(out[name].get(f"rank{r}", {}).get("ok") for r in (0, 1))]
+    if failed:
+        out["FAILED"] = f"the exchange failed over {failed}"
+    return out
+
+
+SECTIONS = {"env": env, "kernels": kernels, "graphs": graphs, "nccl": nccl,
+            "lossless": lossless, "hf_parity": hf_parity, "timing": timing, "train": train}
 
 
 def main() -> None:
@@ -334,7 +739,7 @@ def main() -> None:
     ap.add_argument("--train-steps", type=int, default=40)
     ap.add_argument("--out", default="gpu_check.json")
     args = ap.parse_args()
-    results: dict = {"args": vars(args)}
+    results: dict = {"args": vars(args), "dflash_kernels": use_this_checkout()}
     for name in args.sections:
         t0 = time.perf_counter()
         try:

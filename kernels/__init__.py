@@ -1,13 +1,83 @@
 """Optional accelerated versions of the hot ops in `dflash_ray.ops`, installed as `dflash_kernels`.
 
 `get(name)` returns a kernel with the reference op's signature, or None when there is none for
-this machine; `dflash_ray.ops` asks once per op at import and logs its choice (`DFLASH_OPS=ref`
-skips the question). No kernel ships yet: every op runs its torch reference (which uses the
-vendor's SDPA / GEMM kernels on GPU).
+this machine; `dflash_ray.ops` asks once per op at import and logs its choice, with `reason(name)`
+when it keeps the reference (`DFLASH_OPS=ref` skips the question).
+
+Kernels (Triton): `paged_attention` (`attention.py`); `store_kv`, `rms_norm`, `apply_rope`
+(`elementwise.py`); `context_intake`, each drafter layer's k-norm + RoPE + K/V store fused after
+its projection (`intake.py`). They are offered only where they can run: a CUDA device is
+present and Triton is installed. Even then a call whose tensors are not on a CUDA device (a CPU
+model in the same process, a test) runs the reference, so the choice made at import is never
+wrong for a tensor. Triton itself is imported at a kernel's first call, not here, so
+`import dflash_ray` stays free of it. The Triton code also runs on CPU tensors under
+`TRITON_INTERPRET=1` (how `tests/test_kernels.py` checks its numerics without a GPU): call
+`attention` / `elementwise` / `intake` directly for that, after `interpret.patch_interpreter()`.
+
+There is no FlashInfer path yet: its paged attention plans each batch on the host from page
+indices and lengths (then runs per layer), while an `AttentionGroup` carries resolved key slots
+and a mask; the plan would be built once per forward from those (page size 1, or the block
+table passed along) and cached across layers. It cannot be installed or tested without a GPU.
 """
 
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
 from collections.abc import Callable
+
+# op name -> module of this package that defines a kernel of that name
+KERNELS = {
+    "paged_attention": "attention",
+    "store_kv": "elementwise",
+    "rms_norm": "elementwise",
+    "apply_rope": "elementwise",
+    "context_intake": "intake",
+}
+# dtypes the kernels are written and tested for; others take the reference
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@functools.cache
+def _unavailable() -> str | None:
+    """Why no kernel can run on this machine, or None when they can."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    import torch
+
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    return None
+
+
+def reason(name: str) -> str:
+    """Why `get(name)` gives no kernel (for the registry's log line)."""
+    if name not in KERNELS:
+        return "no kernel written for this op"
+    return _unavailable() or "a kernel is available"
+
+
+def _device_dispatch(name: str, reference: Callable) -> Callable:
+    """The kernel `name` for CUDA tensors of a supported dtype, `reference` for any other."""
+    kernel: list[Callable] = []  # filled at the first CUDA call: triton is imported then
+
+    @functools.wraps(reference)
+    def op(first, *args, **kwargs):
+        if not first.is_cuda or str(first.dtype).removeprefix("torch.") not in DTYPES:
+            return reference(first, *args, **kwargs)
+        if not kernel:
+            module = importlib.import_module(f"{__name__}.{KERNELS[name]}")
+            kernel.append(getattr(module, name))
+        return kernel[0](first, *args, **kwargs)
+
+    op.__qualname__ = f"dflash_kernels.{KERNELS[name]}.{name} (triton on CUDA tensors)"
+    return op
 
 
 def get(name: str) -> Callable | None:
-    return None
+    if name not in KERNELS or _unavailable() is not None:
+        return None
+    from dflash_ray.ops import reference
+
+    return _device_dispatch(name, getattr(reference, name))

@@ -51,6 +51,8 @@ def _choose(name: str) -> Callable:
         return impl
     kernel = dflash_kernels.get(name)
     if kernel is None:
+        why = getattr(dflash_kernels, "reason", lambda _: "no kernel for this machine")(name)
+        log.info("op %s: reference (%s)", name, why)
         return impl
     log.info("op %s: using kernel %s", name, kernel.__qualname__)
     return kernel
