@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install dflash-ray with its test/benchmark extras into the current Python.
+# Install dflash-ray with its test/benchmark extras (and Triton, whose kernels the tests run
+# interpreted on CPU) into the current Python.
 # torch is pinned first so pip takes the local CPU wheel instead of pulling a CUDA build;
 # z-lab's `dflash` (the reference we test against) goes in with --no-deps: its exact pins
 # (transformers 5.15, datasets, requests) fight ours and none of them is needed for its model code.
@@ -7,5 +8,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 $PY -m pip install -q torch==2.13.0
-$PY -m pip install -q -e '.[dev]'
+$PY -m pip install -q -e '.[dev,kernels]'
 $PY -m pip install -q --no-deps dflash==0.1.0
