@@ -216,6 +216,21 @@ class RayExecutor:
                 self._lose_drafter(self._drafter, f"it failed: {cause(exc)}")
         return outs
 
+    def _fail_shards(self, name: str, exc: Exception, pending: dict) -> None:
+        """One shard failed: its peers fail within moments (their collectives lose it), so
+        gather those too and name the actor that died first in the message."""
+        failed = {name: exc}
+        ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=1.0)
+        for ref in ready:
+            try:
+                ray.get(ref)
+            except Exception as other:
+                failed[pending[ref]] = other
+        dead_first = sorted(
+            failed, key=lambda n: not isinstance(failed[n], ray.exceptions.RayActorError)
+        )
+        self._fail("; ".join(f"{n} failed: {cause(failed[n])}" for n in dead_first), exc)
+
     def _fail(self, why: str, cause: Exception | None = None) -> None:
         self._teardown()
         self._broken = True
