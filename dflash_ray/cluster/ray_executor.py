@@ -288,7 +288,7 @@ class RayExecutor:
             return
         self._drafter_failures = 0
         self._drafter = actor
-        self._drafter_graph = self._graph({"drafter": actor})
+        self._drafter_graph = self._graph({"drafter": actor}, 1)
         self.last_restart = restart_account(self._restart_asked, started["timing"], seen,
                                             time.time())
         log.warning("drafter actor restarted in %.1f s (process start and imports %.1f s, "
@@ -367,21 +367,20 @@ class RayExecutor:
             wait_all(allocs, "allocate the KV cache", deadline)
             if drafter is not None:
                 self._connect_drafter(drafter, deadline)
+            # shards step(batch, drafter_connected), the drafter step(batch)
             self._shard_graph = self._graph(
-                {f"target shard {r}": s for r, s in enumerate(self._shards)})
+                {f"target shard {r}": s for r, s in enumerate(self._shards)}, 2)
             if drafter is not None:
-                self._drafter_graph = self._graph({"drafter": drafter})
+                self._drafter_graph = self._graph({"drafter": drafter}, 1)
         except BaseException:
             self._teardown()
             raise
         self._drafter = drafter
         self._broken = False
 
-    def _graph(self, actors: dict) -> StepGraph | None:
+    def _graph(self, actors: dict, num_args: int) -> StepGraph | None:
         """The actors' step as a compiled graph (`compiled_graph`), or None: actor calls."""
-        if not self.cfg.compiled_graph:
-            return None
-        return StepGraph(actors, "step", 2 if "drafter" not in actors else 1)
+        return StepGraph(actors, "step", num_args) if self.cfg.compiled_graph else None
 
     def _close_drafter_graph(self) -> None:
         if self._drafter_graph is not None:

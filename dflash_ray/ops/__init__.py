@@ -51,8 +51,7 @@ def _choose(name: str) -> Callable:
         return impl
     kernel = dflash_kernels.get(name)
     if kernel is None:
-        why = getattr(dflash_kernels, "reason", lambda _: "no kernel for this machine")(name)
-        log.info("op %s: reference (%s)", name, why)
+        log.info("op %s: reference (%s)", name, dflash_kernels.reason(name))
         return impl
     log.info("op %s: using kernel %s", name, kernel.__qualname__)
     return kernel

@@ -66,14 +66,19 @@ def _log_through_serve() -> None:
     ours.propagate = False
 
 
-@serve.deployment(name="DFlashServer", max_ongoing_requests=512)
-class DFlashServer(ModelServer):
+class ReplicaModelServer(ModelServer):
+    """A `ModelServer` in a Serve replica: Serve's logging, the replica's tag, Ray's metrics."""
+
     def __init__(self, engine_config: dict, model_name: str, max_pending: int, metrics: bool,
                  deep_health_ttl_s: float):
         _log_through_serve()
         replica = serve.get_replica_context().replica_tag
         super().__init__(engine_config, model_name, max_pending,
                          RayBackend() if metrics else None, replica, deep_health_ttl_s)
+
+
+DFlashServer = serve.deployment(name="DFlashServer", max_ongoing_requests=512)(
+    ReplicaModelServer)
 
 
 class HandleBackend:
@@ -118,13 +123,10 @@ class LocalBackend:
 
 @serve.deployment(name="DFlashDirect", max_ongoing_requests=1024)
 @serve.ingress()
-class DFlashDirect(ModelServer):
+class DFlashDirect(ReplicaModelServer):
     def __init__(self, engine_config: dict, model_name: str, max_pending: int, metrics: bool,
                  deep_health_ttl_s: float, settings: dict):
-        _log_through_serve()
-        replica = serve.get_replica_context().replica_tag
-        super().__init__(engine_config, model_name, max_pending,
-                         RayBackend() if metrics else None, replica, deep_health_ttl_s)
+        super().__init__(engine_config, model_name, max_pending, metrics, deep_health_ttl_s)
         self.backend = LocalBackend(self)
         self.settings = IngressSettings(**settings)
 
