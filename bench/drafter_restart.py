@@ -3,7 +3,11 @@ and where the seconds go: the shipped pair, a drafter actor + 1 target shard, `-
 requests kept in flight; the drafter is killed once every level is warm, and the engine steps on
 (plain) until a new drafter is connected.
 
-    python3 bench/drafter_restart.py [--concurrency 2 8] [--out FILE]
+    python3 bench/drafter_restart.py [--concurrency 2 8] [--spec-profile device] [--out FILE]
+
+`--spec-profile device` (the default, what `serve run deployments/dflash.yaml` gets on a CPU)
+decodes plain above 2 running requests, so at concurrency 8 no step calls the drafter: only the
+executor's liveness probe sees it die. `whole_block` speculates at every concurrency.
 
 Prints per level the seconds from the kill to the restart and its parts (`RayExecutor.
 last_restart`: process start and imports, model load, until a step saw it ready, channel).
@@ -60,6 +64,7 @@ def measure(engine, prompts: list, concurrency: int, timeout_s: float = 300) -> 
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--concurrency", type=int, nargs="+", default=[2, 8])
+    p.add_argument("--spec-profile", choices=["device", "whole_block"], default="device")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR",
@@ -69,11 +74,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     try:
         for c in args.concurrency:
             engine = make_engine(EngineConfig(target=target, drafter=drafter, executor="ray",
-                                              spec_profile="whole_block",
+                                              spec_profile=args.spec_profile,
                                               max_num_seqs=max(args.concurrency)))
             try:
                 engine.executor.last_restart = None
-                rows.append(measure(engine, bench_prompts(target, 16), c))
+                rows.append(measure(engine, bench_prompts(target, 16), c)
+                            | {"spec_profile": args.spec_profile})
             finally:
                 engine.shutdown()
             r = rows[-1]

@@ -194,6 +194,54 @@ def test_drafter_killed_during_a_step(sharded, llms):
     assert ex.wait_for_drafter(60)
 
 
+def test_drafter_killed_while_the_batch_decodes_plain_is_replaced(sharded, llms, monkeypatch):
+    """Above spec_max_batch no step calls the drafter, so only the executor's probe can see it
+    die: a new drafter must be connected while the batch still decodes plain (before the fix
+    it came back only once a step drafted again: 46-51 s through Serve at concurrency 8), and
+    every request keeps its plain text."""
+    from dflash_ray.core.spec_policy import make_policy
+
+    monkeypatch.setattr(sharded.scheduler, "policy", make_policy(2))  # 6 live: all plain
+    ex = sharded.executor
+    assert ex.wait_for_drafter(60)
+    plain = llms["plain"].generate(PROMPTS, GREEDY, use_tqdm=False)
+    want = {tuple(p): o.token_ids for p, o in zip(PROMPTS, plain, strict=True)}
+    drafter_passes = []
+    execute = ex.execute
+
+    def spy(batch):
+        drafter_passes.append(batch.drafter_pass)
+        return execute(batch)
+
+    monkeypatch.setattr(ex, "execute", spy)
+    live, done, n = {}, [], 0
+
+    def step() -> None:
+        nonlocal n
+        while len(live) < len(PROMPTS):  # keep the batch above spec_max_batch
+            prompt = PROMPTS[n % len(PROMPTS)]
+            live[sharded.add_request(prompt, GREEDY)] = prompt
+            n += 1
+        for out in sharded.step():
+            if out.finished:
+                done.append((live.pop(out.request_id), out))
+
+    for _ in range(3):
+        step()
+    drafter = ex.actors()["drafter"]
+    ray.kill(drafter)
+    wait_dead(drafter)
+    deadline = time.monotonic() + 90  # a hang guard: the restart itself takes seconds
+    while ex.actors().get("drafter") in (None, drafter) and time.monotonic() < deadline:
+        step()
+    assert ex.actors().get("drafter") not in (None, drafter), "no new drafter while plain"
+    assert not any(drafter_passes), "a step called the drafter: the test lost its point"
+    assert sharded.stats().counters.num_drafter_losses >= 1
+    while live:
+        step()
+    assert done and all(out.token_ids == want[tuple(p)] for p, out in done)
+
+
 def test_killed_target_shard_recomputes_the_running_requests_on_a_rebuilt_group(sharded, llms):
     """A shard dies mid-run: the step fails within moments, the group is rebuilt, and the
     running requests are recomputed from their committed tokens (as after a preemption), so

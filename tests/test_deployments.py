@@ -12,7 +12,8 @@ from dflash_ray.server.app import AppArgs
 DEPLOYMENTS = Path(__file__).resolve().parents[1] / "deployments"
 
 
-@pytest.mark.parametrize("name", ["dflash.yaml", "qwen3-8b.yaml", "qwen3-30b-a3b.yaml"])
+@pytest.mark.parametrize("name", ["dflash.yaml", "dflash-ray-executor.yaml", "qwen3-8b.yaml",
+                                  "qwen3-30b-a3b.yaml"])
 def test_yaml_args_validate_and_bundles_fit(name):
     app = yaml.safe_load((DEPLOYMENTS / name).read_text())["applications"][0]
     assert app["import_path"] == "dflash_ray.server.app:build_app"
@@ -21,9 +22,14 @@ def test_yaml_args_validate_and_bundles_fit(name):
     engine = args.engine
     if engine.get("executor") == "ray":
         bundles = server["placement_group_bundles"]
-        actors = engine.get("num_target_shards", 1) + (1 if engine.get("drafter") else 0)
+        has_drafter = engine.get("drafter") or args.demo
+        actors = engine.get("num_target_shards", 1) + (1 if has_drafter else 0)
         assert len(bundles) == 1 + actors  # bundle 0 is the replica's own
-        assert all(b.get("GPU") == 1 and b.get("CPU", 0) >= 0.5 for b in bundles[1:])
+        gpus = 1 if engine.get("device", "cpu").startswith("cuda") else None
+        assert all(b.get("GPU") == gpus and b.get("CPU", 0) >= 0.5 for b in bundles[1:])
+        if gpus is None:  # the executor asks each bundle for exactly its per-actor CPUs
+            per_actor = engine.get("cluster", {}).get("num_cpus_per_actor", 0.5)
+            assert all(b["CPU"] == per_actor for b in bundles[1:])
     else:
         assert "placement_group_bundles" not in server
 

@@ -66,6 +66,9 @@ class DrafterActor:
     def ready(self) -> dict:
         return {**_started(self.cfg, self.worker.kv_bytes_per_token()), "timing": self.timing}
 
+    def ping(self) -> None:
+        """The executor's liveness probe (steps that decode plain never call the drafter)."""
+
     def allocate(self, num_blocks: int) -> None:
         self.worker.allocate(num_blocks)
 

@@ -8,7 +8,9 @@ live and how their tensors travel:
 - the drafter dies: the step still completes (target rank 0 verifies without drafts) and says
   the drafter was lost, so the engine decodes every sequence alive then plain to its end; a new
   drafter starts in the background, and sequences admitted once it is connected speculate
-  again (`drafter_ready`);
+  again (`drafter_ready`). Steps that decode plain (a batch above `spec_max_batch`) never call
+  the drafter, so `drafter_ready` also probes it, and a death it finds is reported by the next
+  step as if that step had lost it;
 - a target shard dies or a step passes `step_timeout_s`: the step raises (the engine fails the
   live requests with it), every actor is torn down, and the next step rebuilds the whole group.
 """
@@ -35,6 +37,7 @@ from .step_graph import StepGraph
 log = logging.getLogger(__name__)
 
 MAX_DRAFTER_RESTARTS = 3  # in a row without a successful start; then decoding stays plain
+DRAFTER_PROBE_S = 1.0  # at most one liveness probe of the connected drafter per this many seconds
 
 
 class StepError(WorkersLost):
@@ -91,6 +94,9 @@ class RayExecutor:
         self._drafter = None  # connected drafter actor, or None while it is dead or starting
         self._starting = None  # (actor, ready ref, started at) of a drafter coming up
         self._drafter_failures = 0
+        self._probe = None  # (drafter, ping ref) of the liveness probe in flight
+        self._probe_sent = 0.0
+        self._lost_unreported = False  # a probe found the drafter dead; the next step says so
         self._restart_asked = 0.0
         self.last_restart: dict | None = None  # restart_account of the last drafter restart
         self._broken = False
@@ -106,10 +112,11 @@ class RayExecutor:
 
     def drafter_ready(self) -> bool:
         """Asked at the start of every engine step: rebuilds a broken shard group first (so a
-        rebuilt drafter serves the step's new requests), and connects a restarted drafter once
-        it is up."""
+        rebuilt drafter serves the step's new requests), probes the connected drafter, and
+        connects a restarted drafter once it is up."""
         if self._broken:
             self._start_all()
+        self._probe_drafter()
         self._poll_drafter()
         return self._drafter is not None
 
@@ -135,7 +142,8 @@ class RayExecutor:
         outs = self._collect(refs)
         lead: StepResult = outs["target shard 0"]
         spans = lead.spans + outs.get("drafter", [])
-        lost = lead.drafter_lost or (drafting and "drafter" not in outs)
+        lost = lead.drafter_lost or (drafting and "drafter" not in outs) or self._lost_unreported
+        self._lost_unreported = False
         if lost:
             self._lose_drafter(drafter, "its channel to target rank 0 broke")
         result = StepResult(lead.results, spans, drafter_lost=lost)
@@ -253,6 +261,29 @@ class RayExecutor:
         self._drafter = None
         self._start_drafter()
 
+    def _probe_drafter(self) -> None:
+        """Notice a dead drafter while no step calls it: one cheap call in flight at a time,
+        sent at most every DRAFTER_PROBE_S and checked without waiting (a live drafter answers
+        after the step it is running; a dead one's call fails at once)."""
+        drafter = self._drafter
+        if self._probe is not None:
+            probed, ref = self._probe
+            if probed is not drafter:  # replaced since: the answer says nothing now
+                self._probe = None
+            elif not ray.wait([ref], timeout=0)[0]:
+                return
+            else:
+                self._probe = None
+                try:
+                    ray.get(ref)
+                except Exception as exc:
+                    self._lose_drafter(drafter, f"a liveness probe failed: {cause(exc)}")
+                    self._lost_unreported = True
+                    return
+        if drafter is not None and time.monotonic() - self._probe_sent >= DRAFTER_PROBE_S:
+            self._probe_sent = time.monotonic()
+            self._probe = (drafter, drafter.ping.remote())
+
     def _start_drafter(self) -> None:
         self._restart_asked = time.time()
         actor = self._actor(DrafterActor, 0, self.wcfg)
@@ -287,6 +318,7 @@ class RayExecutor:
             self._start_drafter()
             return
         self._drafter_failures = 0
+        self._lost_unreported = False  # no step ran since: no live sequence followed the old one
         self._drafter = actor
         self._drafter_graph = self._graph({"drafter": actor}, 1)
         self.last_restart = restart_account(self._restart_asked, started["timing"], seen,
@@ -412,3 +444,4 @@ class RayExecutor:
         if self._pg is not None and self._pg_owned:
             remove_placement_group(self._pg)
         self._pg, self._shards, self._drafter, self._starting = None, [], None, None
+        self._probe, self._lost_unreported = None, False
