@@ -36,17 +36,26 @@ class ShardSpec:
     kv_range: tuple[int, int]
     expert_range: tuple[int, int]
     mlp_range: tuple[int, int]
+    # Gated DeltaNet key heads [lo, hi) (hybrid targets; their value heads follow them)
+    linear_range: tuple[int, int] = (0, 0)
 
     @property
     def has_attention(self) -> bool:
         """False on the ranks beyond tp_size, which hold no attention weights and no KV cache."""
         return self.head_range[1] > self.head_range[0]
 
+    @property
+    def has_linear_attention(self) -> bool:
+        """False on the ranks beyond tp_size: no DeltaNet weights and no recurrent state."""
+        return self.linear_range[1] > self.linear_range[0]
+
 
 def full_shard(cfg: TargetConfig) -> ShardSpec:
     d = cfg.decoder
+    linear = (0, cfg.linear.num_k_heads) if cfg.linear else (0, 0)
     return ShardSpec(
-        (0, d.num_heads), (0, d.num_kv_heads), (0, cfg.num_experts), (0, d.intermediate_size)
+        (0, d.num_heads), (0, d.num_kv_heads), (0, cfg.num_experts), (0, d.intermediate_size),
+        linear,
     )
 
 

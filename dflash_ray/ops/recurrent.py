@@ -47,9 +47,12 @@ def gated_delta_rule_recurrent(
     g: torch.Tensor,  # [N, L, hv] log decay (<= 0)
     beta: torch.Tensor,  # [N, L, hv]
     state: torch.Tensor,  # [N, hv, dk, dv] before the first position
+    state_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Token by token. Returns (out [N, L, hv, dv] fp32, states [N, L, hv, dk, dv] fp32: the
-    state after each position)."""
+    state after each position). `state_dtype`: the dtype the state is stored in between steps;
+    the state is rounded to it after every position, so a block of L tokens computes exactly
+    what L single-token steps would (speculation stays lossless with a bf16 state)."""
     q, k, v, g, beta = (t.float() for t in (q, k, v, g, beta))
     s = state.float()
     outs, states = [], []
@@ -58,6 +61,8 @@ def gated_delta_rule_recurrent(
         predicted = (s * k[:, t, :, :, None]).sum(dim=-2)  # [N, hv, dv]
         update = (v[:, t] - predicted) * beta[:, t, :, None]
         s = s + k[:, t, :, :, None] * update[:, :, None, :]
+        if state_dtype is not None and state_dtype != torch.float32:
+            s = s.to(state_dtype).float()
         outs.append((s * q[:, t, :, :, None]).sum(dim=-2))
         states.append(s)
     return torch.stack(outs, dim=1), torch.stack(states, dim=1)
