@@ -139,3 +139,118 @@ def test_verify_block_then_rollback_to_each_accepted_length(hybrids, state_dtype
         if state_dtype == torch.float32:
             seq = prompt + block[:kept] + cont
             assert rel_err(got[0], hf_logits(ref, seq, len(cont))) < 1e-5
+
+
+# ---- the engine on a hybrid target: greedy lossless, sampling exact, state slots ----------
+
+PROMPTS = [[(5 * i + 3 * j) % 30 for j in range(2 + 3 * i)] for i in range(10)]  # 2..29 tokens
+
+
+@pytest.fixture(scope="module")
+def engines(tiny, tmp_path_factory):
+    """Plain and DFlash engines on the tiny Qwen3.5-MoE, with a 2-layer drafter distilled here
+    on the target's own greedy text (so blocks get accepted to every length), and the target's
+    transformers model as the oracle."""
+    import shutil
+
+    from dflash_ray import LLM
+    from dflash_ray.train.train_drafter import DrafterTrainArgs, train
+
+    from .conftest import WHOLE
+    from .test_engine import add_char_tokenizer
+
+    root = tmp_path_factory.mktemp("qwen35_engine")
+    target = root / "target"
+    shutil.copytree(tiny["qwen35"], target)
+    add_char_tokenizer(target)
+    drafter = root / "drafter"
+    train(DrafterTrainArgs(target=str(target), out=str(drafter), num_layers=2, block_size=8,
+                           target_layer_ids=[0, 2], num_seqs=24, heldout_seqs=2,
+                           prompt_tokens=(4, 12), response_tokens=48, num_anchors=12,
+                           batch_seqs=8, lr=3e-3, minutes=None, steps=120, eval_every=200,
+                           threads=1))
+    return {
+        "target": str(target),
+        "drafter": str(drafter),
+        "ref": AutoModelForCausalLM.from_pretrained(str(target), dtype=torch.float32).eval(),
+        "plain": LLM(str(target)),
+        "dflash": LLM(str(target), str(drafter), drafter_dtype="float32", **WHOLE),
+    }
+
+
+def test_greedy_dflash_equals_plain_equals_transformers_generate(engines):
+    from dflash_ray import SamplingParams
+
+    params = SamplingParams(max_tokens=40)
+    lengths = set()
+    for p in PROMPTS[:4]:
+        plain = engines["plain"].generate([p], params, use_tqdm=False)[0]
+        spec = engines["dflash"].generate([p], params, use_tqdm=False)[0]
+        with torch.no_grad():
+            hf = engines["ref"].generate(torch.tensor([p]), max_new_tokens=40, do_sample=False,
+                                         min_new_tokens=40)[0, len(p):].tolist()
+        assert plain.token_ids == hf
+        assert spec.token_ids == plain.token_ids
+        lengths |= set(spec.acceptance_lengths)
+    # the distilled drafter: blocks accepted in part at more than one length, so the engine
+    # rolled states back to several lengths (every length: the rollback test above)
+    assert len([n for n in lengths if 1 < n < 8]) >= 2, lengths
+
+
+def test_greedy_dflash_equals_plain_in_a_staggered_batch(engines):
+    from dflash_ray import SamplingParams
+
+    from .test_spec_decode import run_staggered
+
+    params = SamplingParams(max_tokens=32)
+    alone = [engines["plain"].generate([p], params, use_tqdm=False)[0] for p in PROMPTS]
+    spec = run_staggered(engines["dflash"].engine, PROMPTS, params)
+    assert [o.token_ids for o in spec] == [o.token_ids for o in alone]
+    assert engines["dflash"].engine.stats().counters.max_batch_size >= 8
+    assert sum(max(o.acceptance_lengths) > 1 for o in spec) >= 5
+
+
+def test_sampled_marginals_match_the_target(engines):
+    from dflash_ray import SamplingParams
+    from dflash_ray.spec_decode import processed_probs
+
+    from .test_spec_decode import check_marginals
+
+    prompt, n = [4, 8, 15, 16, 23], 2000
+    params = [SamplingParams(max_tokens=3, temperature=1.0, seed=500 + i) for i in range(n)]
+    outs = engines["dflash"].generate([prompt] * n, params, use_tqdm=False)
+    ref = engines["ref"]
+
+    def probs(ids):
+        with torch.no_grad():
+            return processed_probs(ref(torch.tensor([ids])).logits[0, -1:], 1.0, 0, 1.0)[0]
+
+    first = probs(prompt)
+    second = sum(first[t] * probs(prompt + [t]) for t in range(VOCAB) if first[t] > 0)
+    check_marginals(outs, [first, second])
+    assert sum(o.num_accepted_tokens for o in outs) > 0
+
+
+def test_state_pool_exhaustion_waits_and_slots_come_back(engines):
+    """A budget that holds two sequences' state: ten requests wait for slots (never share
+    one), each gets the text it gets alone, and every slot is free again after an abort."""
+    from dflash_ray import LLM, SamplingParams
+
+    from .conftest import WHOLE
+
+    per_seq = engines["dflash"].engine.executor.info().state_bytes_per_seq
+    llm = LLM(engines["target"], engines["drafter"], drafter_dtype="float32",
+              kv_cache_gb=4.5 * per_seq / 2**30, num_kv_blocks=128, **WHOLE)
+    engine = llm.engine
+    assert engine.blocks.num_slots == 2
+    params = SamplingParams(max_tokens=16)
+    alone = [engines["plain"].generate([p], params, use_tqdm=False)[0] for p in PROMPTS]
+    outs = llm.generate(PROMPTS, params, use_tqdm=False)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in alone]
+    assert engine.stats().counters.max_batch_size == 2
+    rid = engine.add_request(PROMPTS[3], SamplingParams(max_tokens=50))
+    engine.step()
+    assert engine.blocks.num_free_slots == 1
+    engine.abort(rid)
+    engine.step()
+    assert engine.blocks.num_free_slots == 2
