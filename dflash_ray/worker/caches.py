@@ -68,14 +68,14 @@ class StateRun:
 
 @dataclass(slots=True)
 class _Pending:
-    """What a verify block left for its commit, per DeltaNet layer: the window and state it
-    started from, the conv inputs, the state after its last position and the rule's inputs
-    (k, v, g, beta) to replay a shorter accepted prefix from."""
+    """What a verify block left for its commit, per DeltaNet layer: the window it started from,
+    the conv inputs, the state after its last position and the rule's inputs (k, v, g, beta)
+    to replay a shorter accepted prefix from (the state it started from is still the slot's:
+    a verify never writes its slot)."""
 
     window: torch.Tensor  # [K-1, C]
     inputs: torch.Tensor  # [L, C]
     final: torch.Tensor  # [hv, dk, dv] fp32
-    start: torch.Tensor  # [hv, dk, dv] as stored
     rule: tuple[torch.Tensor, ...]  # k, v [L, hv, d], g, beta [L, hv]
 
 
@@ -87,10 +87,11 @@ class RecurrentStateCache:
     when it was all kept, else replayed from the committed state over the kept prefix with the
     same recurrent op (rounded to the state dtype after every position as the verify was), and
     the conv window cut from the block's inputs. Replay rather than a snapshot per position:
-    a snapshot costs q states per sequence and layer until the commit (~2.9 GiB per sequence
-    for Qwen3.5-397B at q = 16, fp32), the rule's inputs cost (2 + dk + dv) / (dk * dv) of that
-    (~1.6 %), and the replay is one recurrent pass over the accepted tokens, only when a
-    block was cut short. A prefill writes its final state directly (it is never rolled back).
+    snapshots hold q states per sequence and layer until the commit (2.8 GiB per sequence for
+    Qwen3.5-397B at q = 16, fp32); this holds one (the block's final state) plus the rule's
+    inputs, q * hv * (dk + dv + 2) fp32 (245 MiB in all for that model, docs/qwen35.md), and
+    the replay is one recurrent pass over the accepted tokens, only when a block was cut
+    short. A prefill writes its final state directly (it is never rolled back).
     """
 
     def __init__(self, specs: list[RecurrentStateSpec], num_slots: int, dtype: torch.dtype,
@@ -128,7 +129,8 @@ class RecurrentStateCache:
                     continue
                 k, v, g, beta = (t[None, :kept] for t in p.rule)
                 _, states = OPS.gated_delta_rule_recurrent(
-                    torch.zeros_like(k), k, v, g, beta, p.start[None], self.state_dtype)
+                    torch.zeros_like(k), k, v, g, beta, self.ssm[layer, c.slot][None],
+                    self.state_dtype)
                 self.ssm[layer, c.slot] = states[0, -1]
         self._pending.clear()
 
@@ -164,10 +166,9 @@ class StateLayer:
             conv[run.slots] = full[:, -conv.shape[1]:].to(conv.dtype)
             ssm[run.slots] = final.to(ssm.dtype)
             return
-        start = ssm[run.slots]
         for j, slot in enumerate(run.slots):
             self.store._pending[(self.index, slot)] = _Pending(
-                window[j], inputs[j], final[j], start[j], tuple(t[j] for t in rule))
+                window[j], inputs[j], final[j], tuple(t[j] for t in rule))
 
 
 class ModelCache:
