@@ -36,7 +36,7 @@ class Harness:
         self.last: dict[int, tuple[int, int]] = {}  # seq -> (start, length) of its last block
 
     @torch.no_grad()
-    def forward(self, chunks: dict[int, list[int]]) -> dict[int, torch.Tensor]:
+    def forward(self, chunks: dict[int, list[int]], capture=None) -> dict[int, torch.Tensor]:
         spans, ids, pos, runs = [], [], [], []
         for sid, toks in chunks.items():
             start = self.lens.get(sid, 0)
@@ -52,7 +52,8 @@ class Harness:
             self.last[sid] = (start, len(toks))
         ws, groups = build_layout(spans, BLOCK, causal=True, device="cpu")
         self.cache.plan_states(runs)
-        h, _ = self.model(torch.tensor(ids), torch.tensor(pos), self.cache, ws, groups)
+        h, self.features = self.model(torch.tensor(ids), torch.tensor(pos), self.cache, ws,
+                                      groups, capture)
         logits = self.model.logits(h)
         out, i = {}, 0
         for sid, toks in chunks.items():
@@ -120,13 +121,13 @@ def test_verify_block_then_rollback_to_each_accepted_length(hybrids, state_dtype
         h.forward({0: prompt})
         seen: list[tuple] = []  # per DeltaNet layer: conv (inputs, window), then the states
 
-        def conv(x, window, weight, _impl=OPS.causal_conv1d):
-            seen.append((torch.cat((window, x), dim=1),))
+        def conv(x, window, weight, _impl=OPS.causal_conv1d, _seen=seen):
+            _seen.append((torch.cat((window, x), dim=1),))
             return _impl(x, window, weight)
 
-        def rule(*args, _impl=OPS.gated_delta_rule_recurrent):
+        def rule(*args, _impl=OPS.gated_delta_rule_recurrent, _seen=seen):
             out, states = _impl(*args)
-            seen[-1] += (states,)
+            _seen[-1] += (states,)
             return out, states
 
         with override("causal_conv1d", conv), override("gated_delta_rule_recurrent", rule):
@@ -139,6 +140,32 @@ def test_verify_block_then_rollback_to_each_accepted_length(hybrids, state_dtype
         if state_dtype == torch.float32:
             seq = prompt + block[:kept] + cont
             assert rel_err(got[0], hf_logits(ref, seq, len(cont))) < 1e-5
+
+
+def test_zlab_35b_a3b_drafter_shape_taps_a_40_layer_hybrid(tmp_path):
+    """The layer pattern of Qwen3.5-35B-A3B (40 layers, full attention every 4th) at tiny
+    widths, and a drafter shaped like z-lab's published config for it (8 layers, taps
+    1, 10, 19, 28, 37: DeltaNet and full-attention layers both): the taps are transformers'
+    hidden states, and the engine serves the pair losslessly."""
+    from dflash_ray import LLM, SamplingParams
+
+    from .conftest import WHOLE, save_drafter
+
+    target = save_qwen35(tmp_path / "t", num_hidden_layers=40, num_experts=4)
+    ids = [1, 10, 19, 28, 37]
+    drafter = save_drafter(tmp_path / "d", num_hidden_layers=8, layer_ids=ids)
+    h = Harness(target)
+    toks = [3, 1, 4, 1, 5, 9, 2, 6]
+    h.forward({0: toks}, capture=ids)
+    ref = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).eval()
+    with torch.no_grad():
+        hs = ref(torch.tensor([toks]), output_hidden_states=True).hidden_states
+    assert rel_err(h.features, torch.cat([hs[i + 1][0] for i in ids], dim=-1)) < 1e-5
+    params = SamplingParams(max_tokens=24)
+    spec = LLM(target, drafter, drafter_dtype="float32", **WHOLE).generate(
+        [toks], params, use_tqdm=False)[0]
+    plain = LLM(target).generate([toks], params, use_tqdm=False)[0]
+    assert spec.token_ids == plain.token_ids
 
 
 # ---- the engine on a hybrid target: greedy lossless, sampling exact, state slots ----------
@@ -254,3 +281,22 @@ def test_state_pool_exhaustion_waits_and_slots_come_back(engines):
     engine.abort(rid)
     engine.step()
     assert engine.blocks.num_free_slots == 2
+
+
+def test_preemption_recomputes_the_state_and_frees_its_slot(engines):
+    """Too few KV blocks for six sequences: some are preempted (their state slot freed, their
+    state recomputed from zero by a fresh prefill when readmitted) and the text is unchanged."""
+    from dflash_ray import LLM, SamplingParams
+
+    from .conftest import WHOLE
+
+    prompts = [[(3 * i + j) % 30 for j in range(5 + i)] for i in range(6)]
+    params = SamplingParams(max_tokens=60)
+    want = engines["plain"].generate(prompts, params, use_tqdm=False)
+    tight = LLM(engines["target"], engines["drafter"], drafter_dtype="float32", kv_block_len=4,
+                num_kv_blocks=40, **WHOLE)
+    got = tight.generate(prompts, params, use_tqdm=False)
+    engine = tight.engine
+    assert engine.stats().counters.num_preemptions > 0
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert engine.blocks.num_free == 40 and engine.blocks.num_free_slots == engine.blocks.num_slots

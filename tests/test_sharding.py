@@ -15,9 +15,9 @@ from pydantic import ValidationError
 
 from dflash_ray.models.hf_config import TargetConfig
 from dflash_ray.models.qwen3 import Qwen3Target
+from dflash_ray.models.registry import load_target
 from dflash_ray.models.sharding import ShardingConfig, shard_spec, split
 from dflash_ray.parallel.communicator import GroupCommunicator, connect_store, open_store
-from dflash_ray.models.registry import load_target
 from dflash_ray.worker.caches import Commit, ModelCache, StateRun
 from dflash_ray.worker.layout import SeqSpan, build_layout
 

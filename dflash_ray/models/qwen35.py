@@ -122,7 +122,7 @@ class Qwen35Target(Qwen3Target):
         nn.Module.__init__(self)
         self.cfg = cfg
         self.shard = shard or full_shard(cfg)
-        d, s, lin = cfg.decoder, self.shard, cfg.linear
+        d, lin = cfg.decoder, cfg.linear
         self.rotary_dim = int(d.head_dim * lin.partial_rotary_factor)
         self.embed_tokens = embedding(cfg.vocab_size, d.hidden_size)
         layers = []
