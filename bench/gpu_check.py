@@ -16,6 +16,9 @@ skipped, so one short run on a borrowed GPU brings back everything at once:
 - graphs: a random target's decode and verify steps padded to their bucket and replayed from
   CUDA graphs (`worker/graphs.py`) against the same steps run eagerly, over several steps;
   `timing` then also times the steps with graphs;
+- qwen35: a Qwen3.5-shaped (slice of 35B-A3B) decode step, 16-token verify and a verify cut
+  to 8 kept tokens (the recurrent-state replay) against the floor of what each must read
+  (`bench/qwen35_check.py`);
 - nccl: two processes (torch.multiprocessing, no Ray) exchanging a hidden-state buffer and a
   draft block through `parallel.communicator.GroupCommunicator`, over NCCL (on two GPUs, or
   recording NCCL's refusal of two ranks on one GPU) and over gloo staging GPU tensors through
@@ -722,8 +725,15 @@ def nccl(args) -> dict:
     return out
 
 
+def qwen35(args) -> dict:
+    import qwen35_check  # bench/, beside this script
+
+    return qwen35_check.run(args, median_ms)
+
+
 SECTIONS = {"env": env, "kernels": kernels, "graphs": graphs, "nccl": nccl,
-            "lossless": lossless, "hf_parity": hf_parity, "timing": timing, "train": train}
+            "lossless": lossless, "hf_parity": hf_parity, "timing": timing, "train": train,
+            "qwen35": qwen35}
 
 
 def main() -> None:

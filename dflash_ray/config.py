@@ -95,6 +95,12 @@ class EngineConfig(BaseModel):
         "16-bit, else bfloat16 where the device multiplies bf16 natively (CUDA from Ampere, "
         "a CPU with AVX-512 BF16 or AMX), else dtype",
     )
+    state_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32",
+        description="recurrent state of hybrid targets' Gated DeltaNet layers (Qwen3.5): "
+        "bfloat16 halves its bytes per sequence; speculation stays lossless either way (the "
+        "state is rounded after every token, as plain decoding stores it)",
+    )
     max_num_seqs: int = Field(64, ge=1, description="sequences decoding together")
     max_num_batched_tokens: int | None = Field(
         None, ge=1, description="prefill token budget per step; default max_model_len"

@@ -62,6 +62,70 @@ def save_qwen3_moe(path, seed: int = 0, **extra) -> str:
     return str(path)
 
 
+def _qwen35_kwargs(**extra) -> dict:
+    """A 4-layer hybrid: three Gated DeltaNet layers then one gated full attention."""
+    kw = _target_kwargs(
+        linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
+        linear_value_head_dim=8, linear_conv_kernel_dim=4, initializer_range=0.1,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                         "partial_rotary_factor": 0.25},
+    )
+    kw.update(extra)
+    return kw
+
+
+def _randomize_norms(model) -> None:
+    """transformers initialises the zero-centred norms to 0 and the DeltaNet's A/dt to fixed
+    values: random ones, so a bug in how we read them shows."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("norm.weight", "A_log", "dt_bias")):
+                p.copy_(torch.randn_like(p) * 0.3)
+
+
+def save_qwen35(path, seed: int = 0, **extra) -> str:
+    """A tiny random Qwen3.5-MoE (`Qwen3_5MoeForCausalLM`): routed experts + a shared one."""
+    from transformers import Qwen3_5MoeForCausalLM, Qwen3_5MoeTextConfig
+
+    torch.manual_seed(seed)
+    kw = _qwen35_kwargs(moe_intermediate_size=32, shared_expert_intermediate_size=48,
+                        num_experts=4, num_experts_per_tok=2)
+    kw.pop("intermediate_size")
+    kw.update(extra)
+    model = Qwen3_5MoeForCausalLM(Qwen3_5MoeTextConfig(**kw))
+    _randomize_norms(model)
+    model.save_pretrained(path)
+    return str(path)
+
+
+def save_qwen35_dense(path, seed: int = 0) -> str:
+    from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
+
+    torch.manual_seed(seed)
+    model = Qwen3_5ForCausalLM(Qwen3_5TextConfig(**_qwen35_kwargs()))
+    _randomize_norms(model)
+    model.save_pretrained(path)
+    return str(path)
+
+
+def save_qwen35_vl(path, seed: int = 0) -> str:
+    """The multimodal checkpoint layout (`Qwen3_5MoeForConditionalGeneration`: the language
+    model under `model.language_model.`, a vision tower beside it), a tiny vision config."""
+    from transformers import Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration
+
+    torch.manual_seed(seed)
+    text = _qwen35_kwargs(moe_intermediate_size=32, shared_expert_intermediate_size=48,
+                          num_experts=4, num_experts_per_tok=2)
+    text.pop("intermediate_size")
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
+                  out_hidden_size=64, patch_size=4, temporal_patch_size=1)
+    model = Qwen3_5MoeForConditionalGeneration(
+        Qwen3_5MoeConfig(text_config=text, vision_config=vision))
+    _randomize_norms(model)
+    model.save_pretrained(path)
+    return str(path)
+
+
 def save_drafter(path, seed: int = 1, block_size: int = 8, layer_ids=(1, 2), **extra) -> str:
     """A random drafter in z-lab's format, written by z-lab's own class."""
     from dflash import DFlashDraftModel
@@ -91,11 +155,13 @@ def save_drafter(path, seed: int = 1, block_size: int = 8, layer_ids=(1, 2), **e
 
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
-    """Paths of tiny checkpoints: dense and MoE targets and a drafter that fits both."""
+    """Paths of tiny checkpoints: dense and MoE targets, a Qwen3.5-MoE hybrid, and a drafter
+    that fits them all."""
     root = tmp_path_factory.mktemp("tiny")
     return {
         "qwen3": save_qwen3(root / "qwen3"),
         "moe": save_qwen3_moe(root / "moe"),
+        "qwen35": save_qwen35(root / "qwen35"),
         "drafter": save_drafter(root / "drafter"),
     }
 

@@ -451,3 +451,26 @@ def test_ray_executor_exports_transfer_metrics(sharded):
     assert s["dflash_hidden_state_transfer_bytes_total"] > 0
     assert s["dflash_hidden_state_transfer_seconds_count"] > 0
     assert s["dflash_drafter_up"] == 1
+
+
+def test_qwen35_hybrid_sharded_over_ray_equals_in_process(ray_cluster, tiny):
+    """A Qwen3.5-MoE over 3 target shard actors (attention and DeltaNet heads over 2, experts
+    over 3) beside the drafter actor: the same tokens and acceptance lengths as in-process,
+    and the shard beyond tp_size holds neither KV cache nor recurrent state."""
+    from dflash_ray import LLM
+
+    engine = ray_engine(tiny["qwen35"], tiny["drafter"], 3, drafter_dtype="float32")
+    try:
+        got = generate(engine, PROMPTS, GREEDY)
+        local = LLM(tiny["qwen35"], tiny["drafter"], drafter_dtype="float32", **WHOLE)
+        want = local.generate(PROMPTS, GREEDY, use_tqdm=False)
+        assert [o.token_ids for o in got] == [o.token_ids for o in want]
+        assert [o.acceptance_lengths for o in got] == [o.acceptance_lengths for o in want]
+        plan = engine.executor.plan
+        assert (plan.tp_size, plan.ep_size) == (2, 3)
+        ready = [ray.get(s.ready.remote()) for s in engine.executor._shards]
+        state = [r["state_bytes_per_seq"] for r in ready]
+        assert state[0] == state[1] > 0 and state[2] == 0
+        assert ready[2]["kv_bytes_per_token"] == 0
+    finally:
+        engine.shutdown()

@@ -13,7 +13,7 @@ DEPLOYMENTS = Path(__file__).resolve().parents[1] / "deployments"
 
 
 @pytest.mark.parametrize("name", ["dflash.yaml", "dflash-ray-executor.yaml", "qwen3-8b.yaml",
-                                  "qwen3-30b-a3b.yaml"])
+                                  "qwen3-30b-a3b.yaml", "qwen3.5-35b-a3b.yaml"])
 def test_yaml_args_validate_and_bundles_fit(name):
     app = yaml.safe_load((DEPLOYMENTS / name).read_text())["applications"][0]
     assert app["import_path"] == "dflash_ray.server.app:build_app"

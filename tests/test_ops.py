@@ -14,9 +14,11 @@ from dflash_ray.ops import OPS, REFERENCE, override
 
 
 def test_model_code_calls_every_hot_op_through_the_registry(tiny):
-    """Swap every op for a counting wrapper: a DFlash engine's steps (target prefill and
-    verify, drafter context intake and block pass) must call each one."""
-    llm = LLM(tiny["moe"], tiny["drafter"], drafter_dtype="float32", spec_profile="whole_block")
+    """Swap every op for a counting wrapper: DFlash engines' steps (target prefill and verify,
+    drafter context intake and block pass) on a Qwen3-MoE and a Qwen3.5 hybrid target must
+    call each one."""
+    llms = [LLM(t, tiny["drafter"], drafter_dtype="float32", spec_profile="whole_block")
+            for t in (tiny["moe"], tiny["qwen35"])]
     calls: Counter = Counter()
 
     def counting(name, impl):
@@ -28,8 +30,9 @@ def test_model_code_calls_every_hot_op_through_the_registry(tiny):
     with ExitStack() as stack:
         for name in REFERENCE:
             stack.enter_context(override(name, counting(name, getattr(OPS, name))))
-        out = llm.generate([[1, 2, 3, 4]], SamplingParams(max_tokens=12), use_tqdm=False)[0]
-    assert len(out.token_ids) == 12
+        for llm in llms:
+            out = llm.generate([[1, 2, 3, 4]], SamplingParams(max_tokens=12), use_tqdm=False)
+            assert len(out[0].token_ids) == 12
     assert set(calls) == set(REFERENCE), f"never called through the registry: " \
         f"{sorted(set(REFERENCE) - set(calls))}"
 

@@ -15,9 +15,10 @@ from pydantic import ValidationError
 
 from dflash_ray.models.hf_config import TargetConfig
 from dflash_ray.models.qwen3 import Qwen3Target
+from dflash_ray.models.registry import load_target
 from dflash_ray.models.sharding import ShardingConfig, shard_spec, split
 from dflash_ray.parallel.communicator import GroupCommunicator, connect_store, open_store
-from dflash_ray.worker.caches import PagedKVCache
+from dflash_ray.worker.caches import Commit, ModelCache, StateRun
 from dflash_ray.worker.layout import SeqSpan, build_layout
 
 from .conftest import save_qwen3_moe
@@ -33,26 +34,30 @@ STEPS = [
 
 
 def run_model(model: Qwen3Target, capture=(1, 3)) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Feed STEPS through `model` on its own paged cache; (logits, features) per step."""
-    d = model.cfg.decoder
-    cache = PagedKVCache(
-        d.num_layers, 16, BLOCK, model.num_kv_heads, d.head_dim, torch.float32, "cpu"
-    )
+    """Feed STEPS through `model` on its own caches (paged K/V, and state slots for a hybrid's
+    DeltaNet layers, every block kept whole); (logits, features) per step."""
+    cache = ModelCache(model.cache_specs(), 16, BLOCK, torch.float32, "cpu", num_slots=2)
     tables = {0: [5, 2, 9, 0, 7], 1: [1, 3, 4, 6, 8]}  # out of order on purpose
     lens = {0: 0, 1: 0}
     out = []
     with torch.inference_mode():
         for chunk in STEPS:
-            spans, ids, pos = [], [], []
+            spans, ids, pos, runs, commits = [], [], [], [], []
             for sid, toks in chunk.items():
                 spans.append(SeqSpan(tables[sid], lens[sid], len(toks), len(toks)))
+                runs.append(StateRun(torch.arange(len(ids), len(ids) + len(toks))[None], [sid],
+                                     lens[sid] == 0))
+                if lens[sid]:
+                    commits.append(Commit(sid, lens[sid], len(toks), len(toks)))
                 ids += toks
                 pos += range(lens[sid], lens[sid] + len(toks))
                 lens[sid] += len(toks)
             slots, groups = build_layout(spans, BLOCK, causal=True, device="cpu")
+            cache.plan_states(runs)
             hidden, feats = model(
                 torch.tensor(ids), torch.tensor(pos), cache, slots, groups, list(capture)
             )
+            cache.commit(commits)
             out.append((model.logits(hidden), feats))
     return out
 
@@ -69,9 +74,8 @@ def run_sharded(path: str, tp: int, world: int) -> list[list[tuple[torch.Tensor,
         comm = GroupCommunicator(rank, world)
         try:
             torch.set_num_threads(1)
-            model = Qwen3Target.from_pretrained(
-                path, shard=shard_spec(cfg, rank, tp, world), comm=comm
-            )
+            model = load_target(path, torch.float32, "cpu", shard_spec(cfg, rank, tp, world),
+                                comm)
             comm.connect("gloo", connect_store("127.0.0.1", port, 30), "tp", timeout_s=30)
             results[rank] = run_model(model)
         except BaseException as exc:  # surfaced in the test thread below
@@ -108,11 +112,14 @@ def uneven(tmp_path_factory):
     "which,tp,world",
     [("moe", 2, 2), ("qwen3", 2, 2), ("uneven", 3, 3),
      # mixed plans: attention over the first tp ranks, experts and dense MLPs over all
-     ("uneven", 2, 3), ("qwen3", 1, 2)],
+     ("uneven", 2, 3), ("qwen3", 1, 2),
+     # a Qwen3.5 hybrid: attention and DeltaNet heads over 2 ranks, experts (2/1/1) and the
+     # shared expert over 3
+     ("qwen35", 2, 3)],
 )
 def test_sharded_logits_equal_unsharded(tiny, uneven, which, tp, world):
     path = uneven if which == "uneven" else tiny[which]
-    want = run_model(Qwen3Target.from_pretrained(path))
+    want = run_model(load_target(path, torch.float32, "cpu"))
     got = run_sharded(path, tp, world)
     for rank in range(world):
         for (logits, feats), (ref_logits, ref_feats) in zip(got[rank], want, strict=True):

@@ -142,8 +142,8 @@ class TargetShardActor:
         store = self._store or connect_store(host, port, timeout_s)
         self.comm.connect(backend, store, "shards", timeout_s, self.worker.device)
 
-    def allocate(self, num_blocks: int) -> None:
-        self.worker.allocate(num_blocks)
+    def allocate(self, num_blocks: int, num_slots: int | None = None) -> None:
+        self.worker.allocate(num_blocks, num_slots)
 
     def connect_channel(self, name: str, backend: str) -> None:
         self.close_channel()

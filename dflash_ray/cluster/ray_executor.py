@@ -392,8 +392,9 @@ class RayExecutor:
                 )
             if self._info is None:  # the first start sizes the caches; rebuilds keep the sizes
                 self._info = self._size(started)
+            info = self._info
             allocs = {
-                s.allocate.remote(self._info.num_kv_blocks): f"target shard {r}"
+                s.allocate.remote(info.num_kv_blocks, info.num_slots): f"target shard {r}"
                 for r, s in enumerate(self._shards)
             }
             wait_all(allocs, "allocate the KV cache", deadline)

@@ -13,7 +13,23 @@ from pathlib import Path
 TARGET_ARCHITECTURES = {
     "Qwen3ForCausalLM": "qwen3",
     "Qwen3MoeForCausalLM": "qwen3_moe",
+    # hybrids: Gated DeltaNet layers with a gated full-attention layer every few
+    "Qwen3_5ForCausalLM": "qwen3_5",
+    "Qwen3_5ForConditionalGeneration": "qwen3_5",
+    "Qwen3_5MoeForCausalLM": "qwen3_5_moe",
+    "Qwen3_5MoeForConditionalGeneration": "qwen3_5_moe",
 }
+# config.json `model_type` -> architecture, for exports that name their class otherwise
+MODEL_TYPES = {
+    "qwen3": "Qwen3ForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "qwen3_5_text": "Qwen3_5ForCausalLM",
+    "qwen3_5": "Qwen3_5ForConditionalGeneration",
+    "qwen3_5_moe_text": "Qwen3_5MoeForCausalLM",
+    "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration",
+}
+HYBRID_FAMILIES = {"qwen3_5", "qwen3_5_moe"}
+MOE_FAMILIES = {"qwen3_moe", "qwen3_5_moe"}
 DRAFTER_ARCHITECTURES = {"DFlashDraftModel"}
 
 
@@ -54,7 +70,8 @@ class DecoderConfig:
     rope_scaling: float
     max_position: int
     attention_bias: bool
-    # per layer: "full_attention" (the only kind built so far); empty means all full attention
+    # per layer: "full_attention" or "linear_attention" (Gated DeltaNet, hybrid targets only);
+    # empty means all full attention
     layer_types: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -70,7 +87,9 @@ class DecoderConfig:
         heads = int(cfg["num_attention_heads"])
         return cls(
             hidden_size=int(cfg["hidden_size"]),
-            intermediate_size=int(cfg["intermediate_size"]),
+            # a Qwen3.5-MoE has no dense MLP: its shared expert takes that place (and share)
+            intermediate_size=int(cfg.get("intermediate_size")
+                                  or cfg.get("shared_expert_intermediate_size") or 0),
             num_layers=int(cfg["num_hidden_layers"]),
             num_heads=heads,
             num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
@@ -82,6 +101,59 @@ class DecoderConfig:
             attention_bias=bool(cfg.get("attention_bias", False)),
             layer_types=tuple(cfg.get("layer_types") or ()),
         )
+
+
+@dataclass(slots=True)
+class LinearAttentionConfig:
+    """Gated DeltaNet shape of a hybrid target (Qwen3.5) and its gated full attention."""
+
+    num_k_heads: int
+    num_v_heads: int
+    k_head_dim: int
+    v_head_dim: int
+    conv_kernel: int
+    partial_rotary_factor: float  # of the full-attention head dim that RoPE rotates
+    attn_output_gate: bool  # full attention's q_proj also yields a sigmoid gate per head
+
+    @property
+    def conv_dim(self) -> int:
+        return 2 * self.num_k_heads * self.k_head_dim + self.num_v_heads * self.v_head_dim
+
+    @classmethod
+    def from_dict(cls, cfg: dict) -> LinearAttentionConfig:
+        rope = cfg.get("rope_parameters") or {}
+        return cls(
+            num_k_heads=int(cfg["linear_num_key_heads"]),
+            num_v_heads=int(cfg["linear_num_value_heads"]),
+            k_head_dim=int(cfg["linear_key_head_dim"]),
+            v_head_dim=int(cfg["linear_value_head_dim"]),
+            conv_kernel=int(cfg.get("linear_conv_kernel_dim", 4)),
+            partial_rotary_factor=float(
+                rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 0.25))),
+            attn_output_gate=bool(cfg.get("attn_output_gate", True)),
+        )
+
+
+def _text_config(cfg: dict) -> dict:
+    """A multimodal checkpoint's language-model config (`text_config`), with the outer keys it
+    inherits; the config itself otherwise."""
+    text = cfg.get("text_config")
+    if not text:
+        return cfg
+    merged = {k: v for k, v in cfg.items() if k != "text_config"}
+    merged.update(text)
+    merged.setdefault("tie_word_embeddings", cfg.get("tie_word_embeddings", False))
+    return merged
+
+
+def _hybrid_layer_types(cfg: dict) -> list[str]:
+    """`layer_types`, or the pattern `full_attention_interval` (default 4) describes: every
+    interval-th layer full attention, the others linear attention."""
+    if cfg.get("layer_types"):
+        return list(cfg["layer_types"])
+    every = int(cfg.get("full_attention_interval", 4))
+    return ["full_attention" if (i + 1) % every == 0 else "linear_attention"
+            for i in range(int(cfg["num_hidden_layers"]))]
 
 
 @dataclass(slots=True)
@@ -98,18 +170,21 @@ class TargetConfig:
     moe_intermediate_size: int = 0
     norm_topk_prob: bool = False
     dense_layers: set[int] = field(default_factory=set)
+    shared_expert: bool = False  # Qwen3.5-MoE: a gated shared expert beside the routed ones
+    linear: LinearAttentionConfig | None = None  # hybrids only
+    weight_prefix: str = "model."  # "model.language_model." in multimodal checkpoints
 
     def is_moe_layer(self, layer: int) -> bool:
-        return self.arch == "qwen3_moe" and layer not in self.dense_layers
+        return self.arch in MOE_FAMILIES and layer not in self.dense_layers
 
     @classmethod
     def load(cls, model_dir: str | Path) -> TargetConfig:
-        cfg = read_config(model_dir)
-        archs = cfg.get("architectures") or []
-        by_type = {family: name for name, family in TARGET_ARCHITECTURES.items()}
+        outer = read_config(model_dir)
+        archs = outer.get("architectures") or []
         architecture = next((a for a in archs if a in TARGET_ARCHITECTURES), None)
         if architecture is None:  # an export that names its class otherwise: model_type says
-            architecture = by_type.get(cfg.get("model_type"))
+            architecture = MODEL_TYPES.get(outer.get("model_type"))
+        cfg = _text_config(outer)
         if architecture is None or "DFlashDraftModel" in archs:
             raise ValueError(
                 f"unsupported target architecture {archs or cfg.get('model_type')!r} in "
@@ -121,6 +196,8 @@ class TargetConfig:
             eos = json.loads(gen_path.read_text()).get("eos_token_id", eos)
         eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
         arch = TARGET_ARCHITECTURES[architecture]
+        if arch in HYBRID_FAMILIES:
+            cfg = {**cfg, "layer_types": _hybrid_layer_types(cfg)}
         out = cls(
             architecture=architecture,
             arch=arch,
@@ -129,11 +206,17 @@ class TargetConfig:
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             eos_token_ids=eos_ids,
         )
-        if arch == "qwen3_moe":
+        if arch in HYBRID_FAMILIES:
+            out.linear = LinearAttentionConfig.from_dict(cfg)
+            if "text_config" in outer:
+                out.weight_prefix = "model.language_model."
+        if arch in MOE_FAMILIES:
             out.num_experts = int(cfg.get("num_experts") or cfg["num_local_experts"])
             out.top_k = int(cfg["num_experts_per_tok"])
             out.moe_intermediate_size = int(cfg["moe_intermediate_size"])
-            out.norm_topk_prob = bool(cfg.get("norm_topk_prob", False))
+            # Qwen3.5-MoE's router always renormalises its top-k
+            out.norm_topk_prob = arch == "qwen3_5_moe" or bool(cfg.get("norm_topk_prob", False))
+            out.shared_expert = bool(cfg.get("shared_expert_intermediate_size"))
             step = int(cfg.get("decoder_sparse_step", 1))
             only_mlp = set(cfg.get("mlp_only_layers") or [])
             out.dense_layers = {

@@ -183,8 +183,12 @@ class MLP(nn.Module):
     def packed_rows(self) -> dict[str, int]:
         return {"gate_proj": 0, "up_proj": self.intermediate}
 
+    def partial(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's share of the output (before the all-reduce)."""
+        return self.down_proj(OPS.silu_and_mul(self.gate_up_proj(x)))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.comm.all_reduce(self.down_proj(OPS.silu_and_mul(self.gate_up_proj(x))))
+        return self.comm.all_reduce(self.partial(x))
 
 
 class Experts(nn.Module):
@@ -226,13 +230,34 @@ class SparseMoE(nn.Module):
         self.experts = Experts(hi - lo, hidden, intermediate, lo)
         self.top_k, self.normalize, self.comm = top_k, normalize, comm
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def routed(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's experts' share of the output (before the all-reduce)."""
         weights, ids = OPS.route_experts(self.gate(x), self.top_k, self.normalize)
         e = self.experts
         # per-expert packed weights where `prepack` ran (CPU), else the stacked tensors
         packed = None if torch.is_grad_enabled() else e.packed
         gate_up, down = packed or (e.gate_up_proj, e.down_proj)
-        return self.comm.all_reduce(OPS.moe_experts(x, gate_up, down, weights, ids, e.offset))
+        return OPS.moe_experts(x, gate_up, down, weights, ids, e.offset)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.comm.all_reduce(self.routed(x))
+
+
+class SharedExpertMoE(SparseMoE):
+    """Qwen3.5-MoE block: the routed experts plus a shared SwiGLU expert scaled by a sigmoid
+    gate per token. The shared expert's intermediate dim is split like a dense MLP's; the gate
+    is a per-token scalar, so each rank scales its own share and one all-reduce sums both."""
+
+    def __init__(self, hidden: int, intermediate: int, num_experts: int, top_k: int,
+                 normalize: bool, expert_range: tuple[int, int], shared_range: tuple[int, int],
+                 comm: Communicator):
+        super().__init__(hidden, intermediate, num_experts, top_k, normalize, expert_range, comm)
+        self.shared_expert = MLP(hidden, shared_range[1] - shared_range[0], comm)
+        self.shared_expert_gate = Linear(hidden, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert.partial(x)
+        return self.comm.all_reduce(self.routed(x) + shared)
 
 
 class DecoderLayer(nn.Module):

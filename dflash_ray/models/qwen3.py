@@ -129,31 +129,32 @@ class Qwen3Target(nn.Module):
         model = model.to_empty(device=device).to(dtype)
         if cfg.tie_word_embeddings:
             model.lm_head.weight = model.embed_tokens.weight
-        s = model.shard
-        hd = cfg.decoder.head_dim
-
-        def rename(key: str) -> str | None:
-            key = key.removeprefix("model.")
-            if cfg.tie_word_embeddings and key == "lm_head.weight":
-                return None
-            if not s.has_attention and ".self_attn." in key:
-                return None  # a rank beyond tp_size: its attention is NoAttention
-            return None if key.startswith("mtp.") else key  # multi-token-prediction heads
-
-        def select(name: str, lazy) -> torch.Tensor:
-            # Only this rank's rows/columns are read from disk.
-            if ".self_attn.q_proj." in name:
-                return lazy.slice(0, s.head_range[0] * hd, s.head_range[1] * hd)
-            if ".self_attn.k_proj." in name or ".self_attn.v_proj." in name:
-                return lazy.slice(0, s.kv_range[0] * hd, s.kv_range[1] * hd)
-            if ".self_attn.o_proj." in name:
-                return lazy.slice(1, s.head_range[0] * hd, s.head_range[1] * hd)
-            if ".mlp.gate_proj." in name or ".mlp.up_proj." in name:
-                return lazy.slice(0, *s.mlp_range)
-            if ".mlp.down_proj." in name:
-                return lazy.slice(1, *s.mlp_range)
-            return lazy.read()
-
-        load_weights(model, model_dir, rename, select, expert_range=s.expert_range)
+        load_weights(model, model_dir, model.checkpoint_name, model.checkpoint_slice,
+                     expert_range=model.shard.expert_range)
         model.rope.to(device)
         return model.eval()
+
+    def checkpoint_name(self, key: str) -> str | None:
+        """A checkpoint key -> our parameter name, None for tensors this rank does not hold."""
+        key = key.removeprefix(self.cfg.weight_prefix)
+        if self.cfg.tie_word_embeddings and key == "lm_head.weight":
+            return None
+        if not self.shard.has_attention and ".self_attn." in key:
+            return None  # a rank beyond tp_size: its attention is NoAttention
+        # multi-token-prediction heads and a multimodal checkpoint's vision tower
+        return None if key.startswith(("mtp.", "model.visual.")) else key
+
+    def checkpoint_slice(self, name: str, lazy) -> torch.Tensor:
+        """Only this rank's rows/columns of a tensor are read from disk."""
+        s, hd = self.shard, self.cfg.decoder.head_dim
+        if ".self_attn.q_proj." in name:
+            return lazy.slice(0, s.head_range[0] * hd, s.head_range[1] * hd)
+        if ".self_attn.k_proj." in name or ".self_attn.v_proj." in name:
+            return lazy.slice(0, s.kv_range[0] * hd, s.kv_range[1] * hd)
+        if ".self_attn.o_proj." in name:
+            return lazy.slice(1, s.head_range[0] * hd, s.head_range[1] * hd)
+        if ".gate_proj." in name or ".up_proj." in name:  # dense MLP or shared expert
+            return lazy.slice(0, *s.mlp_range)
+        if ".down_proj." in name and ".experts." not in name:
+            return lazy.slice(1, *s.mlp_range)
+        return lazy.read()

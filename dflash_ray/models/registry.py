@@ -14,11 +14,16 @@ from ..parallel.communicator import LOCAL, Communicator
 from .dflash import DFlashDrafter
 from .hf_config import DrafterConfig, TargetConfig, read_config
 from .qwen3 import Qwen3Target
+from .qwen35 import Qwen35Target
 from .sharding import ShardSpec
 
 TARGETS: dict[str, type[Qwen3Target]] = {
     "Qwen3ForCausalLM": Qwen3Target,
     "Qwen3MoeForCausalLM": Qwen3Target,
+    "Qwen3_5ForCausalLM": Qwen35Target,
+    "Qwen3_5ForConditionalGeneration": Qwen35Target,
+    "Qwen3_5MoeForCausalLM": Qwen35Target,
+    "Qwen3_5MoeForConditionalGeneration": Qwen35Target,
 }
 DRAFTERS = {"DFlashDraftModel": DFlashDrafter}
 

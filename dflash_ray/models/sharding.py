@@ -12,6 +12,10 @@ with one all-reduce over all `ep_size` ranks (see `models/layers.py`), so the ma
 unsharded model's whatever the split. The plan is a `ShardSpec`; the model loads only that slice
 from disk.
 
+A hybrid target's Gated DeltaNet layers split like attention: their key heads (and the value
+heads that read them) over the same first `tp_size` ranks, none (no weights, no recurrent
+state) on the rest.
+
 KV heads follow the query heads: split when TP divides them; when there are fewer KV heads than
 TP ranks (TP a multiple of them) each rank keeps the one KV head its query heads read, so that
 head is replicated on TP / num_kv_heads ranks.
@@ -36,17 +40,26 @@ class ShardSpec:
     kv_range: tuple[int, int]
     expert_range: tuple[int, int]
     mlp_range: tuple[int, int]
+    # Gated DeltaNet key heads [lo, hi) (hybrid targets; their value heads follow them)
+    linear_range: tuple[int, int] = (0, 0)
 
     @property
     def has_attention(self) -> bool:
         """False on the ranks beyond tp_size, which hold no attention weights and no KV cache."""
         return self.head_range[1] > self.head_range[0]
 
+    @property
+    def has_linear_attention(self) -> bool:
+        """False on the ranks beyond tp_size: no DeltaNet weights and no recurrent state."""
+        return self.linear_range[1] > self.linear_range[0]
+
 
 def full_shard(cfg: TargetConfig) -> ShardSpec:
     d = cfg.decoder
+    linear = (0, cfg.linear.num_k_heads) if cfg.linear else (0, 0)
     return ShardSpec(
-        (0, d.num_heads), (0, d.num_kv_heads), (0, cfg.num_experts), (0, d.intermediate_size)
+        (0, d.num_heads), (0, d.num_kv_heads), (0, cfg.num_experts), (0, d.intermediate_size),
+        linear,
     )
 
 
@@ -67,7 +80,8 @@ def tp_sizes(cfg: TargetConfig) -> list[int]:
     it divides or is a multiple of the KV heads."""
     d = cfg.decoder
     return [k for k in _divisors(d.num_heads)
-            if d.num_kv_heads % k == 0 or k % d.num_kv_heads == 0]
+            if (d.num_kv_heads % k == 0 or k % d.num_kv_heads == 0)
+            and (cfg.linear is None or cfg.linear.num_k_heads % k == 0)]
 
 
 class ShardingConfig(BaseModel):
@@ -115,6 +129,12 @@ class ShardingConfig(BaseModel):
                 "other (KV heads are split when tp_size divides them, replicated when they "
                 f"divide tp_size); use a tp_size in {tp_sizes(cfg)}"
             )
+        if cfg.linear is not None and cfg.linear.num_k_heads % tp:
+            raise ValueError(
+                f"linear_num_key_heads {cfg.linear.num_k_heads} is not divisible by tp_size "
+                f"{tp}: Gated DeltaNet heads split over the same tp_size ranks as attention; "
+                f"use a tp_size in {tp_sizes(cfg)}"
+            )
         has_dense = any(not cfg.is_moe_layer(i) for i in range(d.num_layers))
         if has_dense and d.intermediate_size < ep:
             raise ValueError(
@@ -140,11 +160,15 @@ class ShardingConfig(BaseModel):
         else:
             head = rank * d.num_kv_heads // tp
             heads, kv = split(d.num_heads, tp, rank), (head, head + 1)
+        linear = (0, 0)
+        if cfg.linear is not None and rank < tp:
+            linear = split(cfg.linear.num_k_heads, tp, rank)
         return ShardSpec(
             head_range=heads,
             kv_range=kv,
             expert_range=split(cfg.num_experts, ep, rank),
             mlp_range=split(d.intermediate_size, ep, rank),
+            linear_range=linear,
         )
 
 

@@ -17,7 +17,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator
 
-from . import reference
+from . import recurrent, reference
 from .cpu_packed import PackedWeight, can_pack
 from .reference import AttentionGroup, IntakeLayer, RotaryTable
 
@@ -33,6 +33,11 @@ REFERENCE: dict[str, Callable] = {
     "context_intake": reference.context_intake,
     "route_experts": reference.route_experts,
     "moe_experts": reference.moe_experts,
+    # Gated DeltaNet (Qwen3.5 / Qwen3-Next linear attention)
+    "causal_conv1d": recurrent.causal_conv1d,
+    "gated_delta_rule_chunked": recurrent.gated_delta_rule_chunked,
+    "gated_delta_rule_recurrent": recurrent.gated_delta_rule_recurrent,
+    "gated_rms_norm": recurrent.gated_rms_norm,
 }
 
 

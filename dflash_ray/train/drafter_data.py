@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from ..models.qwen3 import Qwen3Target
-from ..worker.caches import PagedKVCache
+from ..worker.caches import ModelCache, StateRun
 from ..worker.layout import SeqSpan, build_layout
 
 if TYPE_CHECKING:
@@ -144,7 +144,6 @@ def capture_features(target: Qwen3Target, seqs: list[TrainSequence], layer_ids: 
     in host memory (`to_host`) or on the target's device."""
     device = target.embed_tokens.weight.device
     blen = 16
-    d = target.cfg.decoder
     i = 0
     bar = tqdm(total=len(seqs), desc="target features", unit="seq", disable=not progress)
     while i < len(seqs):
@@ -154,17 +153,20 @@ def capture_features(target: Qwen3Target, seqs: list[TrainSequence], layer_ids: 
             tokens += len(seqs[i].token_ids)
             i += 1
         num_blocks = sum((len(s.token_ids) + blen - 1) // blen for s in group)
-        cache = PagedKVCache(d.num_layers, num_blocks, blen, target.num_kv_heads, d.head_dim,
-                             target.embed_tokens.weight.dtype, device)
-        spans, ids, pos, next_block = [], [], [], 0
-        for s in group:
+        cache = ModelCache(target.cache_specs(), num_blocks, blen,
+                           target.embed_tokens.weight.dtype, device, num_slots=len(group))
+        spans, ids, pos, runs, next_block = [], [], [], [], 0
+        for j, s in enumerate(group):
             n = len(s.token_ids)
             nb = (n + blen - 1) // blen
             spans.append(SeqSpan(list(range(next_block, next_block + nb)), 0, n, n))
+            runs.append(StateRun(torch.arange(len(ids), len(ids) + n, device=device)[None], [j],
+                                 prefill=True))
             next_block += nb
             ids += s.token_ids
             pos += range(n)
         slots, groups = build_layout(spans, blen, causal=True, device=device)
+        cache.plan_states(runs)  # a hybrid target's recurrent layers: every sequence a prefill
         _, feats = target(torch.tensor(ids, device=device), torch.tensor(pos, device=device),
                           cache, slots, groups, capture=layer_ids)
         offset = 0

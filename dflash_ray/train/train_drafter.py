@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from ..models.dflash import DFlashDrafter
 from ..models.hf_config import DecoderConfig, DrafterConfig, TargetConfig
-from ..models.qwen3 import Qwen3Target
+from ..models.registry import load_target
 from ..worker.worker_config import DTYPES
 from .drafter import block_loss, cosine_lr, init_weights, sample_anchors
 from .drafter_args import DrafterTrainArgs
@@ -133,7 +133,7 @@ def train(args: DrafterTrainArgs) -> Path:
             f"{args.batch_seqs} needs as many) and {len(heldout)} held-out ones are usable "
             f"(responses of >= {2 * args.block_size} tokens)"
             + (f"; does {args.prompts} hold enough distinct prompts?" if args.prompts else ""))
-    target = Qwen3Target.from_pretrained(args.target, DTYPES[target_dtype(args)], args.device)
+    target = load_target(args.target, DTYPES[target_dtype(args)], args.device)
     embed = target.embed_tokens.weight.detach()
     head = target.lm_head.weight.detach()
     if args.precision == "fp32" and head.dtype != torch.float32:  # once, not per sequence

@@ -33,7 +33,7 @@ class LocalExecutor:
                                    cfg.max_num_seqs)
         self.num_kv_blocks = cfg.num_kv_blocks or blocks
         self._info = self.spec.info(cfg, self.num_kv_blocks, slots, per_token, per_seq)
-        self.target.allocate(self.num_kv_blocks)
+        self.target.allocate(self.num_kv_blocks, slots)
         if self.drafter is not None:
             self.drafter.allocate(self.num_kv_blocks)
 

@@ -16,7 +16,7 @@ from ..models.layers import prepack
 from ..models.registry import load_target
 from ..models.sharding import ShardSpec
 from ..parallel.communicator import LOCAL, Communicator
-from .caches import Commit, ModelCache, bytes_per_seq, bytes_per_token
+from .caches import Commit, ModelCache, StateRun, bytes_per_seq, bytes_per_token
 from .drafts import Drafts, PendingFeatures
 from .layout import SeqSpan, build_layout
 from .sampler import accept, pick
@@ -50,11 +50,12 @@ class TargetWorker:
         return bytes_per_token(self.model.cache_specs(), self.dtype)
 
     def state_bytes_per_seq(self) -> int:
-        return bytes_per_seq(self.model.cache_specs(), self.dtype)
+        return bytes_per_seq(self.model.cache_specs(), self.dtype, self.cfg.state_torch_dtype)
 
-    def allocate(self, num_blocks: int) -> None:
+    def allocate(self, num_blocks: int, num_slots: int | None = None) -> None:
         self.cache = ModelCache(self.model.cache_specs(), num_blocks, self.cfg.kv_block_len,
-                                self.dtype, self.device)
+                                self.dtype, self.device, num_slots or self.cfg.max_num_seqs,
+                                self.cfg.state_torch_dtype)
 
     # ---- the step's methods, in the order `worker.step.target_step` calls them -------------
 
@@ -159,20 +160,32 @@ class TargetWorker:
         then the blocks `[bonus, proposed drafts...]`; None for an empty batch."""
         dev = self.device
         spans, ids, pos = [], [], []
+        runs: dict[tuple[bool, int], tuple[list[int], list[int]]] = {}  # -> (first rows, slots)
         for p in batch.prefills:
             n = len(p.token_ids)
             spans.append(SeqSpan(p.block_table, 0, n, n))
+            run = runs.setdefault((True, n), ([], []))
+            run[0].append(len(ids))
+            run[1].append(p.slot)
             ids += p.token_ids
             pos += range(n)
         rows = drafts.tokens.tolist() if drafts is not None else None
         for i, d in enumerate(batch.decodes):
             q = 1 + (drafts.num_proposed[i] if drafts is not None else 0)
             spans.append(SeqSpan(d.block_table, d.start, q, q))
+            run = runs.setdefault((False, q), ([], []))
+            run[0].append(len(ids))
+            run[1].append(d.slot)
             ids += [d.bonus] + (rows[i][: q - 1] if rows else [])
             pos += range(d.start, d.start + q)
         if not spans:
             return None
         write_slots, groups = build_layout(spans, self.cfg.kv_block_len, causal=True, device=dev)
+        # the recurrent layers' sequences, equal lengths batched (see `caches.StateRun`)
+        self.cache.plan_states([
+            StateRun(torch.tensor(firsts, device=dev)[:, None] + torch.arange(n, device=dev),
+                     slots, prefill)
+            for (prefill, n), (firsts, slots) in runs.items()])
         return self.model(
             torch.tensor(ids, dtype=torch.long, device=dev),
             torch.tensor(pos, dtype=torch.long, device=dev),

@@ -27,6 +27,7 @@ class WorkerConfig:
     num_kv_blocks: int | None = None  # None: sized from kv_cache_gb
     kv_cache_gb: float | None = None  # None: 85% of free GPU memory, or 1 GiB on CPU
     max_num_seqs: int = 64  # sequences that need per-sequence cache state at once
+    state_dtype: str = "float32"  # see EngineConfig.state_dtype
     # propose drafts while the drafter's probability of the draft prefix stays >= this
     # (0: always verify the whole block, as z-lab and SGLang do)
     spec_min_confidence: float = 0.0
@@ -39,6 +40,10 @@ class WorkerConfig:
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
+
+    @property
+    def state_torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.state_dtype]
 
     @property
     def drafter_torch_dtype(self) -> torch.dtype:
