@@ -103,6 +103,7 @@ class TargetWorker:
             return [] if self.is_lead else None
         hidden, features = out
         if not self.is_lead:
+            self._commit_kept(batch, drafts, None)
             return None
         proposed = drafts.num_proposed if drafts is not None else [0] * len(batch.decodes)
         # Rows whose logits we need: last prompt token of sampled prefills, every block row.
@@ -130,10 +131,28 @@ class TargetWorker:
                 row += 1
             results.append(SeqResult(p.seq_id, tokens))
         decoded = accept(batch.decodes, logits, row, drafts)
-        self.cache.commit([Commit(d.slot, d.start, 1 + n, len(r.tokens))
-                           for d, r, n in zip(batch.decodes, decoded, proposed, strict=True)])
+        self._commit_kept(batch, drafts, [len(r.tokens) for r in decoded])
         self._keep_features(batch, features, proposed, decoded, drafter_lost)
         return results + decoded
+
+    def _commit_kept(self, batch: StepBatch, drafts: Drafts | None,
+                     kept: list[int] | None) -> None:
+        """Commit the caches on every rank: the lead knows how many positions each block kept
+        (`kept`); a sharded hybrid target's other ranks hold recurrent state too, so they get
+        the counts from the lead (attention-only targets forget by length: nothing to send)."""
+        if not batch.decodes:
+            return
+        proposed = drafts.num_proposed if drafts is not None else [0] * len(batch.decodes)
+        if self.comm.world_size > 1 and self.model.cfg.linear is not None:
+            counts = torch.zeros(len(batch.decodes), dtype=torch.long, device=self.device)
+            if kept is not None:
+                counts[:] = torch.tensor(kept, dtype=torch.long)
+            self.comm.broadcast(counts)
+            kept = counts.tolist()
+        if kept is None:
+            return
+        self.cache.commit([Commit(d.slot, d.start, 1 + n, k)
+                           for d, k, n in zip(batch.decodes, kept, proposed, strict=True)])
 
     def _keep_features(self, batch: StepBatch, features: torch.Tensor | None,
                        proposed: list[int], decoded: list[SeqResult], drafter_lost: bool) -> None:
