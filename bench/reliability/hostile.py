@@ -5,6 +5,7 @@ were 5xx (target 0), and the victim's worst latency against its latency alone.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 
@@ -20,18 +21,25 @@ async def raw(server: Server, head: bytes, body_parts, pause_s: float = 0.0,
     status, or 0 if the server closed the connection without one."""
     host, port = server.host_port
     reader, writer = await asyncio.open_connection(host, port)
+    # read while writing: a server that refuses mid-body answers, then closes, and the write
+    # after that fails with a reset; the answer it sent is what this case measures
+    status_line = asyncio.ensure_future(asyncio.wait_for(reader.readline(), read_timeout_s))
     try:
-        writer.write(head)
-        for part in body_parts:
-            writer.write(part)
-            await writer.drain()
-            if pause_s:
-                await asyncio.sleep(pause_s)
-        line = await asyncio.wait_for(reader.readline(), read_timeout_s)
+        with contextlib.suppress(ConnectionError):
+            writer.write(head)
+            for part in body_parts:
+                if status_line.done():
+                    break
+                writer.write(part)
+                await writer.drain()
+                if pause_s:
+                    await asyncio.sleep(pause_s)
+        line = await status_line
         return int(line.split()[1]) if line.startswith(b"HTTP/") else 0
     except (ConnectionError, asyncio.IncompleteReadError):
         return 0
     finally:
+        status_line.cancel()
         writer.close()
 
 
