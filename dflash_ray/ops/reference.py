@@ -88,6 +88,9 @@ class AttentionGroup:
     key_slots: torch.Tensor
     # [N, 1, Q, K] bool, True where a query may attend to a key
     mask: torch.Tensor
+    # True when the queries are rows 0 .. N*Q-1 of the batch in order, none padded (every
+    # sequence asks Q queries): `query_rows` is then arange(N*Q).view(N, Q), known on the host
+    dense: bool = False
 
 
 def paged_attention(
