@@ -7,6 +7,7 @@ the ratio of each variant to the first:
 
     python3 bench/replay_ab.py                       # the references vs the fast paths
     python3 bench/replay_ab.py --variants ref,fast --rounds 7
+    python3 bench/replay_ab.py --engine              # whole engines: tok/s, ref vs fast
 
 A variant is a set of registry overrides (`dflash_ray.ops.override`): `ref` runs the
 references of the ops that have a fast path (`ops/fast.py`), `fast` those fast paths. The
@@ -100,16 +101,56 @@ def time_calls(calls, name: str) -> list[float]:
     return out
 
 
+def engine_ab(names: list[str], prompts: int, max_tokens: int, rounds: int) -> dict:
+    """Whole closed-loop runs at c = 1, DFlash and plain, variants alternated in one engine:
+    median tok/s per variant and whether every variant gave the same tokens."""
+    target, drafter = demo_pair()
+    ps = bench_prompts(target, prompts)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    out = {}
+    for label, extra in (("dflash", {"drafter": drafter}), ("plain", {})):
+        engine = make_engine(EngineConfig(target=target, max_num_seqs=1, **extra))
+        rates: dict[str, list[float]] = defaultdict(list)
+        tokens = {}
+        try:
+            closed_loop(engine, ps[:1], 1, params, tqdm(disable=True))
+            for r in range(rounds):
+                for name in names if r % 2 == 0 else names[::-1]:
+                    with _variant(name):
+                        run = closed_loop(engine, ps, 1, params, tqdm(disable=True))
+                    rates[name].append(run["tokens"] / run["seconds"])
+                    tokens[name] = run["outputs"]
+        finally:
+            engine.shutdown()
+        med = {n: statistics.median(rates[n]) for n in names}
+        out[label] = {"tok_s": med, "ratio": {n: med[n] / med[names[0]] for n in names},
+                      "same_tokens": all(tokens[n] == tokens[names[0]] for n in names)}
+        rows = ", ".join(f"{n} {med[n]:.1f} tok/s ({med[n] / med[names[0]]:.3f}x)" for n in names)
+        print(f"{label}: {rows}; same tokens {out[label]['same_tokens']}")
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--variants", default="ref,fast", help=f"of {', '.join(VARIANTS)}")
     p.add_argument("--concurrency", type=int, default=1)
     p.add_argument("--prompts", type=int, default=4)
     p.add_argument("--max-tokens", type=int, default=96)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--out", default=None)
+    p.add_argument("--engine", action="store_true", help="whole engines instead of replays")
     args = p.parse_args(argv)
     names = args.variants.split(",")
+    out = engine_ab(names, args.prompts, args.max_tokens, args.rounds) if args.engine \
+        else replay_ab(names, args)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(out, f, indent=1)
+    return out
+
+
+def replay_ab(names: list[str], args) -> dict:
+    """Recorded steps replayed under each variant (see the module docstring)."""
     target, drafter = demo_pair()
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
     engine = make_engine(EngineConfig(target=target, drafter=drafter,
@@ -148,15 +189,13 @@ def main(argv: list[str] | None = None) -> dict:
     for kind in per:
         # a call's median over the rounds (the shared box's noise hits single rounds), averaged
         # over the calls
-        med = {n: 1000 * statistics.fmean(statistics.median(c) for c in zip(*per[kind][n]))
+        med = {n: 1000 * statistics.fmean(statistics.median(c)
+                                          for c in zip(*per[kind][n], strict=True))
                for n in names}
         out["ms"][kind] = med
         out["ratio"][kind] = {n: med[n] / med[names[0]] for n in names}
         print(f"{kind:6s} ({len(calls[kind])} calls): " + ", ".join(
             f"{n} {med[n]:.3f} ms ({out['ratio'][kind][n]:.2f}x)" for n in names))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(out, f, indent=1)
     return out
 
 

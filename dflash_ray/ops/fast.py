@@ -47,18 +47,11 @@ def paged_attention(
     if len(groups) != 1 or not groups[0].dense:
         return reference.paged_attention(q, k_cache, v_cache, groups, scale)
     (g,) = groups
-    n, width = g.key_slots.shape
-    num_q = g.query_rows.shape[1]
+    n, num_q = g.query_rows.shape
     if n * num_q != q.shape[0]:
         return reference.paged_attention(q, k_cache, v_cache, groups, scale)
-    qg = q.view(n, num_q, *q.shape[1:]).transpose(1, 2)  # [N, nh, Q, hd]
-    flat = g.key_slots.reshape(-1)
-    kg = k_cache.index_select(0, flat).view(n, width, *k_cache.shape[1:]).transpose(1, 2)
-    vg = v_cache.index_select(0, flat).view(n, width, *v_cache.shape[1:]).transpose(1, 2)
-    og = F.scaled_dot_product_attention(
-        qg, kg, vg, attn_mask=g.mask, scale=scale, enable_gqa=qg.shape[1] != kg.shape[1]
-    )
-    return og.transpose(1, 2).reshape(q.shape)
+    og = reference.group_attention(q.view(n, num_q, *q.shape[1:]), k_cache, v_cache, g, scale)
+    return og.reshape(q.shape)
 
 
 def moe_experts(
