@@ -238,5 +238,6 @@ def test_the_registry_logs_why_an_op_keeps_its_reference(caplog):
         ops._choose("paged_attention")
         ops._choose("linear")
     why = dflash_kernels.reason("paged_attention")
-    assert f"op paged_attention: reference ({why})" in caplog.text
+    # paged_attention has a plain-torch fast path (ops/fast.py), linear only its reference
+    assert f"op paged_attention: fast path ({why})" in caplog.text
     assert "op linear: reference (no kernel written for this op)" in caplog.text

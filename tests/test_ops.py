@@ -45,8 +45,9 @@ def rms_norm_kernel(x, weight, eps):
 fake.get = lambda name: rms_norm_kernel if name == "rms_norm" else None
 fake.reason = lambda name: "the fake offers rms_norm only"
 sys.modules["dflash_kernels"] = fake
-from dflash_ray.ops import OPS, REFERENCE
+from dflash_ray.ops import DEFAULT, OPS, REFERENCE
 print(OPS.rms_norm is rms_norm_kernel, OPS.rms_norm is REFERENCE["rms_norm"],
+      all(getattr(OPS, n) is DEFAULT[n] for n in REFERENCE if n != "rms_norm"),
       all(getattr(OPS, n) is REFERENCE[n] for n in REFERENCE if n != "rms_norm"))
 """
 
@@ -61,5 +62,7 @@ def choice(env_ops: str | None) -> str:
 
 
 def test_a_kernel_replaces_its_op_and_dflash_ops_ref_forces_the_references():
-    assert choice(None) == "True False True"  # the kernel for rms_norm, references elsewhere
-    assert choice("ref") == "False True True"  # the override wins over the kernel
+    # the kernel for rms_norm, elsewhere the defaults (references or their fast paths)
+    assert choice(None) == "True False True False"
+    # the override wins over the kernel and the fast paths
+    assert choice("ref") == "False True False True"

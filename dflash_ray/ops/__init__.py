@@ -1,10 +1,11 @@
 """The hot ops of the target and the drafter, each chosen once per process.
 
 Model code calls every hot op as `OPS.<name>(...)`. Each name starts as its plain-torch
-reference (`reference.py`); where the optional `dflash_kernels` package has a kernel with the
-same signature for this machine, the kernel takes its place. `DFLASH_OPS=ref` forces the
-references everywhere (and turns off the packed CPU weight format, `cpu_packed`). The choice is
-logged once per op; `override` swaps one op for a while (tests, profiling).
+reference (`reference.py`), or the reference's arithmetic in fewer torch calls where `fast.py`
+has one (`DEFAULT`); where the optional `dflash_kernels` package has a kernel with the same
+signature for this machine, the kernel takes its place. `DFLASH_OPS=ref` forces the references
+everywhere (no fast path, no kernel, and no packed CPU weight format, `cpu_packed`). The choice
+is logged once per op; `override` swaps one op for a while (tests, profiling).
 
 Letters in shape comments: T tokens in a flattened ragged batch, N sequences, Q padded query
 length, K padded key length, H hidden, nh/nkv heads, hd head dim, E experts, k experts per token.
@@ -19,6 +20,7 @@ from collections.abc import Callable, Iterator
 
 from . import recurrent, reference
 from .cpu_packed import PackedWeight, can_pack
+from .fast import FAST
 from .reference import AttentionGroup, IntakeLayer, RotaryTable
 
 log = logging.getLogger(__name__)
@@ -40,23 +42,27 @@ REFERENCE: dict[str, Callable] = {
     "gated_rms_norm": recurrent.gated_rms_norm,
 }
 
+# what an op runs where no kernel stands in: the reference, or its fast path (same arithmetic)
+DEFAULT: dict[str, Callable] = {**REFERENCE, **FAST}
+
 
 def forced_reference() -> bool:
     return os.environ.get("DFLASH_OPS", "auto") == "ref"
 
 
 def _choose(name: str) -> Callable:
-    impl = REFERENCE[name]
     if forced_reference():
-        return impl
+        return REFERENCE[name]
+    impl = DEFAULT[name]
+    kind = "fast path" if name in FAST else "reference"
     try:
         import dflash_kernels
     except ImportError as exc:  # the kernels package is optional
-        log.info("op %s: reference (dflash_kernels unavailable: %s)", name, exc)
+        log.info("op %s: %s (dflash_kernels unavailable: %s)", name, kind, exc)
         return impl
     kernel = dflash_kernels.get(name)
     if kernel is None:
-        log.info("op %s: reference (%s)", name, dflash_kernels.reason(name))
+        log.info("op %s: %s (%s)", name, kind, dflash_kernels.reason(name))
         return impl
     log.info("op %s: using kernel %s", name, kernel.__qualname__)
     return kernel
@@ -93,5 +99,5 @@ def override(name: str, impl: Callable) -> Iterator[None]:
         setattr(OPS, name, before)
 
 
-__all__ = ["OPS", "REFERENCE", "AttentionGroup", "IntakeLayer", "PackedWeight", "RotaryTable",
-           "can_pack", "forced_reference", "override"]
+__all__ = ["DEFAULT", "OPS", "REFERENCE", "AttentionGroup", "IntakeLayer", "PackedWeight",
+           "RotaryTable", "can_pack", "forced_reference", "override"]

@@ -88,6 +88,9 @@ class AttentionGroup:
     key_slots: torch.Tensor
     # [N, 1, Q, K] bool, True where a query may attend to a key
     mask: torch.Tensor
+    # True when the queries are rows 0 .. N*Q-1 of the batch in order, none padded (every
+    # sequence asks Q queries): `query_rows` is then arange(N*Q).view(N, Q), known on the host
+    dense: bool = False
 
 
 def paged_attention(
@@ -104,18 +107,24 @@ def paged_attention(
     """
     out = torch.zeros_like(q)
     for g in groups:
-        qg = q[g.query_rows].transpose(1, 2)  # [N, nh, Q, hd]
-        n, width = g.key_slots.shape
-        flat = g.key_slots.reshape(-1)
-        kg = k_cache.index_select(0, flat).view(n, width, *k_cache.shape[1:]).transpose(1, 2)
-        vg = v_cache.index_select(0, flat).view(n, width, *v_cache.shape[1:]).transpose(1, 2)
-        # kg, vg: [N, nkv, K, hd]
-        og = F.scaled_dot_product_attention(
-            qg, kg, vg, attn_mask=g.mask, scale=scale, enable_gqa=qg.shape[1] != kg.shape[1]
-        )
-        og = og.transpose(1, 2)  # [N, Q, nh, hd]
+        og = group_attention(q[g.query_rows], k_cache, v_cache, g, scale)  # [N, Q, nh, hd]
         out[g.query_rows[g.query_valid]] = og[g.query_valid]
     return out
+
+
+def group_attention(qg: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    g: AttentionGroup, scale: float) -> torch.Tensor:
+    """One group's SDPA: its queries qg [N, Q, nh, hd] over its keys gathered from the paged
+    cache -> [N, Q, nh, hd] (padded query rows included)."""
+    n, width = g.key_slots.shape
+    flat = g.key_slots.reshape(-1)
+    kg = k_cache.index_select(0, flat).view(n, width, *k_cache.shape[1:]).transpose(1, 2)
+    vg = v_cache.index_select(0, flat).view(n, width, *v_cache.shape[1:]).transpose(1, 2)
+    qg = qg.transpose(1, 2)  # [N, nh, Q, hd]; kg, vg: [N, nkv, K, hd]
+    og = F.scaled_dot_product_attention(
+        qg, kg, vg, attn_mask=g.mask, scale=scale, enable_gqa=qg.shape[1] != kg.shape[1]
+    )
+    return og.transpose(1, 2)
 
 
 def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, k: torch.Tensor,

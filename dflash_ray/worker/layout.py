@@ -101,4 +101,6 @@ def _group(
         query_valid=query_valid.to(device),
         key_slots=key_slots.to(device),
         mask=mask[:, None].to(device),
+        dense=starts == list(range(0, n * max_q, max_q))
+        and all(s.num_queries == max_q for s in spans),
     )
