@@ -191,17 +191,24 @@ class Engine(Serving, Overlap, Postprocess):
                 self._release(released)
                 return []
             sched, batch = planned
-            try:
-                result = self.executor.execute(batch)
-            except WorkersLost as exc:
-                self._recompute_running(exc)
+            result = self._outcome(self.executor.execute, batch)
+            if result is None:
                 return []
-            except Exception as exc:
-                self._fail_all(exc)
-                raise
             with self._lock:
                 taken = self._advance(sched, batch, result)
                 return self._finish_step(start, sched, batch, result, taken)
+
+    def _outcome(self, call, *args) -> StepResult | None:
+        """A step's result from `call`; None when the workers were lost (the running sequences
+        are then recomputed); any other failure fails every live request and is raised."""
+        try:
+            return call(*args)
+        except WorkersLost as exc:
+            self._recompute_running(exc)
+            return None
+        except Exception as exc:
+            self._fail_all(exc)
+            raise
 
     def _drafter_ready(self) -> bool:
         return self.block_size > 1 and self._guarded(self.executor.drafter_ready)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from .outputs import RequestOutput
 from .scheduler import SchedulerOutput
-from .step_io import StepBatch, WorkersLost
+from .step_io import StepBatch
 
 log = logging.getLogger(__name__)
 
@@ -54,14 +54,9 @@ class Overlap:
                 self._release(released)
                 return []
         flight, self._inflight = self._inflight, None
-        try:
-            result = flight.result.result()
-        except WorkersLost as exc:
-            self._recompute_running(exc)
+        result = self._outcome(flight.result.result)
+        if result is None:
             return []
-        except Exception as exc:
-            self._fail_all(exc)
-            raise
         drafter_up = self._drafter_ready() if launch_next else False
         with self._lock:
             taken = self._advance(flight.sched, flight.batch, result)
