@@ -86,6 +86,13 @@ class EngineConfig(BaseModel):
         "(the last one what is left); > 1 sends fewer, larger messages through Serve and HTTP, "
         "which pays at high concurrency where per-message overhead competes with decoding",
     )
+    overlap: bool = Field(
+        False,
+        description="pipeline the steps: the workers compute step N+1 while the engine "
+        "settles step N (detokenization, stop strings, outputs to streams), one step in flight "
+        "in a thread of its own; a request that a stop string ends rides one more step, whose "
+        "result is discarded. Output is the same either way",
+    )
     device: str = Field("cpu", description="torch device of the in-process runner")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     drafter_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(

@@ -6,7 +6,8 @@ work the executor's: any object with the `Executor` methods (the in-process one 
 the Ray one in `cluster/`; the entry points choose). The engine never calls the executor outside
 a step: what it must tell the workers (released and preempted sequences) rides in the next
 step's batch. How callers wait for outputs (blocking, or streamed while a background thread
-steps) is `serving.Serving`'s, mixed in here.
+steps) is `serving.Serving`'s, committing a step's results `postprocess.Postprocess`'s and the
+pipelined step (`EngineConfig.overlap`) `overlap.Overlap`'s, all mixed in here.
 """
 
 from __future__ import annotations
@@ -18,25 +19,28 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 from ..config import EngineConfig
 from .block_manager import BlockManager
 from .outputs import RequestMetrics, RequestOutput
+from .overlap import Flight, Overlap
+from .postprocess import Postprocess, Taken
 from .requests import check_fits, prompt_ids
 from .sampling_params import InvalidRequest, SamplingParams
-from .scheduler import Scheduler, SchedulerConfig, SchedulerOutput, prefill_len, step_batch
+from .scheduler import Scheduler, SchedulerConfig, SchedulerOutput, step_batch
 from .sequence import Sequence
 from .serving import Serving
 from .spec_policy import make_policy
 from .stats import EngineSnapshot, EngineStats, Listeners, StepStats, copy_stats
-from .step_io import Executor, SamplingSpec, SeqResult, StepBatch, StepResult, WorkersLost
-from .stopping import commit_tokens
+from .step_io import Executor, SamplingSpec, StepBatch, StepResult, WorkersLost
 from .streams import Streams
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-class Engine(Serving):
+
+class Engine(Serving, Overlap, Postprocess):
     def __init__(self, config: EngineConfig, executor: Executor):
         self.config = config
         self.executor = executor
@@ -76,6 +80,10 @@ class Engine(Serving):
         self._done: dict[str, RequestOutput] = {}
         self._errors: dict[str, Exception] = {}
         self._closed = False
+        # overlap: the thread the workers' steps run in, and the step in flight there
+        self._pool = (ThreadPoolExecutor(1, thread_name_prefix="dflash-step")
+                      if config.overlap else None)
+        self._inflight: Flight | None = None
 
     # ---- requests ----------------------------------------------------------------------------
 
@@ -169,30 +177,50 @@ class Engine(Serving):
     def _step(self) -> list[RequestOutput]:
         """Schedule and postprocess under the bookkeeping lock; the workers run outside it, so
         requests, aborts and stats reach the engine from any thread (an event loop) within a
-        moment, never after a whole step. `_step_lock` keeps steps one at a time."""
+        moment, never after a whole step. `_step_lock` keeps steps one at a time. With
+        `overlap` the steps are pipelined (`Overlap`)."""
         with self._step_lock:
+            if self._pool is not None:
+                return self._overlapped_step()
             start = time.perf_counter()
-            drafter_up = self.block_size > 1 and self._guarded(self.executor.drafter_ready)
+            drafter_up = self._drafter_ready()
             with self._lock:
-                self._drafter_up = drafter_up
-                sched = self.scheduler.schedule(time.monotonic(), drafter_up)
-                if sched.empty and not sched.preempted:
-                    released = self._take_released()
-                else:
-                    released, batch = None, step_batch(sched, self._take_released())
-            if released is not None:  # nothing to run: let the workers forget finished ones
+                planned = self._plan(drafter_up)
+                released = self._take_released() if planned is None else None
+            if planned is None:  # nothing to run: let the workers forget finished ones
                 self._release(released)
                 return []
-            try:
-                result = self.executor.execute(batch)
-            except WorkersLost as exc:
-                self._recompute_running(exc)
+            sched, batch = planned
+            result = self._outcome(self.executor.execute, batch)
+            if result is None:
                 return []
-            except Exception as exc:
-                self._fail_all(exc)
-                raise
             with self._lock:
-                return self._finish_step(start, sched, batch, result)
+                taken = self._advance(sched, batch, result)
+                return self._finish_step(start, sched, batch, result, taken)
+
+    def _outcome(self, call, *args) -> StepResult | None:
+        """A step's result from `call`; None when the workers were lost (the running sequences
+        are then recomputed); any other failure fails every live request and is raised."""
+        try:
+            return call(*args)
+        except WorkersLost as exc:
+            self._recompute_running(exc)
+            return None
+        except Exception as exc:
+            self._fail_all(exc)
+            raise
+
+    def _drafter_ready(self) -> bool:
+        return self.block_size > 1 and self._guarded(self.executor.drafter_ready)
+
+    def _plan(self, drafter_up: bool) -> tuple[SchedulerOutput, StepBatch] | None:
+        """The next step and its batch (carrying the sequences released since the last one),
+        or None when there is nothing to run (the released ones then wait)."""
+        self._drafter_up = drafter_up
+        sched = self.scheduler.schedule(time.monotonic(), drafter_up)
+        if sched.empty and not sched.preempted:
+            return None
+        return sched, step_batch(sched, self._take_released())
 
     def _recompute_running(self, exc: WorkersLost) -> None:
         """The workers lost this step and every running sequence's caches with it: each goes
@@ -217,8 +245,8 @@ class Engine(Serving):
                     len(requeued) - len(failed), len(failed), self.config.step_retries)
 
     def _finish_step(self, start: float, sched: SchedulerOutput, batch: StepBatch,
-                     result: StepResult) -> list[RequestOutput]:
-        outputs, drafts = self._postprocess(sched, batch, result)
+                     result: StepResult, taken: list[Taken]) -> list[RequestOutput]:
+        outputs, drafts = self._settle(taken)
         seconds = time.perf_counter() - start
         if sched.decodes and not sched.prefills:  # what the speculation policy learns from
             # the kind the policy chose: a speculative regime includes the plain blocks of
@@ -247,6 +275,10 @@ class Engine(Serving):
         if not self._step_lock.acquire(blocking=wait):
             return
         try:
+            if self._inflight is not None:
+                if not wait:  # the step in flight is collected by whoever steps next
+                    return
+                self._drain()
             with self._lock:
                 released = self._take_released()
             self._release(released)
@@ -273,87 +305,6 @@ class Engine(Serving):
     def _take_released(self) -> list[int]:
         released, self._released = self._released, []
         return released
-
-    def _postprocess(
-        self, sched: SchedulerOutput, batch: StepBatch, result: StepResult
-    ) -> tuple[list[RequestOutput], list[tuple[int, int]]]:
-        """Commit the step's tokens; returns the outputs and, per decode that verified drafts,
-        (proposed, accepted drafts committed)."""
-        st = self._stats
-        st.num_steps += 1
-        st.num_preemptions += len(sched.preempted)
-        st.draft_seconds += result.draft_seconds
-        st.verify_seconds += result.verify_seconds
-        st.transfer_seconds += result.transfer_seconds
-        st.transfer_bytes += result.transfer_bytes
-        st.max_batch_size = max(st.max_batch_size, len(sched.prefills) + len(sched.decodes))
-        self._speculating = sched.speculative and self.block_size > 1  # the policy's choice
-        took_context = batch.drafter_pass and not result.drafter_lost
-        if result.drafter_lost:
-            st.num_drafter_losses += 1
-            self.scheduler.lose_drafter()
-            self._drafter_up = False
-        by_id = {r.seq_id: r for r in result.results}
-        now = time.monotonic()
-        outputs, drafts = [], []
-        for seq in sched.prefills:
-            if seq.finished:  # aborted while the step ran: its result goes nowhere
-                continue
-            seq.num_cached = prefill_len(seq)
-            seq.num_drafted_ctx = 0
-            outputs.append(self._commit(seq, by_id[seq.seq_id], now, drafts))
-        for d in sched.decodes:
-            seq, r = d.seq, by_id[d.seq.seq_id]
-            if seq.finished:
-                continue
-            if r.num_proposed and not r.num_accepted:
-                seq.draft_cooldown = self.config.spec_reject_cooldown
-            if took_context and seq.drafter_follows:  # its waiting context went in
-                seq.num_drafted_ctx = seq.num_cached
-            seq.num_cached += len(r.tokens)  # = start + accepted + 1: rejected rows rolled back
-            seq.metrics.num_steps += 1
-            outputs.append(self._commit(seq, r, now, drafts))
-            if not seq.finished:
-                self.scheduler.trim(seq)
-        st.num_spec_steps += bool(drafts)
-        self._emit(outputs)
-        for o in outputs:
-            if o.finished:
-                self._forget(o.request_id)
-                if o.request_id in self._sync_waiting:
-                    self._done[o.request_id] = o
-                    self._wake.notify_all()
-        return outputs, drafts
-
-    def _commit(self, seq: Sequence, r: SeqResult, now: float,
-                drafts: list[tuple[int, int]]) -> RequestOutput:
-        """Append committed tokens up to the first stop (see `stopping`) and count them;
-        returns the request's delta."""
-        p = seq.params
-        stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_token_ids)
-        new_ids, new_text, reason = commit_tokens(seq, r.tokens, stop_ids, self.tokenizer)
-        m = seq.metrics
-        if new_ids:
-            if m.first_token_time is None:
-                m.first_token_time = now
-            m.last_token_time = now
-        if r.num_proposed:  # a verify step with drafts: its acceptance length (outputs.py)
-            accepted = max(0, len(new_ids) - 1)
-            seq.acceptance_lengths.append(len(new_ids))
-            seq.num_draft_tokens += r.num_proposed
-            seq.num_accepted_tokens += accepted
-            self._stats.spec.observe(r.num_proposed, accepted)
-            drafts.append((r.num_proposed, accepted))
-        self._stats.generation_tokens += len(new_ids)
-        if reason is not None:
-            self._finish(seq, reason, now)
-        return self._output(self._rid_of[seq.seq_id], seq, new_ids, new_text)
-
-    def _finish(self, seq: Sequence, reason: str, now: float) -> None:
-        self.scheduler.finish(seq, reason)
-        seq.metrics.finished_time = now
-        self._released.append(seq.seq_id)
-        self._stats.finished[reason] = self._stats.finished.get(reason, 0) + 1
 
     def _output(self, rid: str, seq: Sequence, new_ids: list[int], new_text: str) -> RequestOutput:
         return RequestOutput(
@@ -403,5 +354,7 @@ class Engine(Serving):
         if thread is not None:
             thread.join(timeout=10)
         # open streams and blocked callers get an error instead of waiting forever
+        if self._pool is not None:  # the step in flight, if any, ends before the workers do
+            self._pool.shutdown(wait=True)
         self._fail_all(RuntimeError("the engine was shut down"))
         self.executor.shutdown()
