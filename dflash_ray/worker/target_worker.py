@@ -140,10 +140,8 @@ class TargetWorker:
         """Commit the caches on every rank: the lead knows how many positions each block kept
         (`kept`); a sharded hybrid target's other ranks hold recurrent state too, so they get
         the counts from the lead (attention-only targets forget by length: nothing to send)."""
-        if not batch.decodes:
-            return
         proposed = drafts.num_proposed if drafts is not None else [0] * len(batch.decodes)
-        if self.comm.world_size > 1 and self.model.cfg.linear is not None:
+        if batch.decodes and self.comm.world_size > 1 and self.model.cfg.linear is not None:
             counts = torch.zeros(len(batch.decodes), dtype=torch.long, device=self.device)
             if kept is not None:
                 counts[:] = torch.tensor(kept, dtype=torch.long)
