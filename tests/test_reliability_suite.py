@@ -42,7 +42,7 @@ def test_bad_flags_are_refused_naming_the_flag(argv, says, capsys):
 
 def test_quick_suite_against_a_real_serve_app(served, tmp_path):  # noqa: F811
     run = suite()
-    pids = run.server_pids([os.getpid()])  # this session's Ray cluster: the Serve replicas
+    pids = run.server_pids([os.getpid()])  # the test run's Ray cluster: the Serve replicas
     assert pids, "no Serve replica process found for the RSS trend"
     out = tmp_path / "reliability.json"
     result = run.main(["--url", served, "--quick", "--only", "load,storm,soak,hostile,fuzz",
