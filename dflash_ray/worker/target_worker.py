@@ -198,11 +198,11 @@ class TargetWorker:
         if not spans:
             return None
         write_slots, groups = build_layout(spans, self.cfg.kv_block_len, causal=True, device=dev)
-        # the recurrent layers' sequences, equal lengths batched (see `caches.StateRun`)
-        self.cache.plan_states([
-            StateRun(torch.tensor(firsts, device=dev)[:, None] + torch.arange(n, device=dev),
-                     slots, prefill)
-            for (prefill, n), (firsts, slots) in runs.items()])
+        if self.cache.state is not None:  # the recurrent layers' runs (`caches.StateRun`)
+            self.cache.plan_states([
+                StateRun(torch.tensor(firsts, device=dev)[:, None] + torch.arange(n, device=dev),
+                         slots, prefill)
+                for (prefill, n), (firsts, slots) in runs.items()])
         return self.model(
             torch.tensor(ids, dtype=torch.long, device=dev),
             torch.tensor(pos, dtype=torch.long, device=dev),
