@@ -3,7 +3,12 @@ sampling, stop strings, streams abandoned after a few deltas) through the real `
 the shipped pair, in this process; after each wave the RSS and the engine's per-request tables
 (which must be empty once the wave is done).
 
-    python3 bench/soak_memory.py [--waves 10] [--per-wave 64] [--out FILE]
+    python3 bench/soak_memory.py [--waves 10] [--per-wave 64] [--metrics none|prometheus|ray]
+                                 [--out FILE]
+
+`--metrics` adds the engine's metrics exporter with a backend: `prometheus` (prometheus_client,
+as `LLM` uses it) or `ray` (`ray.util.metrics` in this process, a driver of a local Ray
+instance, as a Serve replica records them).
 
 Run it with different allocator settings to tell a leak from a cache filling up, e.g.
 `ONEDNN_PRIMITIVE_CACHE_CAPACITY=8` (oneDNN keeps one primitive per GEMM shape it has seen) or
@@ -18,6 +23,7 @@ import ctypes
 import gc
 import json
 import os
+import time
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -51,26 +57,42 @@ async def one(server: ModelServer, i: int, kind: str) -> None:
     await stream.aclose()
 
 
-async def soak(waves: int, per_wave: int) -> dict:
+def metrics_backend(kind: str):
+    if kind == "prometheus":
+        from dflash_ray.metrics.prometheus import PrometheusBackend
+        return PrometheusBackend()
+    if kind == "ray":
+        import ray
+
+        from dflash_ray.server.ray_metrics import RayBackend
+        ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+        return RayBackend()
+    return None
+
+
+async def soak(waves: int, per_wave: int, metrics: str = "none") -> dict:
     target, drafter = demo_pair()
     server = ModelServer({"target": target, "drafter": drafter, "max_num_seqs": 16}, "soak",
-                         max_pending=4 * per_wave)
+                         max_pending=4 * per_wave, metrics_backend=metrics_backend(metrics))
     engine, rows = server.engine, []
     for w in range(waves):
+        start = time.perf_counter()
         await asyncio.gather(*(one(server, w * per_wave + k, KINDS[k % len(KINDS)])
                                for k in range(per_wave)))
         gc.collect()
         tables = {"seqs": len(engine._seqs), "errors": len(engine._errors),
                   "waiting_callers": len(engine._sync_waiting)}
-        rows.append({"wave": w, "requests": (w + 1) * per_wave, "rss_mib": rss_mib(), **tables})
-        print(f"wave {w}: {rows[-1]['requests']} requests, RSS {rows[-1]['rss_mib']:.0f} MiB, "
-              f"engine tables {tables}", flush=True)
+        rows.append({"wave": w, "requests": (w + 1) * per_wave, "rss_mib": rss_mib(),
+                     "seconds": round(time.perf_counter() - start, 2), **tables})
+        print(f"wave {w}: {rows[-1]['requests']} requests in {rows[-1]['seconds']:.1f} s, "
+              f"RSS {rows[-1]['rss_mib']:.0f} MiB, engine tables {tables}", flush=True)
     before = rss_mib()
     ctypes.CDLL("libc.so.6").malloc_trim(0)  # what the C heap holds free, handed back
     after = rss_mib()
     print(f"malloc_trim: RSS {before:.0f} -> {after:.0f} MiB")
-    return {"env": {k: os.environ.get(k) for k in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY",
-                                                  "DFLASH_OPS", "MALLOC_ARENA_MAX")},
+    return {"metrics": metrics, "env": {k: os.environ.get(k) for k in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY",
+                                                  "DFLASH_OPS", "DFLASH_HEAP",
+                                                  "MALLOC_ARENA_MAX")},
             "waves": rows, "rss_after_trim_mib": after}
 
 
@@ -78,9 +100,10 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--waves", type=int, default=10)
     p.add_argument("--per-wave", type=int, default=64)
+    p.add_argument("--metrics", choices=("none", "prometheus", "ray"), default="none")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    result = asyncio.run(soak(args.waves, args.per_wave))
+    result = asyncio.run(soak(args.waves, args.per_wave, args.metrics))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)

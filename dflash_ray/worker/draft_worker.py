@@ -20,6 +20,7 @@ from ..models.layers import Linear, embedding, prepack
 from ..models.loader import load_weights
 from ..models.registry import load_drafter
 from ..spec_decode import processed_probs, sample
+from . import heap
 from .caches import ModelCache, bytes_per_token
 from .drafts import NO_DRAFT, Drafts
 from .layout import SeqSpan, build_layout, slot_mapping
@@ -95,6 +96,7 @@ class DraftWorker:
         the drafter runs in the target's dtype; otherwise the drafter loads its own copy of the
         target's embedding and LM head from `cfg.target`, in its dtype."""
         self.cfg, self.spec = cfg, spec
+        heap.tune()  # before the first step's tensors (see worker/heap.py)
         self.device = torch.device(cfg.device)
         self.dtype = cfg.drafter_torch_dtype
         self.drafter = load_drafter(cfg.drafter, self.dtype, self.device)

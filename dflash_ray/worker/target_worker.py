@@ -16,6 +16,7 @@ from ..models.layers import prepack
 from ..models.registry import load_target
 from ..models.sharding import ShardSpec
 from ..parallel.communicator import LOCAL, Communicator
+from . import heap
 from .caches import Commit, ModelCache, StateRun, bytes_per_seq, bytes_per_token
 from .drafts import Drafts, PendingFeatures
 from .layout import SeqSpan, build_layout
@@ -35,6 +36,7 @@ class TargetWorker:
         comm: Communicator = LOCAL,
     ):
         self.cfg, self.spec, self.comm = cfg, spec, comm
+        heap.tune()  # before the first step's tensors (see worker/heap.py)
         self.device = torch.device(cfg.device)
         self.dtype = cfg.torch_dtype
         self.model = load_target(cfg.target, self.dtype, self.device, shard, comm)
