@@ -11,7 +11,7 @@ from dflash_ray.models.qwen3 import Qwen3Target
 from dflash_ray.ops import PackedWeight, can_pack
 from dflash_ray.ops.reference import moe_experts
 from dflash_ray.worker.caches import PagedKVCache
-from dflash_ray.worker.layout import SeqSpan, build_layout
+from dflash_ray.worker.layout import SeqSpan, build_layout, drafter_layout
 
 from .conftest import VOCAB, save_qwen3, save_qwen3_moe
 
@@ -215,8 +215,8 @@ def test_packed_drafter_matches_reference(tiny, dtype):
         block = torch.randn(8, d.hidden_size, generator=gen).to(dtype)
         with torch.inference_mode():
             m.materialize_context(feats, torch.arange(6), torch.arange(6), cache)
-            ws, groups = build_layout([SeqSpan([0, 1, 2, 3], 6, 8, 8)], BLOCK, causal=False,
-                                      device="cpu")
+            ws, groups = drafter_layout([SeqSpan([0, 1, 2, 3], 6, 8, 8)], BLOCK,
+                                        m.attention_kinds(), "cpu")
             hidden = m(block, torch.arange(6, 14), cache, ws, groups)
         results.append((hidden.float(), [t.float().clone() for t in cache.layer(0)]))
     tol = 1e-5 if dtype == torch.float32 else 2e-2
