@@ -294,7 +294,7 @@ def timing(args) -> dict:
     from dflash_ray.models.hf_config import DrafterConfig, TargetConfig
     from dflash_ray.models.qwen3 import Qwen3Target
     from dflash_ray.worker.caches import PagedKVCache
-    from dflash_ray.worker.layout import SeqSpan, build_layout, slot_mapping
+    from dflash_ray.worker.layout import SeqSpan, build_layout, drafter_layout, slot_mapping
 
     dev, dtype, blen, ctx = args.device, torch.bfloat16, 16, args.context
     shape, dshape = (SMALL, DRAFTER_SMALL) if args.small else (QWEN3_8B, DRAFTER_8B)
@@ -366,7 +366,8 @@ def timing(args) -> dict:
     drafter.materialize_context(feats, torch.arange(ctx, device=dev),
                                 slot_mapping([SeqSpan(table, 0, ctx, 0)], blen, dev), dcache)
     B = dcfg.block_size
-    slots, groups = build_layout([SeqSpan(table, ctx, B, B)], blen, False, dev)
+    slots, groups = drafter_layout([SeqSpan(table, ctx, B, B)], blen, drafter.attention_kinds(),
+                                   dev)
     block = target.embed(torch.full((B,), 1, device=dev))
     pos = torch.arange(ctx, ctx + B, device=dev)
     out["draft_pass_ms"] = median_ms(

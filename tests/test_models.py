@@ -11,9 +11,9 @@ from dflash_ray.models.qwen3 import Qwen3Target
 from dflash_ray.ops import PackedWeight, can_pack
 from dflash_ray.ops.reference import moe_experts
 from dflash_ray.worker.caches import PagedKVCache
-from dflash_ray.worker.layout import SeqSpan, build_layout
+from dflash_ray.worker.layout import SeqSpan, build_layout, drafter_layout
 
-from .conftest import VOCAB, save_qwen3, save_qwen3_moe
+from .conftest import VOCAB, save_drafter, save_qwen3, save_qwen3_moe
 
 BLOCK = 4  # small KV pages so sequences span several, out of order
 
@@ -215,8 +215,8 @@ def test_packed_drafter_matches_reference(tiny, dtype):
         block = torch.randn(8, d.hidden_size, generator=gen).to(dtype)
         with torch.inference_mode():
             m.materialize_context(feats, torch.arange(6), torch.arange(6), cache)
-            ws, groups = build_layout([SeqSpan([0, 1, 2, 3], 6, 8, 8)], BLOCK, causal=False,
-                                      device="cpu")
+            ws, groups = drafter_layout([SeqSpan([0, 1, 2, 3], 6, 8, 8)], BLOCK,
+                                        m.attention_kinds(), "cpu")
             hidden = m(block, torch.arange(6, 14), cache, ws, groups)
         results.append((hidden.float(), [t.float().clone() for t in cache.layer(0)]))
     tol = 1e-5 if dtype == torch.float32 else 2e-2
@@ -245,3 +245,66 @@ def test_registry_covers_every_parsed_architecture_and_refuses_unknown_layer_kin
     (hybrid / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="layer 0 is 'linear_attention'"):
         load_target(str(hybrid), torch.float32, "cpu")
+
+
+def test_layout_window_masks():
+    """Keys a query sees under a window of 3: at positions 0..5, queries at 3..5 (the last three
+    new tokens of six), causal and not."""
+    (g,) = build_layout([SeqSpan([0, 1], 0, 6, 3)], BLOCK, causal=True, device="cpu",
+                        window=3)[1]
+    assert g.mask[0, 0].int().tolist() == [[0, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 0],
+                                           [0, 0, 0, 1, 1, 1]]
+    (g,) = build_layout([SeqSpan([0, 1], 0, 6, 3)], BLOCK, causal=False, device="cpu",
+                        window=3)[1]
+    assert g.mask[0, 0].int().tolist() == [[0, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1],
+                                           [0, 0, 0, 1, 1, 1]]
+    (g,) = build_layout([SeqSpan([0, 1], 0, 6, 3)], BLOCK, causal=True, device="cpu")[1]
+    assert g.mask[0, 0].int().tolist() == [[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0],
+                                           [1, 1, 1, 1, 1, 1]]
+
+
+def _drafter_dir(tmp_path, **changes) -> str:
+    import json
+
+    path = save_drafter(tmp_path / "d", num_hidden_layers=2)
+    cfg = json.loads((tmp_path / "d" / "config.json").read_text())
+    cfg.update(changes)
+    (tmp_path / "d" / "config.json").write_text(json.dumps(cfg))
+    return path
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"layer_types": ["full_attention", "chunked_attention"]},
+     r"layer_types \{1: 'chunked_attention'\}"),
+    ({"layer_types": ["sliding_attention", "full_attention"], "use_sliding_window": True,
+      "sliding_window": None}, "but sliding_window None"),
+    ({"layer_types": ["sliding_attention", "full_attention"], "use_sliding_window": True,
+      "sliding_window": 0}, "but sliding_window 0"),
+    ({"causal": True}, "drafter causal is True"),
+    ({"layer_types": ["sliding_attention", "full_attention"], "use_sliding_window": True,
+      "sliding_window": 8, "dflash_config": {"causal": False, "mask_token_id": 31}},
+     "dflash_config.causal is False"),
+])
+def test_drafter_attention_config_errors_name_the_value(tmp_path, changes, message):
+    from dflash_ray.models.hf_config import DrafterConfig
+
+    with pytest.raises(ValueError, match=message):
+        DrafterConfig.load(_drafter_dir(tmp_path, **changes))
+
+
+def test_drafter_attention_kinds_follow_zlab(tmp_path, caplog):
+    from dflash_ray.models.hf_config import FULL, AttentionKind, DrafterConfig
+
+    swa = {"layer_types": ["sliding_attention", "full_attention"], "sliding_window": 8}
+    kinds = DrafterConfig.load(_drafter_dir(tmp_path, use_sliding_window=True, **swa))
+    assert kinds.layer_attention == (AttentionKind(True, 8), FULL)
+    kinds = DrafterConfig.load(_drafter_dir(tmp_path, use_sliding_window=True, is_causal=True,
+                                            **swa))
+    assert kinds.layer_attention == (AttentionKind(True, 8), AttentionKind(True, None))
+    # transformers' Qwen3Config (z-lab's config class) drops the window unless
+    # use_sliding_window: the layer stays causal, over every key, and the log says so
+    with caplog.at_level("WARNING"):
+        kinds = DrafterConfig.load(_drafter_dir(tmp_path, use_sliding_window=False, **swa))
+    assert kinds.layer_attention == (AttentionKind(True, None), FULL)
+    assert "sliding_window 8 is off" in caplog.text
+    assert DrafterConfig.load(_drafter_dir(tmp_path)).layer_attention == (FULL, FULL)

@@ -13,7 +13,7 @@ import torch
 from dflash_ray import LLM, SamplingParams
 from dflash_ray.spec_decode import processed_probs, rejection_accept
 
-from .conftest import WHOLE
+from .conftest import WHOLE, save_drafter
 
 PROMPTS = [[(7 * i + j) % 30 for j in range(1 + 3 * i)] for i in range(10)]  # lengths 1..28
 
@@ -96,6 +96,21 @@ def test_greedy_dflash_equals_plain_staggered_batch(llms):
     assert [o.token_ids for o in spec_bf16] == [o.token_ids for o in alone]
     assert [o.token_ids for o in plain] == [o.token_ids for o in alone]
     assert llms["dflash"].engine.stats().counters.max_batch_size >= 8
+    assert any(max(o.acceptance_lengths) > 1 for o in spec), "no draft was ever accepted"
+
+
+def test_greedy_dflash_with_a_sliding_window_drafter_equals_plain(llms, tiny, tmp_path):
+    """A drafter of z-lab's Qwen3.5-MoE kind (sliding-window causal layers beside a full one;
+    a window of 3, shorter than a block) in a staggered batch: still the target's own tokens."""
+    drafter = save_drafter(
+        tmp_path / "swa", seed=5, num_hidden_layers=3, use_sliding_window=True, sliding_window=3,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+    )
+    llm = LLM(tiny["moe"], drafter, drafter_dtype="float32", **WHOLE)
+    params = SamplingParams(max_tokens=40)
+    alone = [llms["plain"].generate([p], params, use_tqdm=False)[0] for p in PROMPTS[:6]]
+    spec = run_staggered(llm.engine, PROMPTS[:6], params)
+    assert [o.token_ids for o in spec] == [o.token_ids for o in alone]
     assert any(max(o.acceptance_lengths) > 1 for o in spec), "no draft was ever accepted"
 
 

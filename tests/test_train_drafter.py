@@ -17,7 +17,7 @@ from dflash_ray.train.drafter import block_logits, training_mask
 from dflash_ray.train.drafter_data import TrainSequence, capture_features
 from dflash_ray.train.train_drafter import DrafterTrainArgs, train
 from dflash_ray.worker.caches import PagedKVCache
-from dflash_ray.worker.layout import SeqSpan, build_layout, slot_mapping
+from dflash_ray.worker.layout import SeqSpan, drafter_layout, slot_mapping
 
 from .conftest import MASK_ID
 from .test_engine import add_char_tokenizer
@@ -52,8 +52,8 @@ def test_training_forward_equals_the_serving_drafter(tiny):
         table = [0, 1]
         drafter.materialize_context(seq.features[:a], torch.arange(a),
                                     slot_mapping([SeqSpan(table, 0, a, 0)], 16, "cpu"), cache)
-        slots, groups = build_layout([SeqSpan(table, a, block, block)], 16, causal=False,
-                                     device="cpu")
+        slots, groups = drafter_layout([SeqSpan(table, a, block, block)], 16,
+                                       drafter.attention_kinds(), "cpu")
         block_ids = torch.tensor([ids[a]] + [MASK_ID] * (block - 1))
         h = drafter(target.embed(block_ids), torch.arange(a, a + block), cache, slots, groups)
         serve_logits = target.logits(h[1:])

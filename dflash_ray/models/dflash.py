@@ -4,7 +4,9 @@ A Qwen3 decoder stack with no embedding and no LM head (it borrows the target's)
 of committed tokens, `C = hidden_norm(fc(cat_l h_l))`, are projected by every layer's k/v
 projections straight into the drafter's paged cache once (`materialize_context`: never recomputed,
 no layer norm, no MLP on context rows). A draft pass then runs the block `[bonus, MASK x (B-1)]`
-through the stack with non-causal attention over [cached context, block].
+through the stack with attention over [cached context, block]: non-causal in a full-attention
+layer (z-lab's Qwen3 drafters), causal and windowed in a sliding-attention layer (its
+Qwen3.5-MoE drafters); each layer reads the masks of its own kind (`layer_attention`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from torch import nn
 from ..ops import OPS, AttentionGroup, RotaryTable
 from ..parallel.communicator import LOCAL
 from .cache_spec import CacheSpec
-from .hf_config import DrafterConfig
+from .hf_config import AttentionKind, DrafterConfig
 from .layers import MLP, Attention, DecoderLayer, Linear, RMSNorm
 from .loader import load_weights
 
@@ -46,6 +48,10 @@ class DFlashDrafter(nn.Module):
         themselves)."""
         for layer in self.layers:
             layer.self_attn.pack_kv_rows()
+
+    def attention_kinds(self) -> list[AttentionKind]:
+        """The distinct kinds of attention of its layers: the masks a draft pass needs."""
+        return list(dict.fromkeys(self.cfg.layer_attention))
 
     def cache_specs(self) -> list[CacheSpec]:
         return [layer.self_attn.cache_spec() for layer in self.layers]
@@ -78,13 +84,14 @@ class DFlashDrafter(nn.Module):
         positions: torch.Tensor,  # [Tq]
         cache,  # cache.layer(i): layer i's (k_cache, v_cache)
         write_slots: torch.Tensor,  # [Tq]
-        groups: list[AttentionGroup],  # non-causal masks over [context, block]
+        # per kind of attention (`attention_kinds`): its masks over [context, block]
+        groups: dict[AttentionKind, list[AttentionGroup]],
     ) -> torch.Tensor:
         """Returns the final-normed hidden states of the block rows, [Tq, H]."""
         x = block_embeds
         cos, sin = self.rope(positions, x.dtype)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache.layer(i), write_slots, groups)
+        for i, (layer, kind) in enumerate(zip(self.layers, self.cfg.layer_attention, strict=True)):
+            x = layer(x, cos, sin, cache.layer(i), write_slots, groups[kind])
         return self.norm(x)
 
     @classmethod

@@ -7,8 +7,11 @@ that a drafter fits its target. Does not own weights (see `loader.py`).
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 TARGET_ARCHITECTURES = {
     "Qwen3ForCausalLM": "qwen3",
@@ -70,8 +73,8 @@ class DecoderConfig:
     rope_scaling: float
     max_position: int
     attention_bias: bool
-    # per layer: "full_attention" or "linear_attention" (Gated DeltaNet, hybrid targets only);
-    # empty means all full attention
+    # per layer: "full_attention", "linear_attention" (Gated DeltaNet, hybrid targets only) or
+    # "sliding_attention" (drafters only, see `AttentionKind`); empty means all full attention
     layer_types: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -236,6 +239,70 @@ def default_target_layer_ids(num_target_layers: int, num_ids: int) -> list[int]:
     return [round(1 + i * span / (num_ids - 1)) for i in range(num_ids)]
 
 
+@dataclass(frozen=True, slots=True)
+class AttentionKind:
+    """Which keys a drafter layer's block queries see, as z-lab's `_attention_mask` decides: a
+    query at position p sees the key at position k when (causal) k <= p, and (window W) p - k < W,
+    and, for a non-causal window, also k - p < W. Context keys sit at their tokens' positions,
+    block keys at the block's, so one rule covers both."""
+
+    causal: bool = False
+    window: int | None = None
+
+
+FULL = AttentionKind()  # every cached context key and the whole block
+
+
+def drafter_attention(cfg: dict, num_layers: int) -> tuple[AttentionKind, ...]:
+    """Per layer, the attention of a drafter config, read the way z-lab's `DFlashDraftModel`
+    reads its `Qwen3Config`:
+
+    - `layer_types` entries are "full_attention" or "sliding_attention";
+    - a layer is causal when it is sliding, unless `is_causal` (true or false) says otherwise for
+      every layer;
+    - a sliding layer's window is `sliding_window` when `use_sliding_window` is true;
+      `Qwen3Config` drops the window otherwise (the layer then stays causal over all keys).
+    """
+    types = list(cfg.get("layer_types") or ["full_attention"] * num_layers)
+    bad = {i: t for i, t in enumerate(types) if t not in ("full_attention", "sliding_attention")}
+    if bad:
+        raise ValueError(f"drafter layer_types {bad} (layer: type) are not supported; drafter "
+                         "layers are 'full_attention' or 'sliding_attention'")
+    sliding = "sliding_attention" in types
+    window = cfg.get("sliding_window")
+    if sliding and cfg.get("use_sliding_window"):
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(f"drafter has sliding_attention layers and use_sliding_window true "
+                             f"but sliding_window {window!r}; it must be an int >= 1 (the "
+                             "number of positions a query sees, itself included)")
+    else:
+        if sliding:
+            log.warning("drafter: layer_types has sliding_attention layers but use_sliding_window "
+                        "is %r, so (as transformers' Qwen3Config does for z-lab's drafter) "
+                        "sliding_window %r is off: those layers are causal over every key",
+                        cfg.get("use_sliding_window"), window)
+        window = None
+    is_causal = cfg.get("is_causal")
+    kinds = tuple(
+        AttentionKind(
+            causal=t == "sliding_attention" if is_causal is None else bool(is_causal),
+            window=window if t == "sliding_attention" else None,
+        )
+        for t in types
+    )
+    dflash = cfg.get("dflash_config") or {}
+    for key, value in (("causal", cfg.get("causal")), ("dflash_config.causal",
+                                                       dflash.get("causal"))):
+        # z-lab's reference reads only `is_causal`; vLLM also reads these: refuse a config
+        # whose two readings would differ
+        if value is not None and any(k.causal != bool(value) for k in kinds):
+            raise ValueError(
+                f"drafter {key} is {value!r}, but z-lab's reference ignores it and makes the "
+                f"layers causal={[k.causal for k in kinds]} (from layer_types and is_causal "
+                f"{is_causal!r}); set is_causal instead")
+    return kinds
+
+
 @dataclass(slots=True)
 class DrafterConfig:
     decoder: DecoderConfig
@@ -244,6 +311,15 @@ class DrafterConfig:
     target_layer_ids: list[int]
     mask_token_id: int | None
     target_hidden_size: int
+    # per layer: what its block queries see (empty: all FULL, z-lab's Qwen3 drafters)
+    layer_attention: tuple[AttentionKind, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.layer_attention:
+            self.layer_attention = (FULL,) * self.decoder.num_layers
+        if len(self.layer_attention) != self.decoder.num_layers:
+            raise ValueError(f"drafter has {len(self.layer_attention)} layer attentions for "
+                             f"num_hidden_layers {self.decoder.num_layers}")
 
     @classmethod
     def load(cls, model_dir: str | Path) -> DrafterConfig:
@@ -259,16 +335,10 @@ class DrafterConfig:
             )
         dflash = cfg.get("dflash_config") or {}
         decoder = DecoderConfig.from_dict(cfg)
-        layer_types = cfg.get("layer_types") or ["full_attention"] * decoder.num_layers
-        if (
-            any(t != "full_attention" for t in layer_types)
-            or cfg.get("causal")
-            or dflash.get("causal")
-        ):
-            raise ValueError(
-                f"drafter {model_dir}: layer_types {layer_types!r} / causal layers are not "
-                "supported yet; only all-full_attention (non-causal) DFlash drafters load"
-            )
+        try:
+            attention = drafter_attention(cfg, decoder.num_layers)
+        except ValueError as exc:
+            raise ValueError(f"{model_dir}: {exc}") from None
         ids = dflash.get("target_layer_ids", cfg.get("target_layer_ids"))
         if ids is None:
             num_target = dflash.get("num_target_layers", cfg.get("num_target_layers"))
@@ -287,6 +357,7 @@ class DrafterConfig:
             target_layer_ids=[int(i) for i in ids],
             mask_token_id=None if mask is None else int(mask),
             target_hidden_size=int(cfg.get("target_hidden_size") or decoder.hidden_size),
+            layer_attention=attention,
         )
 
     def check_fits(self, target: TargetConfig) -> None:

@@ -58,8 +58,9 @@ def make_drafter(args: DrafterTrainArgs, tcfg: TargetConfig, mask_id: int) -> DF
     return drafter
 
 
+# layer_attention: training builds full-attention layers only (`drafter.block_attention`)
 _SAME_DRAFTER = ("block_size", "target_layer_ids", "mask_token_id", "vocab_size",
-                 "target_hidden_size")
+                 "target_hidden_size", "layer_attention")
 _SAME_DECODER = ("num_layers", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads",
                  "head_dim", "rope_theta", "rms_norm_eps", "attention_bias")
 

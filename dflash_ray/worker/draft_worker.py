@@ -3,7 +3,7 @@ and LM head, on one device.
 
 One public step method, `draft(batch, features)`: take in the target features of the tokens the
 followed sequences committed since its last pass (written into its cache once), then one
-non-causal pass over their blocks `[bonus, MASK...]` proposes drafts. It keeps no state per
+pass over their blocks `[bonus, MASK...]` proposes drafts. It keeps no state per
 sequence (its random draws are seeded per position, see `sampler`), and knows nothing of the
 target's weights beyond the two tensors it borrows, so it runs beside the target
 (`LocalExecutor`) or alone in a Ray actor.
@@ -23,7 +23,7 @@ from ..spec_decode import processed_probs, sample
 from . import heap
 from .caches import ModelCache, bytes_per_token
 from .drafts import NO_DRAFT, Drafts
-from .layout import SeqSpan, build_layout, slot_mapping
+from .layout import SeqSpan, drafter_layout, slot_mapping
 from .sampler import coupled_draw, generator
 from .trace import traced
 from .worker_config import ModelSpec, WorkerConfig
@@ -138,8 +138,9 @@ class DraftWorker:
         self.drafter.materialize_context(
             features.to(self.dtype), ctx_pos, slot_mapping(ctx_spans, blen, dev), self.cache
         )
-        # 2. One non-causal pass over every block [bonus, MASK, ...] of the decodes with q > 1
-        # (q = 1: this pass only takes in the context; see StepBatch.drafter_pass).
+        # 2. One pass over every block [bonus, MASK, ...] of the decodes with q > 1 (q = 1: this
+        # pass only takes in the context; see StepBatch.drafter_pass), each layer with the masks
+        # of its kind (non-causal for full attention, causal + window for sliding).
         n = len(batch.decodes)
         tokens = torch.full((n, self.spec.block_size - 1), NO_DRAFT, dtype=torch.long, device=dev)
         probs: list[torch.Tensor | None] = [None] * n
@@ -150,7 +151,7 @@ class DraftWorker:
         spans = [SeqSpan(batch.decodes[i].block_table, batch.decodes[i].start,
                          batch.decodes[i].num_queries, batch.decodes[i].num_queries)
                  for i in drafting]
-        write_slots, groups = build_layout(spans, blen, causal=False, device=dev)
+        write_slots, groups = drafter_layout(spans, blen, self.drafter.attention_kinds(), dev)
         ids, pos = [], []
         for i in drafting:
             d = batch.decodes[i]

@@ -7,10 +7,12 @@ block_len`; the target cache and the drafter cache share block ids, so one table
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 
+from ..models.hf_config import AttentionKind
 from ..ops import AttentionGroup
 
 
@@ -43,31 +45,62 @@ def build_layout(
     causal: bool,
     device: torch.device | str,
     query_offset: int = 0,
+    window: int | None = None,
 ) -> tuple[torch.Tensor, list[AttentionGroup]]:
     """Write slots for every new token, and attention groups for the query tokens.
 
     Returns write_slots [sum(num_new)] and groups. Queries of span i are rows
     `query_offset + sum(num_queries[:i]) ...` of the flattened query batch. Spans with long query
     runs (prefills) each get their own group; the short ones (decode blocks) share one, so a
-    decode batch costs one SDPA call per layer.
+    decode batch costs one SDPA call per layer. `window` W (sliding-window layers): a query at
+    position p sees only keys k with p - k < W, and, when not causal, also k - p < W.
     """
     write_slots = slot_mapping(spans, block_len, device)
+    return write_slots, attention_groups(spans, block_len, causal, device, query_offset, window)
 
+
+def attention_groups(
+    spans: list[SeqSpan],
+    block_len: int,
+    causal: bool,
+    device: torch.device | str,
+    query_offset: int = 0,
+    window: int | None = None,
+) -> list[AttentionGroup]:
+    """The groups of `build_layout` alone (one layout's masks for another kind of layer over
+    the same write slots)."""
     short = [i for i, s in enumerate(spans) if s.num_queries <= 32]
     long = [[i] for i, s in enumerate(spans) if s.num_queries > 32]
     starts, acc = [], query_offset
     for s in spans:
         starts.append(acc)
         acc += s.num_queries
-    groups = [
-        _group([spans[i] for i in idx], [starts[i] for i in idx], block_len, causal, device)
+    return [
+        _group([spans[i] for i in idx], [starts[i] for i in idx], block_len, causal, window,
+               device)
         for idx in ([short] if short else []) + long
     ]
-    return write_slots, groups
+
+
+def drafter_layout(
+    spans: list[SeqSpan],
+    block_len: int,
+    kinds: Iterable[AttentionKind],
+    device: torch.device | str,
+) -> tuple[torch.Tensor, dict[AttentionKind, list[AttentionGroup]]]:
+    """The drafter's block pass: write slots, and the groups of each kind of attention its
+    layers have (`DrafterConfig.layer_attention`), built once per kind and shared by its
+    layers."""
+    write_slots = slot_mapping(spans, block_len, device)
+    return write_slots, {
+        k: attention_groups(spans, block_len, k.causal, device, window=k.window)
+        for k in dict.fromkeys(kinds)
+    }
 
 
 def _group(
-    spans: list[SeqSpan], starts: list[int], block_len: int, causal: bool, device
+    spans: list[SeqSpan], starts: list[int], block_len: int, causal: bool, window: int | None,
+    device,
 ) -> AttentionGroup:
     n = len(spans)
     max_q = max(s.num_queries for s in spans)
@@ -90,10 +123,15 @@ def _group(
     klen = torch.tensor(key_lens)
     mask = kpos[None, None, :] < klen[:, None, None]  # [N, 1, K] -> broadcast over Q
     mask = mask.expand(n, max_q, max_k)
+    # query j of span i sits at position p = key_len - num_queries + j
+    qpos = (klen[:, None] - num_q[:, None] + qi[None, :])[:, :, None]  # [N, Q, 1]
+    k = kpos[None, None, :]  # (compared against [N, Q, 1] bounds: bool masks, no int [N, Q, K])
     if causal:
-        # query j of span i sits at position key_len - num_queries + j
-        qpos = klen[:, None] - num_q[:, None] + qi[None, :]  # [N, Q]
-        mask = mask & (kpos[None, None, :] <= qpos[:, :, None])
+        mask = mask & (k <= qpos)
+    if window is not None:  # p - k < W, and for a non-causal window k - p < W too
+        mask = mask & (k > qpos - window)
+        if not causal:
+            mask = mask & (k < qpos + window)
     # padded query rows attend to key 0 so SDPA never sees an all-False row (output dropped)
     mask = mask | (~query_valid[:, :, None] & (kpos == 0)[None, None, :])
     return AttentionGroup(
