@@ -86,11 +86,15 @@ async def soak(waves: int, per_wave: int, metrics: str = "none") -> dict:
                      "seconds": round(time.perf_counter() - start, 2), **tables})
         print(f"wave {w}: {rows[-1]['requests']} requests in {rows[-1]['seconds']:.1f} s, "
               f"RSS {rows[-1]['rss_mib']:.0f} MiB, engine tables {tables}", flush=True)
+    from dflash_ray.worker.heap import HEAP
+    trims = {"mode": HEAP.mode, "trims": HEAP.trims, "trim_ms_mean":
+             round(1e3 * HEAP.trim_seconds / HEAP.trims, 2) if HEAP.trims else None}
+    print(f"heap: {trims}")
     before = rss_mib()
     ctypes.CDLL("libc.so.6").malloc_trim(0)  # what the C heap holds free, handed back
     after = rss_mib()
     print(f"malloc_trim: RSS {before:.0f} -> {after:.0f} MiB")
-    return {"metrics": metrics, "env": {k: os.environ.get(k) for k in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY",
+    return {"metrics": metrics, "heap": trims, "env": {k: os.environ.get(k) for k in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY",
                                                   "DFLASH_OPS", "DFLASH_HEAP",
                                                   "MALLOC_ARENA_MAX")},
             "waves": rows, "rss_after_trim_mib": after}

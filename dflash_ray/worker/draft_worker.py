@@ -96,7 +96,7 @@ class DraftWorker:
         the drafter runs in the target's dtype; otherwise the drafter loads its own copy of the
         target's embedding and LM head from `cfg.target`, in its dtype."""
         self.cfg, self.spec = cfg, spec
-        heap.tune()  # before the first step's tensors (see worker/heap.py)
+        heap.setup()  # before the first step's tensors (see worker/heap.py)
         self.device = torch.device(cfg.device)
         self.dtype = cfg.drafter_torch_dtype
         self.drafter = load_drafter(cfg.drafter, self.dtype, self.device)
@@ -122,6 +122,7 @@ class DraftWorker:
         """Drafts for every decode of the batch (rows of the ones the drafter does not take
         part in are NO_DRAFT). `features` [rows, K*H], in the target's dtype: the waiting
         context of the drafter's decodes (`batch.drafter_decodes()`), concatenated in order."""
+        heap.tick()
         dev, blen = self.device, self.cfg.kv_block_len
         mine = batch.drafter_decodes()
         decodes = [batch.decodes[i] for i in mine]

@@ -36,7 +36,7 @@ class TargetWorker:
         comm: Communicator = LOCAL,
     ):
         self.cfg, self.spec, self.comm = cfg, spec, comm
-        heap.tune()  # before the first step's tensors (see worker/heap.py)
+        heap.setup()  # before the first step's tensors (see worker/heap.py)
         self.device = torch.device(cfg.device)
         self.dtype = cfg.torch_dtype
         self.model = load_target(cfg.target, self.dtype, self.device, shard, comm)
@@ -100,6 +100,7 @@ class TargetWorker:
         committed tokens' features for the drafter's followed sequences. `drafts` None: every
         block verifies its bonus only. `drafter_lost`: the drafter's context is gone, so no
         feature is kept. Returns the results on the lead rank, None on the others."""
+        heap.tick()
         out = self._forward(batch, drafts)
         if out is None:
             return [] if self.is_lead else None
