@@ -142,18 +142,29 @@ def test_verify_block_then_rollback_to_each_accepted_length(hybrids, state_dtype
             assert rel_err(got[0], hf_logits(ref, seq, len(cont))) < 1e-5
 
 
-def test_zlab_35b_a3b_drafter_shape_taps_a_40_layer_hybrid(tmp_path):
+# z-lab's drafters for Qwen3.5-35B-A3B (reference/dflash-spec.md): the SpecForge config (8 full
+# layers, 5 taps) and the released checkpoint's (5 sliding layers, window 4096, + 1 full; 8 taps)
+DRAFTER_SHAPES = {
+    "specforge": dict(num_hidden_layers=8, layer_ids=[1, 10, 19, 28, 37]),
+    "released": dict(num_hidden_layers=6, layer_ids=[1, 6, 11, 16, 22, 27, 32, 37],
+                     layer_types=["sliding_attention"] * 5 + ["full_attention"],
+                     use_sliding_window=True, sliding_window=5),  # a window the test cuts
+}
+
+
+@pytest.mark.parametrize("shape", DRAFTER_SHAPES)
+def test_zlab_35b_a3b_drafter_shape_taps_a_40_layer_hybrid(tmp_path, shape):
     """The layer pattern of Qwen3.5-35B-A3B (40 layers, full attention every 4th) at tiny
-    widths, and a drafter shaped like z-lab's published config for it (8 layers, taps
-    1, 10, 19, 28, 37: DeltaNet and full-attention layers both): the taps are transformers'
-    hidden states, and the engine serves the pair losslessly."""
+    widths, and drafters shaped like z-lab's configs for it (taps on DeltaNet and
+    full-attention layers both): the taps are transformers' hidden states, and the engine
+    serves each pair losslessly."""
     from dflash_ray import LLM, SamplingParams
 
     from .conftest import WHOLE, save_drafter
 
     target = save_qwen35(tmp_path / "t", num_hidden_layers=40, num_experts=4)
-    ids = [1, 10, 19, 28, 37]
-    drafter = save_drafter(tmp_path / "d", num_hidden_layers=8, layer_ids=ids)
+    ids = DRAFTER_SHAPES[shape]["layer_ids"]
+    drafter = save_drafter(tmp_path / "d", **DRAFTER_SHAPES[shape])
     h = Harness(target)
     toks = [3, 1, 4, 1, 5, 9, 2, 6]
     h.forward({0: toks}, capture=ids)
