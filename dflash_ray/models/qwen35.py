@@ -7,7 +7,8 @@ Three of every four layers (`layer_types`, or `full_attention_interval`) are Gat
 sigmoid gate on the attention output, q/k RMSNorm, RoPE on the first `partial_rotary_factor` of
 the head dim. Every norm but the DeltaNet's gated one is zero-centred (weight stored as w, scale
 1 + w). MoE layers add a gated shared expert to the routed ones. The forward, feature taps, LM
-head and sharding hooks are Qwen3Target's.
+head and sharding hooks are Qwen3Target's. Qwen3-Next is this model read from another
+checkpoint layout (`qwen3_next.py`).
 """
 
 from __future__ import annotations
