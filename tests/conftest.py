@@ -132,6 +132,23 @@ def save_qwen35_vl(path, seed: int = 0) -> str:
     return str(path)
 
 
+def save_qwen3_next(path, seed: int = 0, **extra) -> str:
+    """A tiny random Qwen3-Next (`Qwen3NextForCausalLM`: fused DeltaNet input projections).
+    Every other layer a dense MLP (`decoder_sparse_step` 2) wider than the shared expert, and
+    no top-k renormalisation, so the switches Qwen3.5 lacks are read."""
+    from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
+
+    torch.manual_seed(seed)
+    kw = _qwen35_kwargs(intermediate_size=96, moe_intermediate_size=32,
+                        shared_expert_intermediate_size=48, num_experts=4, num_experts_per_tok=2,
+                        decoder_sparse_step=2, norm_topk_prob=False)
+    kw.update(extra)
+    model = Qwen3NextForCausalLM(Qwen3NextConfig(**kw))
+    _randomize_norms(model)
+    model.save_pretrained(path)
+    return str(path)
+
+
 def save_drafter(path, seed: int = 1, block_size: int = 8, layer_ids=(1, 2), **extra) -> str:
     """A random drafter in z-lab's format, written by z-lab's own class."""
     from dflash import DFlashDraftModel

@@ -89,7 +89,12 @@ def hf_logits(ref, seq: list[int], last: int) -> torch.Tensor:
 
 
 def test_prefill_incremental_and_ragged_logits_match_transformers(pair):
-    path, ref = pair
+    check_prefill_and_incremental(*pair)
+
+
+def check_prefill_and_incremental(path: str, ref) -> None:
+    """A ragged two-sequence prefill, then ragged single tokens and blocks, every position
+    kept: the logits are transformers' over each whole sequence."""
     h = Harness(path)
     g = torch.Generator().manual_seed(0)
     a = torch.randint(0, VOCAB, (13,), generator=g).tolist()
@@ -114,7 +119,11 @@ def test_verify_block_then_rollback_to_each_accepted_length(hybrids, state_dtype
     verify pass computed after the last kept token, and the continuation's logits equal
     transformers' over the kept sequence."""
     path = hybrids["moe"]
-    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    check_rollback(path, AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(),
+                   state_dtype)
+
+
+def check_rollback(path: str, ref, state_dtype: torch.dtype) -> None:
     prompt, block, cont = [1, 5, 9, 2, 6], [4, 11, 12, 13, 14, 15], [20, 21]
     for kept in range(1, len(block) + 1):
         h = Harness(path, state_dtype)

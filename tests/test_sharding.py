@@ -21,7 +21,7 @@ from dflash_ray.parallel.communicator import GroupCommunicator, connect_store, o
 from dflash_ray.worker.caches import Commit, ModelCache, StateRun
 from dflash_ray.worker.layout import SeqSpan, build_layout
 
-from .conftest import save_qwen3_moe
+from .conftest import save_qwen3_moe, save_qwen3_next
 from .test_models import rel_err
 
 BLOCK = 4
@@ -107,6 +107,13 @@ def uneven(tmp_path_factory):
     )
 
 
+@pytest.fixture(scope="module")
+def qwen3_next(tmp_path_factory):
+    """Fused DeltaNet projections (each rank reads its key heads' rows of them), dense MLPs of
+    96 beside a shared expert of 48."""
+    return save_qwen3_next(tmp_path_factory.mktemp("next") / "qwen3_next")
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize(
     "which,tp,world",
@@ -115,10 +122,13 @@ def uneven(tmp_path_factory):
      ("uneven", 2, 3), ("qwen3", 1, 2),
      # a Qwen3.5 hybrid: attention and DeltaNet heads over 2 ranks, experts (2/1/1) and the
      # shared expert over 3
-     ("qwen35", 2, 3)],
+     ("qwen35", 2, 3),
+     # Qwen3-Next: the same split; dense MLPs (32/32/32) and shared expert (16/16/16) apart
+     ("qwen3_next", 2, 3)],
 )
-def test_sharded_logits_equal_unsharded(tiny, uneven, which, tp, world):
-    path = uneven if which == "uneven" else tiny[which]
+def test_sharded_logits_equal_unsharded(tiny, uneven, qwen3_next, which, tp, world):
+    paths = {"uneven": uneven, "qwen3_next": qwen3_next}
+    path = paths.get(which) or tiny[which]
     want = run_model(load_target(path, torch.float32, "cpu"))
     got = run_sharded(path, tp, world)
     for rank in range(world):

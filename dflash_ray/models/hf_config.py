@@ -21,6 +21,8 @@ TARGET_ARCHITECTURES = {
     "Qwen3_5ForConditionalGeneration": "qwen3_5",
     "Qwen3_5MoeForCausalLM": "qwen3_5_moe",
     "Qwen3_5MoeForConditionalGeneration": "qwen3_5_moe",
+    # the same layer kinds, fused DeltaNet input projections (split at load, `qwen3_next.py`)
+    "Qwen3NextForCausalLM": "qwen3_next",
 }
 # config.json `model_type` -> architecture, for exports that name their class otherwise
 MODEL_TYPES = {
@@ -30,9 +32,10 @@ MODEL_TYPES = {
     "qwen3_5": "Qwen3_5ForConditionalGeneration",
     "qwen3_5_moe_text": "Qwen3_5MoeForCausalLM",
     "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration",
+    "qwen3_next": "Qwen3NextForCausalLM",
 }
-HYBRID_FAMILIES = {"qwen3_5", "qwen3_5_moe"}
-MOE_FAMILIES = {"qwen3_moe", "qwen3_5_moe"}
+HYBRID_FAMILIES = {"qwen3_5", "qwen3_5_moe", "qwen3_next"}
+MOE_FAMILIES = {"qwen3_moe", "qwen3_5_moe", "qwen3_next"}
 DRAFTER_ARCHITECTURES = {"DFlashDraftModel"}
 
 
@@ -173,7 +176,8 @@ class TargetConfig:
     moe_intermediate_size: int = 0
     norm_topk_prob: bool = False
     dense_layers: set[int] = field(default_factory=set)
-    shared_expert: bool = False  # Qwen3.5-MoE: a gated shared expert beside the routed ones
+    # Qwen3.5-MoE / Qwen3-Next: a gated shared expert of this width beside the routed ones
+    shared_intermediate_size: int = 0
     linear: LinearAttentionConfig | None = None  # hybrids only
     weight_prefix: str = "model."  # "model.language_model." in multimodal checkpoints
 
@@ -214,18 +218,19 @@ class TargetConfig:
             if "text_config" in outer:
                 out.weight_prefix = "model.language_model."
         if arch in MOE_FAMILIES:
-            out.num_experts = int(cfg.get("num_experts") or cfg["num_local_experts"])
+            out.num_experts = int(cfg.get("num_experts") or cfg.get("num_local_experts") or 0)
             out.top_k = int(cfg["num_experts_per_tok"])
             out.moe_intermediate_size = int(cfg["moe_intermediate_size"])
-            # Qwen3.5-MoE's router always renormalises its top-k
-            out.norm_topk_prob = arch == "qwen3_5_moe" or bool(cfg.get("norm_topk_prob", False))
-            out.shared_expert = bool(cfg.get("shared_expert_intermediate_size"))
+            # Qwen3.5-MoE's router always renormalises its top-k; Qwen3-Next's by default
+            out.norm_topk_prob = arch == "qwen3_5_moe" or bool(
+                cfg.get("norm_topk_prob", arch == "qwen3_next"))
+            out.shared_intermediate_size = int(cfg.get("shared_expert_intermediate_size") or 0)
             step = int(cfg.get("decoder_sparse_step", 1))
             only_mlp = set(cfg.get("mlp_only_layers") or [])
             out.dense_layers = {
                 i
                 for i in range(out.decoder.num_layers)
-                if i in only_mlp or step <= 0 or (i + 1) % step != 0
+                if i in only_mlp or step <= 0 or (i + 1) % step != 0 or out.num_experts == 0
             }
         return out
 

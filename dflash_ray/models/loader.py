@@ -82,14 +82,16 @@ def packing_table(module: nn.Module) -> dict[str, tuple[str, int]]:
 def load_weights(
     module: nn.Module,
     model_dir: str | Path,
-    rename: Callable[[str], str | None],
+    rename: Callable[[str], str | list[str] | None],
     select: Callable[[str, _Lazy], torch.Tensor] | None = None,
     expert_range: tuple[int, int] | None = None,
 ) -> None:
     """Copy a checkpoint into `module`'s parameters.
 
-    rename: checkpoint key -> our (unpacked) parameter name, or None to skip the tensor.
-    select: that name + lazy tensor -> the tensor (or slice) this module holds; default whole.
+    rename: checkpoint key -> our (unpacked) parameter name, or None to skip the tensor, or a
+      list of names when one fused checkpoint tensor feeds several of our parameters.
+    select: that name + lazy tensor -> the tensor (or slice) this module holds; default whole
+      (for a fused tensor, the rows of that one parameter).
     expert_range: [lo, hi) of experts held here; per-expert keys are stacked into our fused
       `experts.gate_up_proj [E, 2I, H]` / `experts.down_proj [E, H, I]` parameters.
     Packed projections (see `packing_table`) are copied into their rows of the packed matrix.
@@ -119,24 +121,23 @@ def load_weights(
             _copy(dst, tensor, key)
             loaded_rows[base] = loaded_rows.get(base, 0) + 1
             continue
-        name = rename(key)
-        if name is None:
-            continue
-        if name in packing:
-            packed, first = packing[name]
+        names = rename(key)
+        for name in [names] if isinstance(names, str) else names or ():
+            if name in packing:
+                packed, first = packing[name]
+                tensor = pick(name, lazy)
+                dst = params[packed].data[first : first + tensor.shape[0]]
+                _copy(dst, tensor, key)
+                loaded_rows[packed] = loaded_rows.get(packed, 0) + tensor.shape[0]
+                continue
+            if name not in params:
+                raise ValueError(f"checkpoint tensor {key!r} maps to unknown parameter {name!r}")
             tensor = pick(name, lazy)
-            dst = params[packed].data[first : first + tensor.shape[0]]
-            _copy(dst, tensor, key)
-            loaded_rows[packed] = loaded_rows.get(packed, 0) + tensor.shape[0]
-            continue
-        if name not in params:
-            raise ValueError(f"checkpoint tensor {key!r} maps to unknown parameter {name!r}")
-        tensor = pick(name, lazy)
-        is_experts = name.endswith(("experts.gate_up_proj", "experts.down_proj"))
-        if is_experts and expert_range is not None:
-            tensor = tensor[expert_range[0] : expert_range[1]]
-        _copy(params[name].data, tensor, key)
-        loaded_rows[name] = _rows_needed(name, params[name])
+            is_experts = name.endswith(("experts.gate_up_proj", "experts.down_proj"))
+            if is_experts and expert_range is not None:
+                tensor = tensor[expert_range[0] : expert_range[1]]
+            _copy(params[name].data, tensor, key)
+            loaded_rows[name] = _rows_needed(name, params[name])
     missing = [n for n, p in params.items() if loaded_rows.get(n, 0) < _rows_needed(n, p)]
     if missing:
         raise ValueError(f"checkpoint {model_dir} lacks tensors for: {missing[:8]}")

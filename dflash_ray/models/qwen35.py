@@ -7,7 +7,8 @@ Three of every four layers (`layer_types`, or `full_attention_interval`) are Gat
 sigmoid gate on the attention output, q/k RMSNorm, RoPE on the first `partial_rotary_factor` of
 the head dim. Every norm but the DeltaNet's gated one is zero-centred (weight stored as w, scale
 1 + w). MoE layers add a gated shared expert to the routed ones. The forward, feature taps, LM
-head and sharding hooks are Qwen3Target's.
+head and sharding hooks are Qwen3Target's. Qwen3-Next is this model read from another
+checkpoint layout (`qwen3_next.py`).
 """
 
 from __future__ import annotations
@@ -157,8 +158,8 @@ class Qwen35Target(Qwen3Target):
             return MLP(d.hidden_size, s.mlp_range[1] - s.mlp_range[0], comm)
         args = (d.hidden_size, cfg.moe_intermediate_size, cfg.num_experts, cfg.top_k,
                 cfg.norm_topk_prob, s.expert_range)
-        if cfg.shared_expert:
-            return SharedExpertMoE(*args, s.mlp_range, comm)
+        if cfg.shared_intermediate_size:
+            return SharedExpertMoE(*args, s.shared_range, comm)
         return SparseMoE(*args, comm)
 
     def cache_specs(self) -> list[CacheSpec]:
@@ -176,6 +177,10 @@ class Qwen35Target(Qwen3Target):
             return lazy.slice(0, s.head_range[0] * per_head, s.head_range[1] * per_head)
         if ".linear_attn." in name:
             return self._linear_slice(name, lazy)
+        if ".shared_expert." in name:  # its columns split like a dense MLP's, own width
+            if ".down_proj." in name:
+                return lazy.slice(1, *s.shared_range)
+            return lazy.slice(0, *s.shared_range)
         return super().checkpoint_slice(name, lazy)
 
     def _linear_slice(self, name: str, lazy) -> torch.Tensor:

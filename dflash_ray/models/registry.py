@@ -14,6 +14,7 @@ from ..parallel.communicator import LOCAL, Communicator
 from .dflash import DFlashDrafter
 from .hf_config import DrafterConfig, TargetConfig, read_config
 from .qwen3 import Qwen3Target
+from .qwen3_next import Qwen3NextTarget
 from .qwen35 import Qwen35Target
 from .sharding import ShardSpec
 
@@ -24,6 +25,7 @@ TARGETS: dict[str, type[Qwen3Target]] = {
     "Qwen3_5ForConditionalGeneration": Qwen35Target,
     "Qwen3_5MoeForCausalLM": Qwen35Target,
     "Qwen3_5MoeForConditionalGeneration": Qwen35Target,
+    "Qwen3NextForCausalLM": Qwen3NextTarget,
 }
 DRAFTERS = {"DFlashDraftModel": DFlashDrafter}
 

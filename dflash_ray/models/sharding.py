@@ -42,6 +42,8 @@ class ShardSpec:
     mlp_range: tuple[int, int]
     # Gated DeltaNet key heads [lo, hi) (hybrid targets; their value heads follow them)
     linear_range: tuple[int, int] = (0, 0)
+    # shared-expert columns [lo, hi) (Qwen3.5-MoE, Qwen3-Next): split like the dense MLP's
+    shared_range: tuple[int, int] = (0, 0)
 
     @property
     def has_attention(self) -> bool:
@@ -59,7 +61,7 @@ def full_shard(cfg: TargetConfig) -> ShardSpec:
     linear = (0, cfg.linear.num_k_heads) if cfg.linear else (0, 0)
     return ShardSpec(
         (0, d.num_heads), (0, d.num_kv_heads), (0, cfg.num_experts), (0, d.intermediate_size),
-        linear,
+        linear, (0, cfg.shared_intermediate_size),
     )
 
 
@@ -141,6 +143,12 @@ class ShardingConfig(BaseModel):
                 f"intermediate_size {d.intermediate_size} < ep_size {ep}: every rank needs a "
                 f"share of the dense MLP; use at most {d.intermediate_size} target ranks"
             )
+        if cfg.shared_intermediate_size and cfg.shared_intermediate_size < ep:
+            raise ValueError(
+                f"shared_expert_intermediate_size {cfg.shared_intermediate_size} < ep_size {ep}: "
+                "every rank needs a share of the shared expert; use at most "
+                f"{cfg.shared_intermediate_size} target ranks"
+            )
         if cfg.num_experts and ep > cfg.num_experts:
             raise ValueError(
                 f"ep_size {ep} exceeds num_experts {cfg.num_experts}: every rank needs at least "
@@ -169,6 +177,7 @@ class ShardingConfig(BaseModel):
             expert_range=split(cfg.num_experts, ep, rank),
             mlp_range=split(d.intermediate_size, ep, rank),
             linear_range=linear,
+            shared_range=split(cfg.shared_intermediate_size, ep, rank),
         )
 
 
