@@ -94,9 +94,8 @@ async def soak(waves: int, per_wave: int, metrics: str = "none") -> dict:
     ctypes.CDLL("libc.so.6").malloc_trim(0)  # what the C heap holds free, handed back
     after = rss_mib()
     print(f"malloc_trim: RSS {before:.0f} -> {after:.0f} MiB")
-    return {"metrics": metrics, "heap": trims, "env": {k: os.environ.get(k) for k in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY",
-                                                  "DFLASH_OPS", "DFLASH_HEAP",
-                                                  "MALLOC_ARENA_MAX")},
+    env_keys = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "DFLASH_OPS", "DFLASH_HEAP", "MALLOC_ARENA_MAX")
+    return {"metrics": metrics, "heap": trims, "env": {k: os.environ.get(k) for k in env_keys},
             "waves": rows, "rss_after_trim_mib": after}
 
 

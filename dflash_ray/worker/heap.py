@@ -54,9 +54,9 @@ class _Heap:
             mode = "glibc"
         else:
             self.libc = libc
-        if mode == "mmap" and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
-            if libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) != 1:
-                log.warning("mallopt refused the mmap threshold; the heap keeps glibc's")
+        if (mode == "mmap" and "MALLOC_MMAP_THRESHOLD_" not in os.environ
+                and libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) != 1):
+            log.warning("mallopt refused the mmap threshold; the heap keeps glibc's")
         self.mode = mode
         return mode
 
