@@ -6,7 +6,8 @@ import pytest
 
 from dflash_ray import LLM, SamplingParams, demo_pair
 
-from .test_spec_decode import PROMPTS, run_staggered
+from .conftest import WHOLE
+from .test_spec_decode import PROMPTS, check_marginals, exact_marginals, run_staggered
 
 PROMPTS_TEXT = ["def add(a, b):", "import os\n", "class Stack:", "for i in range(", "x = [",
                 "def main():\n    "]
@@ -65,3 +66,19 @@ def test_preemption_and_abort_free_every_block(tiny):
     engine._flush_released()
     assert engine._inflight is None
     assert engine.blocks.num_free == engine.blocks.num_blocks
+
+
+@pytest.mark.parametrize("sampling", ["coupled", "rejection"])
+def test_sampled_marginals_match_the_target(tiny, sampling):
+    """Overlapped steps sample from the target under both rules: the first two tokens'
+    marginals over 3000 seeds match the target's exact ones (the second comes from a step
+    launched before the first step's result was settled)."""
+    llm = LLM(tiny["moe"], tiny["drafter"], overlap=True, drafter_dtype="float32",
+              sampling=sampling, **WHOLE)
+    prompt, n = [4, 8, 15, 16, 23], 3000
+    params = [SamplingParams(max_tokens=3, temperature=0.7, top_k=8, top_p=0.9, seed=3000 + i)
+              for i in range(n)]
+    outs = llm.generate([prompt] * n, params, use_tqdm=False)
+    check_marginals(outs, exact_marginals(llm, prompt, 2, 0.7, 8, 0.9))
+    assert sum(o.num_accepted_tokens for o in outs) > 0, "no draft was ever accepted"
+    assert llm.engine.stats().counters.max_batch_size > 1
