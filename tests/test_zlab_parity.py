@@ -34,9 +34,9 @@ def setup(request, tiny, tmp_path_factory):
     return llm, ref_target, ref_drafter
 
 
-@pytest.mark.parametrize("max_tokens", [37, 64])
-def test_tokens_and_acceptance_lengths_match_zlab(setup, max_tokens):
-    llm, ref_target, ref_drafter = setup
+def assert_generations_match_zlab(llm, ref_target, ref_drafter, max_tokens: int) -> None:
+    """Our batched generation of PROMPTS against z-lab's loop, one prompt at a time: the same
+    tokens and acceptance lengths, with some drafts accepted."""
     ours = llm.generate(PROMPTS, SamplingParams(max_tokens=max_tokens), use_tqdm=False)
     total_accepted = 0
     for prompt, out in zip(PROMPTS, ours, strict=True):
@@ -47,6 +47,11 @@ def test_tokens_and_acceptance_lengths_match_zlab(setup, max_tokens):
         assert out.acceptance_lengths == ref.acceptance_lengths
         total_accepted += sum(a - 1 for a in ref.acceptance_lengths)
     assert total_accepted > 0, "the comparison should include accepted drafts"
+
+
+@pytest.mark.parametrize("max_tokens", [37, 64])
+def test_tokens_and_acceptance_lengths_match_zlab(setup, max_tokens):
+    assert_generations_match_zlab(*setup, max_tokens)
 
 
 def test_stop_token_inside_block_matches_zlab(setup):
@@ -146,15 +151,4 @@ def sliding_setup(request, tiny, tmp_path_factory):
 def test_sliding_window_drafter_tokens_and_acceptance_lengths_match_zlab(sliding_setup):
     """Whole generations, batched on our side (sequences of different lengths share the masks
     of a step), one at a time in z-lab's: the context grows past the window every step."""
-    llm, ref_target, ref_drafter = sliding_setup
-    max_tokens = 37
-    ours = llm.generate(PROMPTS, SamplingParams(max_tokens=max_tokens), use_tqdm=False)
-    total_accepted = 0
-    for prompt, out in zip(PROMPTS, ours, strict=True):
-        ref = zlab.dflash_generate(
-            ref_drafter, ref_target, torch.tensor([prompt]), max_tokens, None, return_stats=True
-        )
-        assert out.token_ids == ref.output_ids[0, len(prompt) :].tolist()
-        assert out.acceptance_lengths == ref.acceptance_lengths
-        total_accepted += sum(a - 1 for a in ref.acceptance_lengths)
-    assert total_accepted > 0, "the comparison should include accepted drafts"
+    assert_generations_match_zlab(*sliding_setup, 37)
