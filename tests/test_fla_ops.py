@@ -115,6 +115,36 @@ def test_chunked_adapter_matches_reference(gated_delta, length):
     _close(final, want_final, 2e-3)
 
 
+@pytest.fixture(scope="module")
+def hybrid(tmp_path_factory):
+    from .conftest import save_qwen35
+
+    return save_qwen35(tmp_path_factory.mktemp("fla_hybrid") / "target")
+
+
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+def test_hybrid_verify_and_rollback_through_the_adapter(gated_delta, hybrid, state_dtype):
+    """The adapter as the model's recurrent rule (verify and the commit's replay): after a
+    6-token verify and a rollback to each kept length, every DeltaNet slot holds bit for bit the
+    state the verify computed after the last kept token, and (fp32 state) the continuation's
+    logits equal transformers' (test_qwen35's check, the op swapped)."""
+    from transformers import AutoModelForCausalLM
+
+    from .test_qwen35 import check_rollback
+
+    ref = AutoModelForCausalLM.from_pretrained(hybrid, dtype=torch.float32).eval()
+    calls = []
+
+    def adapter(*args):
+        calls.append(args[0].shape)
+        return gated_delta.gated_delta_rule_recurrent(*args)
+
+    with ops.override("gated_delta_rule_recurrent", adapter):
+        check_rollback(hybrid, ref, state_dtype)
+    # per kept length: 3 DeltaNet layers' verify of 6, replay where cut, continuation of 2
+    assert {s[1] for s in calls} >= {6, 2, 1}, calls
+
+
 def _clear():
     dflash_kernels._fla_unavailable.cache_clear()
     dflash_kernels._unavailable.cache_clear()
