@@ -14,6 +14,13 @@ wrong for a tensor. Triton itself is imported at a kernel's first call, not here
 `TRITON_INTERPRET=1` (how `tests/test_kernels.py` checks its numerics without a GPU): call
 `attention` / `elementwise` / `intake` directly for that, after `interpret.patch_interpreter()`.
 
+Gated DeltaNet (`FLA_KERNELS`): `gated_delta_rule_chunked` and `gated_delta_rule_recurrent`
+adapt flash-linear-attention's Triton kernels (`gated_delta.py`; `fla-core` in the `gpu`
+extra), offered only where a CUDA device is present and triton, fla-core and einops are all
+importable (`reason` names each one missing); CPU tensors still run the reference. fla's fused
+recurrent kernel is checked on CPU under the interpreter (`tests/test_fla_ops.py`); its chunked
+kernel does not run there and is checked only on CUDA. Neither has run on a GPU yet.
+
 There is no FlashInfer path yet: its paged attention plans each batch on the host from page
 indices and lengths (then runs per layer), while an `AttentionGroup` carries resolved key slots
 and a mask; the plan would be built once per forward from those (page size 1, or the block

@@ -3,9 +3,10 @@ references (`dflash_ray.ops.recurrent`), and the registry offers them only where
 
 fla (`fla-core`) is in the `gpu` extra, not in CI's install: its tests skip cleanly without it.
 Without CUDA they run on CPU tensors under Triton's interpreter (`TRITON_INTERPRET=1`, set by
-conftest): fla's fused recurrent kernel runs there; its chunked kernel does not (with Triton 3.6
-its autotuner asks for a GPU driver, and with the autotuning bypassed the kernel itself fails in
-the interpreter), so the prefill adapter's parity test needs a CUDA device.
+conftest): fla's fused recurrent kernel runs there, alone and as a tiny Qwen3.5's recurrent rule;
+its chunked kernel does not (Triton 3.6: its autotuner asks for a GPU driver, and with the
+autotuning bypassed its state-passing kernel, `chunk_delta_h`, calls `.to()` on a loop counter
+the interpreter holds as a Python int), so the prefill adapter's parity test needs CUDA.
 
 Tolerances: both sides compute in fp32 (the adapters widen bf16 inputs as the reference does);
 the kernel sums dk products in another order than torch, ~1e-7 relative, so 1e-5. With a bf16
