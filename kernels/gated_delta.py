@@ -20,7 +20,7 @@ would read and write it once. What that buys: the per-position states, and the r
 state to `state_dtype` between positions, which is what makes a block compute exactly what L
 single-token steps compute. One difference from the reference: fla forms position t's output
 from the state before that rounding (the reference from the rounded state), so with a bf16 state
-the outputs differ from the reference's by bf16 rounding of the state (~2^-8 relative), while a
+the outputs differ from the reference's by bf16 rounding of the state (<= 2^-9 relative), while a
 block and its single steps through this adapter still agree exactly. With an fp32 state they
 agree with the reference to float rounding.
 

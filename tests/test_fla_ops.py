@@ -11,7 +11,8 @@ the interpreter holds as a Python int), so the prefill adapter's parity test nee
 Tolerances: both sides compute in fp32 (the adapters widen bf16 inputs as the reference does);
 the kernel sums dk products in another order than torch, ~1e-7 relative, so 1e-5. With a bf16
 state the adapter forms each output from the state before its rounding, the reference from the
-rounded one: they differ by bf16 rounding of the state (2^-8 relative), so 2e-2 on O(1) values.
+rounded one: they differ by bf16 rounding of the state (<= 2^-9 relative per element,
+summed over dk of them), so 2e-2 on O(1) values.
 """
 
 from __future__ import annotations
