@@ -19,6 +19,10 @@ skipped, so one short run on a borrowed GPU brings back everything at once:
 - qwen35: a Qwen3.5-shaped (slice of 35B-A3B) decode step, 16-token verify and a verify cut
   to 8 kept tokens (the recurrent-state replay) against the floor of what each must read
   (`bench/qwen35_check.py`);
+- fla: the flash-linear-attention adapters of the gated delta rule (`kernels/gated_delta.py`)
+  against their references at Qwen3.5's DeltaNet widths, a 16-token verify of 8 sequences and a
+  `--context` prefill, with adapter / reference times (`bench/fla_check.py`; skipped, saying
+  why, without CUDA or fla);
 - nccl: two processes (torch.multiprocessing, no Ray) exchanging a hidden-state buffer and a
   draft block through `parallel.communicator.GroupCommunicator`, over NCCL (on two GPUs, or
   recording NCCL's refusal of two ranks on one GPU) and over gloo staging GPU tensors through
@@ -732,9 +736,15 @@ def qwen35(args) -> dict:
     return qwen35_check.run(args, median_ms)
 
 
+def fla(args) -> dict:
+    import fla_check  # bench/, beside this script
+
+    return fla_check.run(args, median_ms)
+
+
 SECTIONS = {"env": env, "kernels": kernels, "graphs": graphs, "nccl": nccl,
             "lossless": lossless, "hf_parity": hf_parity, "timing": timing, "train": train,
-            "qwen35": qwen35}
+            "qwen35": qwen35, "fla": fla}
 
 
 def main() -> None:

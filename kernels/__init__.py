@@ -14,6 +14,13 @@ wrong for a tensor. Triton itself is imported at a kernel's first call, not here
 `TRITON_INTERPRET=1` (how `tests/test_kernels.py` checks its numerics without a GPU): call
 `attention` / `elementwise` / `intake` directly for that, after `interpret.patch_interpreter()`.
 
+Gated DeltaNet (`FLA_KERNELS`): `gated_delta_rule_chunked` and `gated_delta_rule_recurrent`
+adapt flash-linear-attention's Triton kernels (`gated_delta.py`; `fla-core` in the `gpu`
+extra), offered only where a CUDA device is present and triton, fla-core and einops are all
+importable (`reason` names each one missing); CPU tensors still run the reference. fla's fused
+recurrent kernel is checked on CPU under the interpreter (`tests/test_fla_ops.py`); its chunked
+kernel does not run there and is checked only on CUDA. Neither has run on a GPU yet.
+
 There is no FlashInfer path yet: its paged attention plans each batch on the host from page
 indices and lengths (then runs per layer), while an `AttentionGroup` carries resolved key slots
 and a mask; the plan would be built once per forward from those (page size 1, or the block
@@ -35,6 +42,13 @@ KERNELS = {
     "apply_rope": "elementwise",
     "context_intake": "intake",
 }
+# op name -> module of this package adapting flash-linear-attention's kernel for that op
+FLA_KERNELS = {
+    "gated_delta_rule_chunked": "gated_delta",
+    "gated_delta_rule_recurrent": "gated_delta",
+}
+# what the fla adapters need importable: module -> the distribution that installs it
+FLA_REQUIRES = {"triton": "triton", "fla": "fla-core", "einops": "einops"}
 # dtypes the kernels are written and tested for; others take the reference
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -51,15 +65,36 @@ def _unavailable() -> str | None:
     return None
 
 
+@functools.cache
+def _fla_unavailable() -> str | None:
+    """Why the fla adapters cannot run on this machine (everything missing, named), or None."""
+    why = [f"{dist} is not installed" for module, dist in FLA_REQUIRES.items()
+           if importlib.util.find_spec(module) is None]
+    import torch
+
+    if not torch.cuda.is_available():
+        why.append("no CUDA device")
+    return "; ".join(why) or None
+
+
+def _module_of(name: str) -> str | None:
+    return KERNELS.get(name) or FLA_KERNELS.get(name)
+
+
+def _why_not(name: str) -> str | None:
+    return _fla_unavailable() if name in FLA_KERNELS else _unavailable()
+
+
 def reason(name: str) -> str:
     """Why `get(name)` gives no kernel (for the registry's log line)."""
-    if name not in KERNELS:
+    if _module_of(name) is None:
         return "no kernel written for this op"
-    return _unavailable() or "a kernel is available"
+    return _why_not(name) or "a kernel is available"
 
 
 def _device_dispatch(name: str, reference: Callable) -> Callable:
     """The kernel `name` for CUDA tensors of a supported dtype, `reference` for any other."""
+    where = _module_of(name)
     kernel: list[Callable] = []  # filled at the first CUDA call: triton is imported then
 
     @functools.wraps(reference)
@@ -67,17 +102,18 @@ def _device_dispatch(name: str, reference: Callable) -> Callable:
         if not first.is_cuda or str(first.dtype).removeprefix("torch.") not in DTYPES:
             return reference(first, *args, **kwargs)
         if not kernel:
-            module = importlib.import_module(f"{__name__}.{KERNELS[name]}")
+            module = importlib.import_module(f"{__name__}.{where}")
             kernel.append(getattr(module, name))
         return kernel[0](first, *args, **kwargs)
 
-    op.__qualname__ = f"dflash_kernels.{KERNELS[name]}.{name} (triton on CUDA tensors)"
+    what = "fla's triton kernel" if name in FLA_KERNELS else "triton"
+    op.__qualname__ = f"dflash_kernels.{where}.{name} ({what} on CUDA tensors)"
     return op
 
 
 def get(name: str) -> Callable | None:
-    if name not in KERNELS or _unavailable() is not None:
+    if _module_of(name) is None or _why_not(name) is not None:
         return None
-    from dflash_ray.ops import reference
+    from dflash_ray.ops import recurrent, reference
 
-    return _device_dispatch(name, getattr(reference, name))
+    return _device_dispatch(name, getattr(recurrent if name in FLA_KERNELS else reference, name))

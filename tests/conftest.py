@@ -28,6 +28,33 @@ torch.set_num_threads(1)
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+
+def _import_hybrid_oracles_without_fla() -> None:
+    """transformers' Qwen3.5 / Qwen3-Next modeling modules bind flash-linear-attention's kernels
+    at import when `fla` imports, then call them on any device: on CPU that means fla under
+    Triton's interpreter (whose chunked kernel cannot run there) instead of their torch code,
+    which is the oracle the parity tests compare against. Imported first here with fla hidden,
+    they keep their torch code for the session; fla itself stays importable afterwards
+    (tests/test_fla_ops.py)."""
+    import importlib.util
+    import sys
+
+    if importlib.util.find_spec("fla") is None:
+        return
+    loaded = {name: m for name, m in sys.modules.items() if name.split(".")[0] == "fla"}
+    for name in loaded:
+        del sys.modules[name]
+    sys.modules["fla"] = None  # `import fla` raises ImportError while this is here
+    try:
+        for model in ("qwen3_5", "qwen3_5_moe", "qwen3_next"):
+            importlib.import_module(f"transformers.models.{model}.modeling_{model}")
+    finally:
+        del sys.modules["fla"]
+        sys.modules.update(loaded)
+
+
+_import_hybrid_oracles_without_fla()
+
 VOCAB = 32  # small on purpose: random drafters then match the target now and then
 MASK_ID = VOCAB - 1
 
