@@ -38,12 +38,17 @@ def engines(tiny):
         "plain": LLM(tiny["moe"]),
         "off": LLM(tiny["moe"], tiny["drafter"], cuda_graphs="off", **KW),
         "eager": LLM(tiny["moe"], tiny["drafter"], cuda_graphs="eager", **KW),
+        # plain decoding's q = 1 steps padded; the overlapped engine's steps padded
+        "plain_eager": LLM(tiny["moe"], cuda_graphs="eager", cuda_graph_max_batch=MAX_BATCH),
+        "overlap_eager": LLM(tiny["moe"], tiny["drafter"], cuda_graphs="eager", overlap=True,
+                             **KW),
     }
 
 
 def stats(llm) -> tuple[dict, dict]:
+    """(target's, drafter's) graph counters: steps replayed, steps run eagerly, shapes."""
     ex = llm.engine.executor
-    return dict(ex.target.graphs.stats), dict(ex.drafter.graphs.stats)
+    return dict(ex.target.graphs.stats), dict(ex.drafter.graphs.stats if ex.drafter else {})
 
 
 def staggered(engine, prompts, params: list[SamplingParams]):
@@ -73,6 +78,9 @@ def test_greedy_eager_graphs_equal_off_and_plain_across_buckets(engines, n):
     assert [o.token_ids for o in off] == want
     got = staggered(engines["eager"].engine, prompts, params)
     assert [o.token_ids for o in got] == want
+    for name in ("plain_eager", "overlap_eager"):
+        assert [o.token_ids for o in staggered(engines[name].engine, prompts, params)] == want
+    assert stats(engines["plain_eager"])[0]["replays"] > 0  # its decode steps rode graphs
     assert [len(t) for t in want] == [p.max_tokens for p in params]
     # the padded drafter proposed the unpadded one's drafts: the same blocks were accepted
     assert [o.acceptance_lengths for o in got] == [o.acceptance_lengths for o in off]
