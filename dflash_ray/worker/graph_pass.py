@@ -6,8 +6,9 @@ eagerly, through the caller's own code.
 Which steps ride a graph: those whose sequences all bring the same number q of new tokens, all
 of them queries (a decode or verify step with no prefill; the drafter's block pass), at most
 `cuda_graph_max_batch` of them, with at most the largest key capacity of keys each. Key
-capacities are powers of two from MIN_KEY_CAPACITY up to the model's positions, so a step's
-attention reads at most twice its keys and a bucket has a few graphs, not one per length.
+capacities are powers of two from MIN_KEY_CAPACITY up to the model's positions, so past
+MIN_KEY_CAPACITY a step's attention reads under twice its keys, and a bucket has a few graphs,
+not one per length. Each shape is captured at its first use, not at startup.
 
 What may use graphs at all is decided once per worker (`graph_mode`), and a refusal is logged
 once with its reason: a sharded target (its collectives are not captured here), a hybrid target
