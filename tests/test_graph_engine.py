@@ -198,6 +198,8 @@ def test_modes_and_refusals(tiny, caplog):
     assert target_refusal(moe, 1, capture=False) is None  # eager: no capture to break
     with caplog.at_level(logging.WARNING, logger=graph_pass.__name__):
         assert graph_mode("eager", cpu, lambda capture: "a reason", "target") == "off"
+        # another rank of a sharded target: the same answer, said at info level only
+        assert graph_mode("eager", cpu, lambda capture: "a reason", "target", lead=False) == "off"
     assert [r.getMessage() for r in caplog.records] == [
         "target: cuda_graphs='eager' refused, running without graphs: a reason"]
 

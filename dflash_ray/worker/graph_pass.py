@@ -46,10 +46,11 @@ SCRATCH_BLOCKS = 1  # cache blocks past the allocator's range that a graphed wor
 
 
 def graph_mode(mode: str, device: torch.device, refusal: Callable[[bool], str | None],
-               role: str) -> str:
+               role: str, lead: bool = True) -> str:
     """What a worker runs: "on" (capture), "eager" (padded, no capture) or "off", from the
     configured `mode`. `refusal(capture)` is why this worker's model cannot use graphs (None:
-    it can); a refusal is logged once and gives "off"."""
+    it can); a refusal gives "off" and is logged once, as a warning by the `lead` worker of a
+    group (the other ranks of a sharded target say it at info level)."""
     if mode not in GRAPH_MODES:
         raise ValueError(f"cuda_graphs={mode!r} is not one of {list(GRAPH_MODES)}")
     if mode == "off" or (mode == "auto" and device.type != "cuda"):
@@ -60,7 +61,8 @@ def graph_mode(mode: str, device: torch.device, refusal: Callable[[bool], str | 
     effective = "eager" if mode == "eager" else "on"
     why = refusal(effective == "on")
     if why is not None:
-        log.warning("%s: cuda_graphs=%r refused, running without graphs: %s", role, mode, why)
+        log.log(logging.WARNING if lead else logging.INFO,
+                "%s: cuda_graphs=%r refused, running without graphs: %s", role, mode, why)
         return "off"
     log.info("%s: cuda_graphs=%r: %s", role, mode,
              "capturing CUDA graphs" if effective == "on" else "padded passes, no capture")
