@@ -50,6 +50,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         help="the drafter's dtype (auto: a 16-bit --dtype, else bfloat16 where the device "
         "has a native bf16 GEMM, else --dtype)",
     )
+    p.add_argument(
+        "--cuda-graphs",
+        default=None,
+        choices=["auto", "on", "eager", "off"],
+        help="decode/verify/drafter passes from CUDA graphs padded to a bucket (auto: on for "
+        "CUDA, else off; eager: the padded path without capture)",
+    )
 
 
 def _int_or_auto(text: str) -> int | str:
@@ -76,7 +83,8 @@ def _models(args: argparse.Namespace) -> tuple[str, str | None]:
 
 def _engine_kwargs(args: argparse.Namespace, drafter: str | None) -> dict:
     """EngineConfig fields given on the command line (unset ones keep the config's defaults)."""
-    kw = {"device": args.device, "dtype": args.dtype, "block_size": args.block_size}
+    kw = {"device": args.device, "dtype": args.dtype, "block_size": args.block_size,
+          "cuda_graphs": args.cuda_graphs}
     if drafter is not None:
         kw["spec_profile"] = args.spec_profile
         kw["spec_min_confidence"] = args.spec_min_confidence

@@ -108,6 +108,20 @@ class EngineConfig(BaseModel):
         "bfloat16 halves its bytes per sequence; speculation stays lossless either way (the "
         "state is rounded after every token, as plain decoding stores it)",
     )
+    cuda_graphs: Literal["auto", "on", "eager", "off"] = Field(
+        "auto",
+        description="decode, verify and drafter passes with no prefill in them run from CUDA "
+        "graphs, the batch padded to the next bucket (1, 2, 4, 8, then multiples of 8 up to "
+        "cuda_graph_max_batch) with pad sequences writing a scratch KV block; other steps run "
+        "eagerly. 'on': capture (needs a CUDA device); 'auto': 'on' on CUDA, else 'off'; "
+        "'eager': the same bucketed, padded static-buffer path without capture (any device; "
+        "how the CPU tests check it); 'off': no padding. Sharded and hybrid (DeltaNet) "
+        "targets, and MoE targets under capture, run as 'off' (logged once). Output is the "
+        "same either way",
+    )
+    cuda_graph_max_batch: int = Field(
+        32, ge=1, description="the largest bucket: bigger decode batches run eagerly"
+    )
     max_num_seqs: int = Field(64, ge=1, description="sequences decoding together")
     max_num_batched_tokens: int | None = Field(
         None, ge=1, description="prefill token budget per step; default max_model_len"
@@ -154,6 +168,11 @@ class EngineConfig(BaseModel):
                     setattr(self, name, value)
         if self.block_size is not None and self.drafter is not None and self.block_size < 2:
             raise ValueError(f"block_size={self.block_size} must be >= 2 with a drafter")
+        if self.cuda_graphs == "on" and not self.device.startswith("cuda"):
+            raise ValueError(
+                f"cuda_graphs='on' needs a CUDA device, got device={self.device!r}; use "
+                "'eager' for the padded path without capture, or 'auto'"
+            )
         if self.executor == "local" and (self.num_target_shards != 1 or self.cluster):
             raise ValueError(
                 f"num_target_shards={self.num_target_shards} and cluster options need "

@@ -23,6 +23,8 @@ from ..spec_decode import processed_probs, sample
 from . import heap
 from .caches import ModelCache, bytes_per_token
 from .drafts import NO_DRAFT, Drafts
+from .graph_pass import SCRATCH_BLOCKS, GraphedPass, graph_mode
+from .graphs import GraphShape, attention_group, pad_spans, padded_ids, widened
 from .layout import SeqSpan, drafter_layout, slot_mapping
 from .sampler import coupled_draw, generator
 from .trace import traced
@@ -108,13 +110,24 @@ class DraftWorker:
         if not borrow:  # an in-process target packs itself
             prepack(self.head)
         self.cache: ModelCache | None = None
+        # the block pass, padded to its bucket (`graph_pass`); the drafter's attention-only
+        # layers have nothing that refuses a graph
+        mode = graph_mode(cfg.cuda_graphs, self.device, lambda capture: None, "drafter")
+        self.graphs = GraphedPass("drafter", mode, cfg.cuda_graph_max_batch, spec.max_position,
+                                  self._graph_layout, self._graph_forward)
+        self._kinds = self.drafter.attention_kinds()
+        self._scratch_block: int | None = None
 
     def kv_bytes_per_token(self) -> int:
         return bytes_per_token(self.drafter.cache_specs(), self.dtype)
 
     def allocate(self, num_blocks: int) -> None:
-        self.cache = ModelCache(self.drafter.cache_specs(), num_blocks, self.cfg.kv_block_len,
-                                self.dtype, self.device)
+        """`num_blocks` KV blocks (the block manager's ids), plus the graphs' scratch block
+        (id num_blocks, see `TargetWorker.allocate`)."""
+        extra = SCRATCH_BLOCKS if self.graphs.active else 0
+        self._scratch_block = num_blocks
+        self.cache = ModelCache(self.drafter.cache_specs(), num_blocks + extra,
+                                self.cfg.kv_block_len, self.dtype, self.device)
 
     @traced
     @torch.inference_mode()
@@ -152,18 +165,39 @@ class DraftWorker:
         spans = [SeqSpan(batch.decodes[i].block_table, batch.decodes[i].start,
                          batch.decodes[i].num_queries, batch.decodes[i].num_queries)
                  for i in drafting]
-        write_slots, groups = drafter_layout(spans, blen, self.drafter.attention_kinds(), dev)
         ids, pos = [], []
         for i in drafting:
             d = batch.decodes[i]
             ids += [d.bonus] + [self.spec.mask_token_id] * (d.num_queries - 1)
             pos += range(d.start, d.start + d.num_queries)
-        ids_t = torch.tensor(ids, dtype=torch.long, device=dev)
-        pos_t = torch.tensor(pos, dtype=torch.long, device=dev)
-        hidden = self.drafter(self.head.embed(ids_t), pos_t, self.cache, write_slots, groups)
+        hidden = self.graphs.run(spans, ids, pos)
+        if hidden is None:
+            write_slots, groups = drafter_layout(spans, blen, self._kinds, dev)
+            ids_t = torch.tensor(ids, dtype=torch.long, device=dev)
+            pos_t = torch.tensor(pos, dtype=torch.long, device=dev)
+            hidden = self.drafter(self.head.embed(ids_t), pos_t, self.cache, write_slots, groups)
         # 3. Drafts at block positions 1..q-1 from the target's LM head.
         self._propose(batch.decodes, drafting, hidden, tokens, probs)
         return Drafts.of(tokens, probs, q_lens)
+
+    def _graph_layout(self, spans: list[SeqSpan], ids: list[int], pos: list[int],
+                      shape: GraphShape) -> dict[str, torch.Tensor]:
+        """A block pass padded to `shape`: one widened attention group per kind of layer."""
+        blen = self.cfg.kv_block_len
+        padded = pad_spans(spans, shape, self._scratch_block, blen)
+        write_slots, groups = drafter_layout(padded, blen, self._kinds, self.device)
+        inputs = {**padded_ids(spans, ids, pos, shape, self.device), "write_slots": write_slots}
+        for j, kind in enumerate(self._kinds):
+            (g,) = groups[kind]
+            inputs.update(widened(g, shape, self._scratch_block * blen, tag=f".{j}"))
+        return inputs
+
+    def _graph_forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The block pass over a padded step: [bucket * q, H]."""
+        groups = {kind: [attention_group(inputs, f".{j}")] for j, kind in enumerate(self._kinds)}
+        return self.drafter(self.head.embed(inputs["input_ids"]), inputs["positions"], self.cache,
+                            inputs["write_slots"], groups)
+
     def _propose(
         self,
         decodes: list[DecodeItem],

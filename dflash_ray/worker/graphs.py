@@ -30,10 +30,6 @@ import torch
 from ..ops import AttentionGroup
 from .layout import SeqSpan, build_layout
 
-# inputs of a padded step, each a tensor of fixed shape for a (bucket, q, key_capacity)
-INPUTS = ("input_ids", "positions", "write_slots", "query_rows", "query_valid", "key_slots",
-          "mask")
-
 
 def make_buckets(max_batch: int) -> tuple[int, ...]:
     """Batch sizes that get a graph: 1, 2, 4, 8, then every multiple of 8 up to `max_batch`
@@ -90,31 +86,42 @@ def padded_inputs(spans: list[SeqSpan], input_ids: list[int], positions: list[in
     (flattened in span order) followed by the pads', their write slots, and one attention
     group whose key columns are widened to the capacity (extra columns: scratch, masked)."""
     padded = pad_spans(spans, shape, scratch_block, block_len)
+    write_slots, groups = build_layout(padded, block_len, causal, device)
+    (g,) = groups
+    return {**padded_ids(spans, input_ids, positions, shape, device),
+            "write_slots": write_slots, **widened(g, shape, scratch_block * block_len)}
+
+
+def padded_ids(spans: list[SeqSpan], input_ids: list[int], positions: list[int],
+               shape: GraphShape, device) -> dict[str, torch.Tensor]:
+    """Token ids and positions of the real sequences, then the pads' (ids 0, positions from
+    0)."""
     num_pad = shape.bucket - len(spans)
     ids = list(input_ids) + [0] * (num_pad * shape.q)
     pos = list(positions) + list(range(shape.q)) * num_pad
-    write_slots, groups = build_layout(padded, block_len, causal, device)
-    (g,) = groups
+    return {"input_ids": torch.tensor(ids, dtype=torch.long, device=device),
+            "positions": torch.tensor(pos, dtype=torch.long, device=device)}
+
+
+def widened(g: AttentionGroup, shape: GraphShape, scratch_slot: int,
+            tag: str = "") -> dict[str, torch.Tensor]:
+    """One attention group's tensors with its key columns widened to `shape.key_capacity`
+    (the extra columns read the scratch slot and are masked off), named with `tag` appended
+    (a pass with masks of several kinds keeps one group per kind)."""
     n, width = g.key_slots.shape
     extra = shape.key_capacity - width
-    scratch_slot = scratch_block * block_len
     key_slots = torch.cat((g.key_slots, g.key_slots.new_full((n, extra), scratch_slot)), dim=1)
     mask = torch.cat((g.mask, g.mask.new_zeros((n, 1, shape.q, extra))), dim=3)
-    return {
-        "input_ids": torch.tensor(ids, dtype=torch.long, device=device),
-        "positions": torch.tensor(pos, dtype=torch.long, device=device),
-        "write_slots": write_slots,
-        "query_rows": g.query_rows,
-        "query_valid": g.query_valid,
-        "key_slots": key_slots,
-        "mask": mask,
-    }
+    return {f"query_rows{tag}": g.query_rows, f"query_valid{tag}": g.query_valid,
+            f"key_slots{tag}": key_slots, f"mask{tag}": mask}
 
 
-def attention_group(inputs: dict[str, torch.Tensor]) -> AttentionGroup:
-    """The attention group over a padded step's (static) layout tensors."""
-    return AttentionGroup(inputs["query_rows"], inputs["query_valid"], inputs["key_slots"],
-                          inputs["mask"])
+def attention_group(inputs: dict[str, torch.Tensor], tag: str = "") -> AttentionGroup:
+    """The attention group over a padded step's (static) layout tensors. Dense: every sequence
+    of a bucket asks q queries, rows in order, so attention needs no gather of its queries nor
+    scatter of its output (`ops.fast.paged_attention`), neither of which a graph could hold."""
+    return AttentionGroup(inputs[f"query_rows{tag}"], inputs[f"query_valid{tag}"],
+                          inputs[f"key_slots{tag}"], inputs[f"mask{tag}"], dense=True)
 
 
 class Replay:
@@ -157,13 +164,18 @@ def eager_replay(fn: Callable[[dict], torch.Tensor], static: dict, pool=None) ->
 
 
 class StepGraphs:
-    """One captured pass per `GraphShape`; `run` copies a step's padded inputs into that shape's
-    static buffers and replays. `fn(inputs) -> [bucket*q, ...]` must read its inputs only
+    """One captured pass per `GraphShape`; `run` copies a step's padded inputs (a dict of
+    tensors of fixed shapes for that `GraphShape`, the same names every step) into that
+    shape's static buffers and replays. `fn(inputs) -> [bucket*q, ...]` must read its inputs only
     through the dict it is given."""
 
     def __init__(self, fn: Callable[[dict], torch.Tensor],
-                 capture: Callable[..., Replay] = cuda_graph_capture):
+                 capture: Callable[..., Replay] = cuda_graph_capture,
+                 share_pool: bool | None = None):
+        """`share_pool`: capture every shape into one CUDA memory pool (default: when
+        `capture` is `cuda_graph_capture`; say so where it is wrapped)."""
         self.fn, self.capture = fn, capture
+        self.share_pool = capture is cuda_graph_capture if share_pool is None else share_pool
         self._graphs: dict[tuple[int, int, int], tuple[dict, Replay]] = {}
         self._pool = None
 
@@ -172,14 +184,14 @@ class StepGraphs:
         is the graph's own, so read it before the next `run` of this shape."""
         key = (shape.bucket, shape.q, shape.key_capacity)
         if key not in self._graphs:
-            static = {name: inputs[name].clone() for name in INPUTS}
-            if self.capture is cuda_graph_capture and self._pool is None:
+            static = {name: t.clone() for name, t in inputs.items()}
+            if self.share_pool and self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()  # one pool shared by every shape
             self._graphs[key] = (static, self.capture(self.fn, static, pool=self._pool))
             return self._graphs[key][1].replay()
         static, replay = self._graphs[key]
-        for name in INPUTS:
-            static[name].copy_(inputs[name])
+        for name, t in static.items():
+            t.copy_(inputs[name])
         return replay.replay()
 
     def __len__(self) -> int:

@@ -19,6 +19,8 @@ from ..parallel.communicator import LOCAL, Communicator
 from . import heap
 from .caches import Commit, ModelCache, StateRun, bytes_per_seq, bytes_per_token
 from .drafts import Drafts, PendingFeatures
+from .graph_pass import SCRATCH_BLOCKS, GraphedPass, graph_mode, target_refusal
+from .graphs import GraphShape, attention_group, padded_inputs
 from .layout import SeqSpan, build_layout
 from .sampler import accept, pick
 from .trace import traced
@@ -43,6 +45,13 @@ class TargetWorker:
         prepack(self.model)
         self.cache: ModelCache | None = None
         self._pending = PendingFeatures()
+        mode = graph_mode(cfg.cuda_graphs, self.device,
+                          lambda capture: target_refusal(self.model.cfg, comm.world_size, capture),
+                          "target", lead=self.is_lead)
+        # verify steps with no prefill, padded to their bucket (`graph_pass`)
+        self.graphs = GraphedPass("target", mode, cfg.cuda_graph_max_batch, spec.max_position,
+                                  self._graph_layout, self._graph_forward)
+        self._scratch_block: int | None = None
 
     @property
     def is_lead(self) -> bool:
@@ -55,9 +64,14 @@ class TargetWorker:
         return bytes_per_seq(self.model.cache_specs(), self.dtype, self.cfg.state_torch_dtype)
 
     def allocate(self, num_blocks: int, num_slots: int | None = None) -> None:
-        self.cache = ModelCache(self.model.cache_specs(), num_blocks, self.cfg.kv_block_len,
-                                self.dtype, self.device, num_slots or self.cfg.max_num_seqs,
-                                self.cfg.state_torch_dtype)
+        """Caches for `num_blocks` KV blocks (ids 0.. num_blocks-1, the block manager's), plus
+        the scratch block where padded graph steps write their pad sequences (id num_blocks,
+        never handed out)."""
+        extra = SCRATCH_BLOCKS if self.graphs.active else 0
+        self._scratch_block = num_blocks
+        self.cache = ModelCache(self.model.cache_specs(), num_blocks + extra,
+                                self.cfg.kv_block_len, self.dtype, self.device,
+                                num_slots or self.cfg.max_num_seqs, self.cfg.state_torch_dtype)
 
     # ---- the step's methods, in the order `worker.step.target_step` calls them -------------
 
@@ -200,6 +214,11 @@ class TargetWorker:
             pos += range(d.start, d.start + q)
         if not spans:
             return None
+        out = self.graphs.run(spans, ids, pos) if not batch.prefills else self.graphs.skip()
+        if out is not None:
+            hidden_size = self.model.cfg.decoder.hidden_size
+            features = out[:, hidden_size:] if self.spec.capture else None
+            return out[:, :hidden_size], features
         write_slots, groups = build_layout(spans, self.cfg.kv_block_len, causal=True, device=dev)
         if self.cache.state is not None:  # the recurrent layers' runs (`caches.StateRun`)
             self.cache.plan_states([
@@ -214,3 +233,16 @@ class TargetWorker:
             groups,
             capture=self.spec.capture,
         )
+
+    def _graph_layout(self, spans: list[SeqSpan], ids: list[int], pos: list[int],
+                      shape: GraphShape) -> dict[str, torch.Tensor]:
+        return padded_inputs(spans, ids, pos, shape, self._scratch_block, self.cfg.kv_block_len,
+                             True, self.device)
+
+    def _graph_forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The verify pass over a padded step: [bucket * q, H] hidden, with the captured
+        features [.., K*H] beside them where the drafter needs them."""
+        hidden, features = self.model(inputs["input_ids"], inputs["positions"], self.cache,
+                                      inputs["write_slots"], [attention_group(inputs)],
+                                      capture=self.spec.capture)
+        return hidden if features is None else torch.cat((hidden, features), dim=-1)

@@ -12,6 +12,7 @@ import torch
 from ..core.step_io import ExecutorInfo
 from ..models.hf_config import DrafterConfig, TargetConfig
 
+GRAPH_MODES = ("auto", "on", "eager", "off")  # see EngineConfig.cuda_graphs
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -31,6 +32,8 @@ class WorkerConfig:
     # propose drafts while the drafter's probability of the draft prefix stays >= this
     # (0: always verify the whole block, as z-lab and SGLang do)
     spec_min_confidence: float = 0.0
+    cuda_graphs: str = "off"  # see EngineConfig.cuda_graphs; the workers' default: no graphs
+    cuda_graph_max_batch: int = 32
 
     @classmethod
     def from_engine(cls, config) -> WorkerConfig:
@@ -88,6 +91,8 @@ class ModelSpec:
             raise ValueError(
                 f"drafter_dtype {cfg.drafter_dtype!r} is not 'auto' or one of {sorted(DTYPES)}"
             )
+        if cfg.cuda_graphs not in GRAPH_MODES:
+            raise ValueError(f"cuda_graphs {cfg.cuda_graphs!r} is not one of {list(GRAPH_MODES)}")
         target = TargetConfig.load(cfg.target)
         drafter = None
         block_size = 1
