@@ -21,6 +21,13 @@ importable (`reason` names each one missing); CPU tensors still run the referenc
 recurrent kernel is checked on CPU under the interpreter (`tests/test_fla_ops.py`); its chunked
 kernel does not run there and is checked only on CUDA. Neither has run on a GPU yet.
 
+MoE experts (`TORCH_KERNELS`): `moe_experts` as two grouped GEMMs of torch itself
+(`moe.py`), routed on the device with no host sync, so a CUDA graph can hold an MoE layer.
+Offered where a CUDA device of compute capability 9.0 or later is present (where torch's bf16
+grouped GEMM runs without reading the group sizes back; older devices fall back to a loop that
+does), for bf16 tensors; others run the reference. On CPU torch's own fallback runs it, which
+is how `tests/test_kernels.py` checks it against the reference. Not yet run on a GPU.
+
 There is no FlashInfer path yet: its paged attention plans each batch on the host from page
 indices and lengths (then runs per layer), while an `AttentionGroup` carries resolved key slots
 and a mask; the plan would be built once per forward from those (page size 1, or the block
@@ -47,10 +54,16 @@ FLA_KERNELS = {
     "gated_delta_rule_chunked": "gated_delta",
     "gated_delta_rule_recurrent": "gated_delta",
 }
+# op name -> module of this package running that op with torch's own CUDA kernels (no triton)
+TORCH_KERNELS = {"moe_experts": "moe"}
 # what the fla adapters need importable: module -> the distribution that installs it
 FLA_REQUIRES = {"triton": "triton", "fla": "fla-core", "einops": "einops"}
 # dtypes the kernels are written and tested for; others take the reference
 DTYPES = ("float32", "bfloat16", "float16")
+# ops whose kernel takes fewer dtypes than DTYPES
+OP_DTYPES = {"moe_experts": ("bfloat16",)}
+# the compute capability from which torch's bf16 grouped GEMM needs no host sync
+GROUPED_MM_CAPABILITY = (9, 0)
 
 
 @functools.cache
@@ -77,12 +90,28 @@ def _fla_unavailable() -> str | None:
     return "; ".join(why) or None
 
 
+@functools.cache
+def _torch_unavailable() -> str | None:
+    """Why torch's grouped-GEMM MoE cannot run here without host syncs, or None when it can."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    found = torch.cuda.get_device_capability()
+    if found < GROUPED_MM_CAPABILITY:
+        return (f"compute capability {found[0]}.{found[1]}: torch's grouped GEMM reads its "
+                f"group sizes back to the host below {GROUPED_MM_CAPABILITY[0]}.0")
+    return None
+
+
 def _module_of(name: str) -> str | None:
-    return KERNELS.get(name) or FLA_KERNELS.get(name)
+    return KERNELS.get(name) or FLA_KERNELS.get(name) or TORCH_KERNELS.get(name)
 
 
 def _why_not(name: str) -> str | None:
-    return _fla_unavailable() if name in FLA_KERNELS else _unavailable()
+    if name in FLA_KERNELS:
+        return _fla_unavailable()
+    return _torch_unavailable() if name in TORCH_KERNELS else _unavailable()
 
 
 def reason(name: str) -> str:
@@ -96,18 +125,21 @@ def _device_dispatch(name: str, reference: Callable) -> Callable:
     """The kernel `name` for CUDA tensors of a supported dtype, `reference` for any other."""
     where = _module_of(name)
     kernel: list[Callable] = []  # filled at the first CUDA call: triton is imported then
+    dtypes = OP_DTYPES.get(name, DTYPES)
 
     @functools.wraps(reference)
     def op(first, *args, **kwargs):
-        if not first.is_cuda or str(first.dtype).removeprefix("torch.") not in DTYPES:
+        if not first.is_cuda or str(first.dtype).removeprefix("torch.") not in dtypes:
             return reference(first, *args, **kwargs)
         if not kernel:
             module = importlib.import_module(f"{__name__}.{where}")
             kernel.append(getattr(module, name))
         return kernel[0](first, *args, **kwargs)
 
-    what = "fla's triton kernel" if name in FLA_KERNELS else "triton"
+    what = ("fla's triton kernel" if name in FLA_KERNELS
+            else "torch's grouped GEMM" if name in TORCH_KERNELS else "triton")
     op.__qualname__ = f"dflash_kernels.{where}.{name} ({what} on CUDA tensors)"
+    op.kernel_dtypes = dtypes  # where the kernel, not the reference, runs (CUDA tensors)
     return op
 
 
