@@ -191,11 +191,23 @@ def test_modes_and_refusals(tiny, caplog):
     assert graph_mode("eager", cpu, lambda capture: None, "t") == "eager"
     dense, moe = TargetConfig.load(tiny["qwen3"]), TargetConfig.load(tiny["moe"])
     hybrid = TargetConfig.load(tiny["qwen35"])
-    assert target_refusal(dense, 1, capture=True) is None
-    assert "sharded over 2 ranks" in target_refusal(dense, 2, capture=False)
-    assert "hybrid" in target_refusal(hybrid, 1, capture=False)
-    assert "MoE" in target_refusal(moe, 1, capture=True)
-    assert target_refusal(moe, 1, capture=False) is None  # eager: no capture to break
+    f32, bf16 = torch.float32, torch.bfloat16
+    assert target_refusal(dense, 1, True, f32) is None
+    assert "sharded over 2 ranks" in target_refusal(dense, 2, False, f32)
+    assert "hybrid" in target_refusal(hybrid, 1, False, f32)
+    # the registry here (no CUDA) runs the MoE with its host-side sort
+    assert "MoE" in target_refusal(moe, 1, True, bf16)
+    assert target_refusal(moe, 1, False, f32) is None  # eager: no capture to break
+    # where the registry holds the grouped-GEMM kernel (as it builds it on a CUDA machine),
+    # a bf16 MoE can be captured; other dtypes still take the host-sorting reference
+    import dflash_kernels
+
+    from dflash_ray.ops import override, reference
+
+    with override("moe_experts",
+                  dflash_kernels._device_dispatch("moe_experts", reference.moe_experts)):
+        assert target_refusal(moe, 1, True, bf16) is None
+        assert "float32" in target_refusal(moe, 1, True, f32)
     with caplog.at_level(logging.WARNING, logger=graph_pass.__name__):
         assert graph_mode("eager", cpu, lambda capture: "a reason", "target") == "off"
         # another rank of a sharded target: the same answer, said at info level only

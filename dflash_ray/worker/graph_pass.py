@@ -13,7 +13,8 @@ not one per length. Each shape is captured at its first use, not at startup.
 What may use graphs at all is decided once per worker (`graph_mode`), and a refusal is logged
 once with its reason: a sharded target (its collectives are not captured here), a hybrid target
 (the DeltaNet state runs per sequence on the host's plan) and, under capture, an MoE target
-(the reference MoE sorts its tokens by expert on the host). A capture that fails logs one
+whose experts the registry runs with a host-side sort (anything but the grouped-GEMM kernel,
+`dflash_kernels.moe`: bf16 on compute capability 9.0+). A capture that fails logs one
 warning and the pass runs eagerly from then on.
 
 What it does not own: the layout of an eager step, the model math, or the scratch block's
@@ -27,6 +28,7 @@ from collections.abc import Callable
 
 import torch
 
+from ..ops import OPS
 from .graphs import (
     GraphShape,
     Replay,
@@ -69,14 +71,23 @@ def graph_mode(mode: str, device: torch.device, refusal: Callable[[bool], str | 
     return effective
 
 
-def target_refusal(cfg, world_size: int, capture: bool) -> str | None:
-    """Why a target (its `TargetConfig`) cannot run graphed; None where it can."""
+def moe_on_device(dtype: torch.dtype) -> bool:
+    """Whether the registry's `moe_experts` routes tokens to experts on the device for
+    `dtype` (the grouped-GEMM kernel) rather than on the host (reference, fast path)."""
+    return str(dtype).removeprefix("torch.") in getattr(OPS.moe_experts, "kernel_dtypes", ())
+
+
+def target_refusal(cfg, world_size: int, capture: bool, dtype: torch.dtype) -> str | None:
+    """Why a target (its `TargetConfig`, weights in `dtype`) cannot run graphed; None where
+    it can."""
     if world_size > 1:
         return f"the target is sharded over {world_size} ranks"
     if cfg.linear is not None:
         return "a hybrid target's DeltaNet state is planned per sequence on the host"
-    if capture and cfg.num_experts:
-        return "the MoE layers sort tokens by expert on the host, which a graph cannot hold"
+    if capture and cfg.num_experts and not moe_on_device(dtype):
+        return (f"the MoE layers sort tokens by expert on the host for {dtype} weights here, "
+                "which a graph cannot hold (the grouped-GEMM kernel takes bf16 on compute "
+                "capability 9.0+)")
     return None
 
 

@@ -46,7 +46,8 @@ class TargetWorker:
         self.cache: ModelCache | None = None
         self._pending = PendingFeatures()
         mode = graph_mode(cfg.cuda_graphs, self.device,
-                          lambda capture: target_refusal(self.model.cfg, comm.world_size, capture),
+                          lambda capture: target_refusal(self.model.cfg, comm.world_size, capture,
+                                                         self.dtype),
                           "target", lead=self.is_lead)
         # verify steps with no prefill, padded to their bucket (`graph_pass`)
         self.graphs = GraphedPass("target", mode, cfg.cuda_graph_max_batch, spec.max_position,
