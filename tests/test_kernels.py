@@ -241,3 +241,124 @@ def test_the_registry_logs_why_an_op_keeps_its_reference(caplog):
     # paged_attention has a plain-torch fast path (ops/fast.py), linear only its reference
     assert f"op paged_attention: fast path ({why})" in caplog.text
     assert "op linear: reference (no kernel written for this op)" in caplog.text
+
+
+# ---- MoE experts as grouped GEMMs (dflash_kernels.moe: torch's grouped GEMM, no triton) -------
+
+MOE_CASES = [  # tokens, experts routed over, top-k, this rank's first expert, its expert count
+    (1, 8, 2, 0, 8),  # a decode step
+    (16, 8, 2, 0, 8),  # a verify block
+    (21, 16, 4, 0, 16),
+    (16, 8, 2, 3, 3),  # expert parallelism: this rank holds experts 3-5 of 8
+    (7, 16, 4, 8, 8),
+    (0, 8, 2, 0, 8),  # no tokens
+]
+
+
+def moe_inputs(tokens, experts, top_k, offset, num_local, dtype, hidden=64, width=32):
+    gen = torch.Generator().manual_seed(tokens * 131 + offset)
+    x = torch.randn(tokens, hidden, generator=gen).to(dtype)
+    gate_up = (torch.randn(num_local, 2 * width, hidden, generator=gen) / 8).to(dtype)
+    down = (torch.randn(num_local, hidden, width, generator=gen) / 8).to(dtype)
+    weights, ids = reference.route_experts(torch.randn(tokens, experts, generator=gen).to(dtype),
+                                           top_k, True)
+    return x, gate_up, down, weights, ids
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", MOE_CASES)
+def test_grouped_gemm_moe_equals_the_reference(dtype, case):
+    """Routed on the device (argsort, counts, group ends) and run as two grouped GEMMs: the
+    reference's pairs, rows and sums. Torch's CPU grouped GEMM multiplies each group with the
+    same GEMM routine the reference's linear calls (bit-equal on the development CPU); the
+    tolerance allows one rounding where another CPU's routine would differ."""
+    from dflash_kernels import moe
+
+    tokens, experts, top_k, offset, num_local = case
+    x, gate_up, down, weights, ids = moe_inputs(*case, dtype)
+    want = reference.moe_experts(x, gate_up, down, weights, ids, offset)
+    got = moe.moe_experts(x, gate_up, down, weights, ids, offset)
+    assert got.shape == want.shape == x.shape and got.dtype == dtype
+    close(got, want, dtype)
+    if offset:  # tokens routed only to other ranks' experts get exactly 0
+        elsewhere = ~((ids >= offset) & (ids < offset + num_local)).any(dim=1)
+        assert (got[elsewhere] == 0).all()
+        assert elsewhere.any() or case != (16, 8, 2, 3, 3)  # that case exercises it
+
+
+def test_grouped_gemm_moe_reads_nothing_back_and_falls_back_on_unaligned_widths(monkeypatch):
+    """No `.tolist()` / `.item()` (what a captured graph cannot hold); widths whose rows are not
+    16-byte aligned take the reference."""
+    from dflash_kernels import moe
+
+    x, gate_up, down, weights, ids = moe_inputs(16, 8, 2, 0, 8, torch.bfloat16)
+    want = reference.moe_experts(x, gate_up, down, weights, ids)
+
+    def read_back(*args, **kwargs):
+        raise AssertionError("the grouped MoE read a tensor back to the host")
+
+    with monkeypatch.context() as m:
+        m.setattr(torch.Tensor, "tolist", read_back)
+        m.setattr(torch.Tensor, "item", read_back)
+        got = moe.moe_experts(x, gate_up, down, weights, ids)
+    close(got, want, torch.bfloat16)
+    odd = moe_inputs(5, 8, 2, 0, 8, torch.bfloat16, hidden=36, width=20)
+    assert not moe.aligned(*odd[:3])
+    torch.testing.assert_close(moe.moe_experts(*odd), reference.moe_experts(*odd))
+
+
+def test_registry_offers_the_grouped_moe_on_capability_9_for_bf16(monkeypatch):
+    """Offered where torch's bf16 grouped GEMM needs no host sync; the op it gives runs the
+    reference for CPU tensors and for dtypes other than bf16."""
+    dflash_kernels._torch_unavailable.cache_clear()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert dflash_kernels.get("moe_experts") is None
+    assert dflash_kernels.reason("moe_experts") == "no CUDA device"
+    dflash_kernels._torch_unavailable.cache_clear()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
+    assert dflash_kernels.get("moe_experts") is None
+    assert "compute capability 8.0" in dflash_kernels.reason("moe_experts")
+    dflash_kernels._torch_unavailable.cache_clear()
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    op = dflash_kernels.get("moe_experts")
+    assert op is not None and op.kernel_dtypes == ("bfloat16",)
+    assert "grouped GEMM" in op.__qualname__
+    x, gate_up, down, weights, ids = moe_inputs(5, 8, 2, 0, 8, torch.float32)
+    torch.testing.assert_close(op(x, gate_up, down, weights, ids),
+                               reference.moe_experts(x, gate_up, down, weights, ids))
+    dflash_kernels._torch_unavailable.cache_clear()
+
+
+def test_an_engine_with_the_grouped_moe_gives_the_reference_engines_tokens(tiny, monkeypatch):
+    """The kernel in the model's own call (stacked expert weights: no CPU packing under
+    DFLASH_OPS=ref), greedy DFlash over a staggered batch: the same tokens and acceptance
+    lengths as the reference MoE."""
+    from dflash_kernels import moe
+
+    from dflash_ray import LLM, SamplingParams
+
+    from .conftest import WHOLE
+    from .test_spec_decode import PROMPTS
+
+    monkeypatch.setenv("DFLASH_OPS", "ref")
+    ops.OPS.choose()
+    try:
+        llm = LLM(tiny["moe"], tiny["drafter"], drafter_dtype="float32", **WHOLE)
+        params = SamplingParams(max_tokens=24)
+        want = llm.generate(PROMPTS, params, use_tqdm=False)
+        calls = []
+
+        def counted(*args):
+            calls.append(isinstance(args[1], torch.Tensor) and moe.aligned(*args[:3]))
+            return moe.moe_experts(*args)
+
+        with ops.override("moe_experts", counted):
+            got = llm.generate(PROMPTS, params, use_tqdm=False)
+    finally:
+        monkeypatch.delenv("DFLASH_OPS")
+        ops.OPS.choose()
+    assert calls and all(calls), "the grouped GEMMs did not run (packed or unaligned weights)"
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert [o.acceptance_lengths for o in got] == [o.acceptance_lengths for o in want]
+    assert any(max(o.acceptance_lengths) > 1 for o in got)
