@@ -25,6 +25,9 @@ skipped, so one short run on a borrowed GPU brings back everything at once:
   against their references at Qwen3.5's DeltaNet widths, a 16-token verify of 8 sequences and a
   `--context` prefill, with adapter / reference times (`bench/fla_check.py`; skipped, saying
   why, without CUDA or fla);
+- moe: the grouped-GEMM MoE (`kernels/moe.py`) against the reference MoE at one Qwen3-30B-A3B
+  layer's shape (bf16; 1, 16, 64 tokens) with times, and captured in a CUDA graph, replayed with
+  new routing: equal to eager (`bench/moe_check.py`; CPU: torch's fallback, no capture);
 - nccl: two processes (torch.multiprocessing, no Ray) exchanging a hidden-state buffer and a
   draft block through `parallel.communicator.GroupCommunicator`, over NCCL (on two GPUs, or
   recording NCCL's refusal of two ranks on one GPU) and over gloo staging GPU tensors through
@@ -802,9 +805,15 @@ def fla(args) -> dict:
     return fla_check.run(args, median_ms)
 
 
+def moe(args) -> dict:
+    import moe_check  # bench/, beside this script
+
+    return moe_check.run(args, median_ms)
+
+
 SECTIONS = {"env": env, "kernels": kernels, "graphs": graphs, "nccl": nccl,
             "lossless": lossless, "hf_parity": hf_parity, "timing": timing, "train": train,
-            "qwen35": qwen35, "fla": fla}
+            "qwen35": qwen35, "fla": fla, "moe": moe}
 
 
 def main() -> None:
