@@ -6,6 +6,7 @@ that a drafter fits its target. Does not own weights (see `loader.py`).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from dataclasses import dataclass, field
@@ -258,6 +259,14 @@ class AttentionKind:
 FULL = AttentionKind()  # every cached context key and the whole block
 
 
+@functools.cache
+def _warn_window_off(use_sliding_window, window) -> None:
+    """Once per process and setting (the config is read by every worker that loads it)."""
+    log.warning("drafter: layer_types has sliding_attention layers but use_sliding_window is %r, "
+                "so (as transformers' Qwen3Config does for z-lab's drafter) sliding_window %r "
+                "is off: those layers are causal over every key", use_sliding_window, window)
+
+
 def drafter_attention(cfg: dict, num_layers: int) -> tuple[AttentionKind, ...]:
     """Per layer, the attention of a drafter config, read the way z-lab's `DFlashDraftModel`
     reads its `Qwen3Config`:
@@ -282,10 +291,7 @@ def drafter_attention(cfg: dict, num_layers: int) -> tuple[AttentionKind, ...]:
                              "number of positions a query sees, itself included)")
     else:
         if sliding:
-            log.warning("drafter: layer_types has sliding_attention layers but use_sliding_window "
-                        "is %r, so (as transformers' Qwen3Config does for z-lab's drafter) "
-                        "sliding_window %r is off: those layers are causal over every key",
-                        cfg.get("use_sliding_window"), window)
+            _warn_window_off(cfg.get("use_sliding_window"), window)
         window = None
     is_causal = cfg.get("is_causal")
     kinds = tuple(
