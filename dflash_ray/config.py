@@ -116,8 +116,9 @@ class EngineConfig(BaseModel):
         "eagerly. 'on': capture (needs a CUDA device); 'auto': 'on' on CUDA, else 'off'; "
         "'eager': the same bucketed, padded static-buffer path without capture (any device; "
         "how the CPU tests check it); 'off': no padding. Sharded and hybrid (DeltaNet) "
-        "targets, and MoE targets under capture, run as 'off' (logged once). Output is the "
-        "same either way",
+        "targets run as 'off' (logged once), and so do MoE targets under capture unless the "
+        "grouped-GEMM MoE kernel runs their experts (bf16 on compute capability 9.0+). Output "
+        "is the same either way",
     )
     cuda_graph_max_batch: int = Field(
         32, ge=1, description="the largest bucket: bigger decode batches run eagerly"
