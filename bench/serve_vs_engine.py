@@ -29,6 +29,7 @@ from dflash_ray import SamplingParams
 from dflash_ray.config import EngineConfig
 from dflash_ray.core.engine import Engine  # noqa: E402
 from dflash_ray.executors import make_engine
+from dflash_ray.server import serve_env
 
 
 def pct(values: list[float], q: float) -> float:
@@ -128,6 +129,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--direct-streaming", action="store_true",
                     help="also measure the app with direct_streaming (the model replica serves "
                     "HTTP itself), side by side")
+    ap.add_argument("--ray-serve-defaults", action="store_true",
+                    help="run Serve as it comes: without dflash_ray/server/serve_env.py's "
+                    "settings and with the ingress reading streams as Ray objects (the A/B)")
     ap.add_argument("--stream-interval", type=int, default=None,
                     help="engine setting for both sides: tokens per streamed delta (default 1)")
     return ap
@@ -141,6 +145,8 @@ def run(args: argparse.Namespace) -> dict:
         args.target, args.drafter = demo_pair()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if not args.ray_serve_defaults:
+        serve_env.apply()  # Serve's streaming settings, as the deployments run them
     from dflash_ray.benchmark.prompts import bench_prompts
 
     prompts = bench_prompts(args.target, args.requests)
@@ -160,9 +166,10 @@ def run(args: argparse.Namespace) -> dict:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"engine": engine_cfg}), name="bench", route_prefix="/")
+    app = {"engine": engine_cfg, "grpc_streams": not args.ray_serve_defaults}
+    serve.run(build_app(app), name="bench", route_prefix="/")
     if args.direct_streaming:
-        serve.run(build_app({"engine": engine_cfg, "direct_streaming": True}), name="direct",
+        serve.run(build_app({**app, "direct_streaming": True}), name="direct",
                   route_prefix="/direct")
     base = f"http://127.0.0.1:{port}"
     engine = make_engine(EngineConfig(**engine_cfg))

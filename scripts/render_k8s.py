@@ -78,6 +78,8 @@ spec:
             - name: DFLASH_API_KEY
               valueFrom:
                 secretKeyRef: {{name: dflash-api-key, key: api-key, optional: true}}
+            # the node's HTTP proxy forwards to the ingress over gRPC (serve_env.PROXY_ENV)
+            - {{name: RAY_SERVE_PROXY_USE_GRPC, value: "1"}}
             ports:
             - {{name: gcs-server, containerPort: 6379}}
             - {{name: dashboard, containerPort: 8265}}
@@ -116,6 +118,8 @@ spec:
             - name: DFLASH_API_KEY
               valueFrom:
                 secretKeyRef: {{name: dflash-api-key, key: api-key, optional: true}}
+            # the node's HTTP proxy forwards to the ingress over gRPC (serve_env.PROXY_ENV)
+            - {{name: RAY_SERVE_PROXY_USE_GRPC, value: "1"}}
             ports:
             - {{name: serve, containerPort: 8000}}
             - {{name: metrics, containerPort: 8080}}

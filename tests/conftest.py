@@ -11,6 +11,10 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # the metrics agent exports every second (default 10 s), so the metrics tests wait less
 os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
+# Serve's streaming settings, as the deployments run them (before anything imports ray.serve)
+from dflash_ray.server import serve_env  # noqa: E402
+
+serve_env.apply()
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

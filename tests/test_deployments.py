@@ -60,3 +60,13 @@ def test_qwen3_30b_a3b_plan_uses_the_seven_gpus_beside_the_drafter(tmp_path):
     # what the YAML writes out is what the default would pick
     default = ClusterConfig(num_target_shards=7).sharding(TargetConfig.load(tmp_path))
     assert default == plan
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in DEPLOYMENTS.glob("*.yaml")))
+def test_yaml_gives_its_replicas_serves_streaming_settings(name):
+    """Every deployment runs its replicas with the settings `serve_env` measured and names."""
+    from dflash_ray.server.serve_env import REPLICA_ENV
+
+    app = yaml.safe_load((DEPLOYMENTS / name).read_text())["applications"][0]
+    env = app.get("runtime_env", {}).get("env_vars", {})
+    assert {k: env.get(k) for k in REPLICA_ENV} == REPLICA_ENV

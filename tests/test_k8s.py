@@ -213,6 +213,15 @@ def test_worker_gpus_and_cpus_cover_the_placement_groups():
         assert {"name": mounts["/dev/shm"], "emptyDir": {"medium": "Memory"}} in spec["volumes"]
 
 
+def test_every_ray_pod_runs_its_proxy_with_serves_streaming_settings():
+    """A Serve proxy runs on every node and reads its settings from the pod's env at start."""
+    from dflash_ray.server.serve_env import PROXY_ENV
+
+    for node_type, group in groups(rayservice()):
+        env = {e["name"]: e.get("value") for e in ray_container(group)["env"]}
+        assert {k: env.get(k) for k in PROXY_ENV} == PROXY_ENV, node_type
+
+
 def _selects(selector: dict, labels: dict[str, str]) -> bool:
     ok = all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
     for expr in selector.get("matchExpressions", []):
