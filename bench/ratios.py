@@ -286,7 +286,7 @@ def run_parts(a, argv: list[str]) -> list[dict]:
         "code": lambda: code_part(a, own("code")),
         "hf": lambda: hf_part(a, hf_target, prompts, own("hf")),
         "serve": lambda: serve_part(a, [*pair, *requests]),
-        "ray": lambda: ray_part(a, [*pair, *requests, "--shards", "1"]),
+        "ray": lambda: ray_part(a, [*pair, *requests, "--shards", "1", "--rounds", str(a.rounds)]),
         "bound": lambda: bound_part(a, [*pair, *sizes, "--rounds", str(a.rounds)]),
     }
     out = []

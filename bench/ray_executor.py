@@ -1,9 +1,11 @@
 """In-process engine vs the Ray executor (drafter actor + 1 target shard, and + 2 shards).
 
 Closed loop at each concurrency c (c requests in flight, a new one joins when one finishes),
-greedy, same prompts for every setup. Reports output tok/s, the Ray / in-process ratio, and the
-mean per-step time split into draft, verify, transfer (drafts to the target + features back) and
-Ray overhead (actor-call dispatch, pickling, waiting on results, skew between actors).
+greedy, same prompts for every setup; each Ray setup's rounds alternate with the in-process
+engine's (`--rounds`, default 3), the ratio is over their summed tokens and seconds. Reports
+output tok/s, the Ray / in-process ratio (and per round), and the mean per-step time split into
+draft, verify, transfer (drafts to the target + features back) and Ray overhead (actor-call
+dispatch, pickling, waiting on results, skew between actors).
 
     python3 bench/ray_executor.py                 # the demo pair, or random models of its shape
     python3 bench/ray_executor.py --target DIR --drafter DIR --concurrency 1 8 --shards 1 2
@@ -26,7 +28,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from dflash_ray.benchmark.offline import closed_loop  # noqa: E402
+from dflash_ray.benchmark.offline import closed_loop, summarize  # noqa: E402
 from dflash_ray.benchmark.prompts import bench_prompts  # noqa: E402
 from dflash_ray.config import EngineConfig  # noqa: E402
 from dflash_ray.core.engine import Engine  # noqa: E402
@@ -88,6 +90,17 @@ def per_step_ms(engine: Engine, steps0: int, seconds: float, timing0) -> dict:
     return row
 
 
+def summary(runs: list[dict], setup: str, c: int) -> dict:
+    """One setup's rounds at one concurrency: summed counters, mean ms per step by steps."""
+    row = summarize(runs)
+    row.pop("tau_histogram"), row.pop("acceptance_rate_per_position")
+    steps = sum(r["ms"]["steps"] for r in runs)
+    keys = [k for k in runs[0]["ms"] if k != "steps"]
+    row["ms_per_step"] = {"steps": steps} | {
+        k: sum(r["ms"][k] * r["ms"]["steps"] for r in runs) / steps for k in keys}
+    return row | {"setup": setup, "concurrency": c}
+
+
 def snapshot(engine: Engine):
     t = getattr(engine.executor, "timing", None)
     if t is None:
@@ -119,55 +132,61 @@ def run(args) -> dict:
     prompts = bench_prompts(target, args.requests)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
     calls = {"compiled": [True], "actor": [False], "both": [False, True]}[args.step_calls]
-    setups = [("in-process", {})] + [
-        (f"ray {n} shard{'s' * (n > 1)}{' (actor calls)' * (not compiled)}",
+    remote = [
+        (f"ray {n} shard{'s' * (n > 1)}{' (compiled graph)' * compiled}",
          {"executor": "ray", "num_target_shards": n, "cluster": {"compiled_graph": compiled}})
         for n in args.shards for compiled in calls
     ]
-    result = {
-        "target": target,
-        "drafter": drafter,
-        "max_tokens": args.max_tokens,
-        "requests": args.requests,
-        "rows": [],
-    }
-    outputs = {}
-    bar = tqdm(total=len(setups) * len(args.concurrency) * len(prompts), unit="req")
-    for name, kw in setups:
-        engine = make_engine(
-            EngineConfig(
-                target=target,
-                drafter=drafter,
-                max_num_seqs=max(args.concurrency),
-                num_kv_blocks=512,
-                **kw,
-            )
-        )
-        closed_loop(engine, prompts[: max(args.concurrency)], max(args.concurrency), params, bar)
+    top = max(args.concurrency)
+    per_setup = len(args.concurrency) * len(prompts) * args.rounds * 2
+    bar = tqdm(total=len(remote) * per_setup + (len(remote) + 1) * top, unit="req")
+
+    def started(kw: dict) -> Engine:
+        engine = make_engine(EngineConfig(target=target, drafter=drafter, max_num_seqs=top,
+                                          num_kv_blocks=512, **kw))
+        closed_loop(engine, prompts[:top], top, params, bar)  # untimed: first-use setup
+        return engine
+
+    def timed(engine: Engine, c: int) -> dict:
+        steps0, timing0 = engine.stats().counters.num_steps, snapshot(engine)
+        row = closed_loop(engine, prompts, c, params, bar)
+        row["ms"] = per_step_ms(engine, steps0, row["seconds"], timing0)
+        return row
+
+    # The in-process engine stays up throughout; each Ray setup runs beside it, the two
+    # alternating round by round (the one going first flips), so a drift in the box's speed
+    # falls on both. Setups run one after another: an idle compiled graph spins its actors.
+    local = started({})
+    local_runs: dict[int, list[dict]] = {c: [] for c in args.concurrency}
+    result = {"target": target, "drafter": drafter, "max_tokens": args.max_tokens,
+              "requests": args.requests, "rounds": args.rounds, "rows": []}
+    for name, kw in remote:
+        engine = started(kw)
         for c in args.concurrency:
-            steps0, timing0 = engine.stats().counters.num_steps, snapshot(engine)
-            row = closed_loop(engine, prompts, c, params, bar)
-            outputs.setdefault(c, {})[name] = sorted(row.pop("outputs"))
-            row.pop("tau_histogram"), row.pop("acceptance_rate_per_position")
-            row.update(
-                setup=name,
-                concurrency=c,
-                ms_per_step=per_step_ms(engine, steps0, row["seconds"], timing0),
-            )
+            pairs = []
+            for r in range(args.rounds):
+                order = [(local, "in-process"), (engine, name)][:: 1 if r % 2 == 0 else -1]
+                pairs.append({label: timed(e, c) for e, label in order})
+            local_runs[c] += [p["in-process"] for p in pairs]
+            row = summary([p[name] for p in pairs], name, c)
+            row["vs_in_process"] = row["tok_s"] / summarize(
+                [p["in-process"] for p in pairs])["tok_s"]
+            row["ratio_per_round"] = [p[name]["tok_s"] / p["in-process"]["tok_s"]
+                                      for p in pairs]
+            row["outputs_identical"] = all(sorted(p[name]["outputs"])
+                                           == sorted(p["in-process"]["outputs"]) for p in pairs)
             result["rows"].append(row)
-            tqdm.write(
-                f"{name:>27} c={c}: {row['tok_s']:7.1f} tok/s, tau {row['mean_tau']:.2f}, "
-                + ", ".join(f"{k} {v:.2f}" for k, v in row["ms_per_step"].items() if k != "steps")
-                + " ms/step"
-            )
+            tqdm.write(f"{name:>27} c={c}: {row['tok_s']:7.1f} tok/s, "
+                       f"{row['vs_in_process']:.2f}x in-process (rounds "
+                       + ", ".join(f"{x:.2f}" for x in row["ratio_per_round"]) + "), "
+                       + ", ".join(f"{k} {v:.2f}" for k, v in row["ms_per_step"].items()
+                                   if k != "steps") + " ms/step")
         engine.shutdown()
+    for c in args.concurrency:
+        row = summary(local_runs[c], "in-process", c)
+        result["rows"].insert(0, row | {"vs_in_process": 1.0, "outputs_identical": True})
+    local.shutdown()
     bar.close()
-    base = {r["concurrency"]: r["tok_s"] for r in result["rows"] if r["setup"] == "in-process"}
-    for r in result["rows"]:
-        r["vs_in_process"] = r["tok_s"] / base[r["concurrency"]]
-        r["outputs_identical"] = (
-            outputs[r["concurrency"]][r["setup"]] == (outputs[r["concurrency"]]["in-process"])
-        )
     ray.shutdown()
     return result
 
@@ -178,9 +197,12 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--drafter")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--shards", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--step-calls", choices=["compiled", "actor", "both"], default="compiled",
-                    help="how steps reach the actors: compiled graphs (the default), one actor "
-                    "call per actor, or both side by side")
+    ap.add_argument("--step-calls", choices=["compiled", "actor", "both"], default="actor",
+                    help="how steps reach the actors: one actor call per actor (the engine's "
+                    "default), compiled graphs (cluster.compiled_graph), or both")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="rounds per setup and concurrency, alternated with the in-process "
+                    "engine's")
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--json", action="store_true", help="print the result as JSON")
