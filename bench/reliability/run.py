@@ -34,7 +34,7 @@ from hostile import hostile  # noqa: E402
 from kills import kills  # noqa: E402
 from traffic import load, soak, storm  # noqa: E402
 
-from dflash_ray.server.serve_env import PROXY_ENV  # noqa: E402
+from dflash_ray.server import serve_env  # noqa: E402
 
 SECTIONS = ["load", "storm", "soak", "hostile", "fuzz", "kills"]
 SERVER_TITLES = ("ServeReplica:", "ray::DrafterActor", "ray::TargetShardActor")
@@ -125,9 +125,9 @@ def wait_ready(url: str, timeout_s: float, proc: subprocess.Popen | None = None)
 def serve_run(yaml_path: str, log_path: str):
     """`serve run` in a session of its own (its own Ray cluster: RAY_ADDRESS=local); SIGTERM
     to it at the end (a backgrounded serve run ignores SIGINT), then SIGKILL to its group."""
-    env = dict(PROXY_ENV, **os.environ)  # the proxy as serve_env says to start it
-    env = dict(env, RAY_AUTH_MODE="disabled", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
                RAY_USAGE_STATS_ENABLED="0", OMP_NUM_THREADS="1", RAY_ADDRESS="local")
+    serve_env.apply(env)  # the cluster (its proxy included) as serve_env says to start it
     serve = Path(sys.executable).with_name("serve")
     with open(log_path, "w") as log:
         proc = subprocess.Popen([str(serve) if serve.exists() else "serve", "run", yaml_path],

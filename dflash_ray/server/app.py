@@ -90,8 +90,8 @@ class HandleBackend:
     With `grpc`, streams come over Serve's direct gRPC channel between replicas (every replica
     serves one) with orjson-encoded items, instead of one Ray object per delta through the
     object store: what `RAY_SERVE_USE_GRPC_BY_DEFAULT` turns on for every handle. The deltas are
-    plain dicts of text, ints and lists, which orjson encodes in a fraction of cloudpickle's
-    time. Measured in docs/benchmarks.md (Serve streaming)."""
+    plain dicts of text, ints and lists, which orjson encodes. Measured in docs/benchmarks.md
+    (Serve's own settings for token streams)."""
 
     def __init__(self, handle, grpc: bool = True):
         self.handle = handle
