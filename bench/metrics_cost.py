@@ -5,9 +5,10 @@ default), closed-loop rounds with the exporter attached and detached in turn, si
 
 `prometheus` records through prometheus_client (what `dflash-ray bench --metrics-port` and an
 offline engine use); `ray` through `ray.util.metrics` (what the Serve replica uses), inside a
-Ray worker so the metrics go to a real agent. Prints tok/s per round, the paired ratios, and
-the share of wall time spent inside the exporter (the direct measure: A/B ratios on a shared
-2-core box swing by more than the cost).
+Ray worker so the metrics go to a real agent. The exporter's watcher thread runs throughout, as
+in a Serve replica. Prints tok/s per round, the paired ratios, and the share of wall time the
+stepping thread spends inside the exporter (the direct measure: A/B ratios on a shared 2-core
+box swing by more than the cost).
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ def measure(args: argparse.Namespace, backend) -> dict:
     engine = make_engine(EngineConfig(target=target, drafter=drafter,
                                       max_num_seqs=max(args.concurrency), **DEMO))
     exporter = Exporter(backend, "bench")
-    spent = [0.0]  # seconds inside the exporter, the direct measure of its cost
+    exporter.watch(engine)  # as in a Serve replica: a thread hands the metrics to the backend
+    spent = [0.0]  # seconds inside the exporter on the stepping thread, its direct cost there
 
     def listener(step):
         start = time.perf_counter()
@@ -62,6 +64,7 @@ def measure(args: argparse.Namespace, backend) -> dict:
                 if mode == "on":
                     engine.remove_listener(listener)
                     runs[c]["share"].append(spent[0] / run["seconds"])
+    exporter.close()
     engine.shutdown()
     out = {}
     for c, r in runs.items():

@@ -250,3 +250,33 @@ def test_every_dashboard_query_returns_data_from_a_real_prometheus(app, promethe
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 50_000
     drawn = json.loads((tmp_path / "dashboard.json").read_text())
     assert set(drawn) == {p.title for p in PANELS} and all(n > 0 for n in drawn.values())
+
+
+def test_watched_exporter_records_nothing_on_the_stepping_thread(tiny):
+    """With a watcher running, steps only queue their observations; the watcher's sample hands
+    every one of them to the backend (here a real prometheus_client registry)."""
+    from prometheus_client import generate_latest
+
+    from dflash_ray.metrics.exporter import Exporter
+    from dflash_ray.metrics.prometheus import PrometheusBackend
+
+    llm = LLM(tiny["moe"], tiny["drafter"], drafter_dtype="float32")
+    backend = PrometheusBackend()
+    exporter = Exporter(backend, "tiny")
+    llm.engine.add_listener(exporter.on_step, exporter.on_outputs)
+    exporter.watch(llm.engine, interval_s=3600)  # its one sample now; no other while we look
+    try:
+        prompts = [[(2 * i + j) % 30 for j in range(4 + i)] for i in range(3)]
+        outs = llm.generate(prompts, SamplingParams(max_tokens=12), use_tqdm=False)
+        before = samples(generate_latest(backend.registry).decode(), prefix="")
+        assert before.get("dflash_time_to_first_token_seconds_count", 0) == 0
+        assert before.get("dflash_inter_token_latency_seconds_count", 0) == 0
+        assert value(before, "generation_tokens", "") == 0
+        exporter.sample(llm.engine)
+        after = samples(generate_latest(backend.registry).decode(), prefix="")
+    finally:
+        exporter.close()
+    assert after["dflash_time_to_first_token_seconds_count"] == len(outs)
+    assert after["dflash_e2e_request_latency_seconds_count"] == len(outs)
+    assert after["dflash_verify_step_seconds_count"] == llm.engine.stats().counters.num_steps
+    assert value(after, "generation_tokens", "") == sum(len(o.token_ids) for o in outs)

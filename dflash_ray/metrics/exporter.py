@@ -8,10 +8,14 @@ timestamps (`RequestMetrics`): time to first token and queue time at the first o
 inter-token latency per later delta (its gap since the previous delta over its tokens), end to
 end at the finish.
 
-Cost on the stepping thread: histograms are observed as they happen, but counters add up in a
-dict and reach the backend once a second, and gauges are sampled once a second (`watch`), not
-per step: each record through a backend costs microseconds, and a step of a busy batch would
-otherwise make dozens of them.
+Cost on the stepping thread: where a watcher thread runs (`watch`, as in a Serve replica) a
+step records nothing through the backend. Counters add up in a dict and histogram observations
+queue in a list; the watcher hands both over once a second and samples the gauges (without a
+watcher, a step hands them over once a second). Each record through a backend costs
+microseconds and a step of a busy batch makes dozens of observations: in a Serve replica at
+c = 8, recording histograms per step took 3.8 % of the stepping thread's py-spy samples. The
+values are the same either way, handed over in order; a scrape sees them up to a second later,
+as it does the counters.
 """
 
 from __future__ import annotations
@@ -49,7 +53,9 @@ class Exporter:
         self._last_token: dict[str, float] = {}  # request id -> its latest delta's time
         # (counter, own label or None) -> amount not yet handed to the backend
         self._counts: dict[tuple[str, tuple[str, str] | None], float] = defaultdict(float)
+        self._observed: list[tuple[str, float]] = []  # (histogram, value) not yet handed over
         self._lock = threading.Lock()  # the stepping thread adds, the watcher flushes
+        self._watching = False  # a watcher thread flushes; steps never do
         self._flushed = time.monotonic()
         self._stop = threading.Event()
         self._drafter_was_up: bool | None = None  # as of the last step
@@ -57,8 +63,10 @@ class Exporter:
     def _count(self, name: str, value: float, label: tuple[str, str] | None = None) -> None:
         self._counts[(name, label)] += value
 
+    def _observe(self, name: str, value: float) -> None:
+        self._observed.append((name, value))
+
     def on_step(self, step: StepStats) -> None:
-        m, labels = self.m, self.labels
         with self._lock:
             self._count("engine_steps", 1, ("kind", "spec" if step.drafts else "plain"))
             if step.drafts:
@@ -77,13 +85,13 @@ class Exporter:
             if step.transfer_bytes:
                 self._count("hidden_state_transfer_bytes", step.transfer_bytes)
             self._outputs(step.outputs)
-        if step.draft_seconds:
-            m["draft_step_seconds"].observe(step.draft_seconds, labels)
-        if step.verify_seconds:
-            m["verify_step_seconds"].observe(step.verify_seconds, labels)
-        if step.transfer_bytes:
-            m["hidden_state_transfer_seconds"].observe(step.transfer_seconds, labels)
-        if step.time - self._flushed >= FLUSH_S:  # also when no watcher thread runs
+            if step.draft_seconds:
+                self._observe("draft_step_seconds", step.draft_seconds)
+            if step.verify_seconds:
+                self._observe("verify_step_seconds", step.verify_seconds)
+            if step.transfer_bytes:
+                self._observe("hidden_state_transfer_seconds", step.transfer_seconds)
+        if not self._watching and step.time - self._flushed >= FLUSH_S:
             self.flush()
 
     def on_outputs(self, outputs: list[RequestOutput]) -> None:
@@ -92,34 +100,36 @@ class Exporter:
             self._outputs(outputs)
 
     def _outputs(self, outputs: list[RequestOutput]) -> None:
-        m, labels = self.m, self.labels
         generated = 0
         for o in outputs:
             n, rm = len(o.new_token_ids), o.metrics
             generated += n
             if n and len(o.token_ids) == n:  # its first tokens
                 self._count("prompt_tokens", len(o.prompt_token_ids))
-                m["time_to_first_token_seconds"].observe(rm.ttft_seconds, labels)
-                m["request_queue_time_seconds"].observe(rm.queue_seconds, labels)
+                self._observe("time_to_first_token_seconds", rm.ttft_seconds)
+                self._observe("request_queue_time_seconds", rm.queue_seconds)
             elif n and o.request_id in self._last_token:
                 gap = rm.last_token_time - self._last_token[o.request_id]
-                m["inter_token_latency_seconds"].observe(gap / n, labels)
+                self._observe("inter_token_latency_seconds", gap / n)
             if n:
                 self._last_token[o.request_id] = rm.last_token_time
             if o.finished:
                 self._last_token.pop(o.request_id, None)
                 self._count("request_success", 1, ("finished_reason", o.finish_reason))
                 if rm.e2e_seconds is not None:
-                    m["e2e_request_latency_seconds"].observe(rm.e2e_seconds, labels)
+                    self._observe("e2e_request_latency_seconds", rm.e2e_seconds)
                 if o.acceptance_lengths:
-                    m["request_acceptance_length"].observe(o.acceptance_length, labels)
+                    self._observe("request_acceptance_length", o.acceptance_length)
         self._count("generation_tokens", generated)
 
     def flush(self) -> None:
-        """Hand the counted amounts to the backend."""
+        """Hand the counted amounts and the queued observations to the backend."""
         with self._lock:
             counts, self._counts = self._counts, defaultdict(float)
+            observed, self._observed = self._observed, []
             self._flushed = time.monotonic()
+        for name, value in observed:
+            self.m[name].observe(value, self.labels)
         for (name, label), value in counts.items():
             if value:
                 self.m[name].inc(value, {**self.labels, **dict([label])} if label else
@@ -150,6 +160,7 @@ class Exporter:
                 self.sample(engine)
 
         self.sample(engine)
+        self._watching = True
         threading.Thread(target=loop, name="dflash-metrics", daemon=True).start()
 
     def close(self) -> None:
