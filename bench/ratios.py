@@ -83,6 +83,7 @@ def ours_vs(name: str, engine, other, prompts: list, max_tokens: int, rounds: in
     closed_loop(engine, prompts[:1], 1, warm, tqdm(disable=True))
     other(prompts[:1], warm.max_tokens)
     ours, theirs = [], {"seconds": 0.0, "tokens": 0}
+    per_round = []  # (ours, theirs) tok/s of each round
     identical, mismatched = True, set()
     with engine_closed(engine), tqdm(total=2 * rounds * len(prompts), desc=name,
                                      unit="req") as bar:
@@ -96,7 +97,9 @@ def ours_vs(name: str, engine, other, prompts: list, max_tokens: int, rounds: in
                 seconds, outs = other(prompts, max_tokens)
                 theirs["seconds"] += seconds
                 theirs["tokens"] += sum(map(len, outs))
+                theirs_tok_s = sum(map(len, outs)) / seconds
                 bar.update(len(prompts))
+            per_round.append((ours[-1]["tok_s"], theirs_tok_s))
             bad = {i for i, (a, b) in enumerate(zip(ours_out, outs, strict=True)) if a != b}
             mismatched |= bad
             identical &= not bad
@@ -104,6 +107,7 @@ def ours_vs(name: str, engine, other, prompts: list, max_tokens: int, rounds: in
     return {"ours_tok_s": fast["tok_s"], "theirs_tok_s": theirs["tokens"] / theirs["seconds"],
             "ours_tokens": fast["tokens"], "theirs_tokens": theirs["tokens"],
             "ours_acceptance_length": fast["acceptance_length"],
+            "ratio_per_round": [a / b for a, b in per_round],
             "outputs_identical": identical, "mismatched_prompts": sorted(mismatched)}
 
 
@@ -145,7 +149,7 @@ def zlab_part(a, hf_target, prompts, command) -> list[dict]:
                   # ours per verify step with drafts; z-lab's per step (each one verifies)
                   acceptance_length={"ours": r["ours_acceptance_length"],
                                      "zlab": sum(taus) / max(1, len(taus))},
-                  outputs_identical=r["outputs_identical"],
+                  ratio_per_round=r["ratio_per_round"], outputs_identical=r["outputs_identical"],
                   mismatched_prompts=r["mismatched_prompts"])]
 
 
@@ -158,7 +162,7 @@ def hf_part(a, hf_target, prompts, command) -> list[dict]:
                   ("transformers generate, greedy", r["theirs_tok_s"]), command, batch=1,
                   prompts=len(prompts), prompt_set="bench_prompts", max_tokens=a.max_tokens,
                   rounds=a.rounds, tokens=[r["ours_tokens"], r["theirs_tokens"]],
-                  outputs_identical=r["outputs_identical"],
+                  ratio_per_round=r["ratio_per_round"], outputs_identical=r["outputs_identical"],
                   mismatched_prompts=r["mismatched_prompts"])]
 
 
