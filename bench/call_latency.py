@@ -51,6 +51,20 @@ def summary(trips: list[tuple[float, float, float]], ms: float) -> dict:
             "return_leg_ms_p50": statistics.median(back), "calls": len(trips)}
 
 
+def sweep(calls: int, trip) -> list[dict]:
+    """`trip(ms)` (one round trip to a peer that works `ms`, returning when it answered) `calls`
+    times per busy time -> a summary row each."""
+    rows = []
+    for ms in BUSY_MS:
+        trips = []
+        for _ in range(calls):
+            sent = time.perf_counter()
+            answered = trip(ms)
+            trips.append((sent, answered, time.perf_counter()))
+        rows.append(summary(trips, ms))
+    return rows
+
+
 def _pipe_peer(conn) -> None:
     while (ms := conn.recv()) is not None:
         conn.send(busy(ms))
@@ -60,20 +74,16 @@ def measure_pipe(calls: int) -> list[dict]:
     ours, theirs = mp.Pipe()
     peer = mp.get_context("spawn").Process(target=_pipe_peer, args=(theirs,))
     peer.start()
-    rows = []
+
+    def trip(ms: float) -> float:
+        ours.send(ms)
+        return ours.recv()
+
     try:
-        for ms in BUSY_MS:
-            trips = []
-            for _ in range(calls):
-                sent = time.perf_counter()
-                ours.send(ms)
-                answered = ours.recv()
-                trips.append((sent, answered, time.perf_counter()))
-            rows.append(summary(trips, ms))
+        return sweep(calls, trip)
     finally:
         ours.send(None)
         peer.join()
-    return rows
 
 
 def _gloo_peer(port: int, calls: int) -> None:
@@ -103,20 +113,17 @@ def measure_gloo(calls: int) -> list[dict]:
     peer.start()
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=2)
     msg, back = torch.zeros(64, dtype=torch.float64), torch.zeros(64, dtype=torch.float64)
-    rows = []
+
+    def trip(ms: float) -> float:  # the peer knows the busy times: it runs the same sweep
+        dist.send(msg, 1)
+        dist.recv(back, 1)
+        return float(back[0])
+
     try:
-        for ms in BUSY_MS:
-            trips = []
-            for _ in range(calls):
-                sent = time.perf_counter()
-                dist.send(msg, 1)
-                dist.recv(back, 1)
-                trips.append((sent, float(back[0]), time.perf_counter()))
-            rows.append(summary(trips, ms))
+        return sweep(calls, trip)
     finally:
         dist.destroy_process_group()
         peer.join()
-    return rows
 
 
 def measure_ray(calls: int) -> list[dict]:
@@ -126,15 +133,7 @@ def measure_ray(calls: int) -> list[dict]:
     try:
         peer = ray.remote(num_cpus=0.5)(Peer).remote()
         ray.get(peer.busy.remote(0))
-        rows = []
-        for ms in BUSY_MS:
-            trips = []
-            for _ in range(calls):
-                sent = time.perf_counter()
-                answered = ray.get(peer.busy.remote(ms))
-                trips.append((sent, answered, time.perf_counter()))
-            rows.append(summary(trips, ms))
-        return rows
+        return sweep(calls, lambda ms: ray.get(peer.busy.remote(ms)))
     finally:
         ray.shutdown()
 

@@ -95,7 +95,8 @@ def main() -> None:
         setups = {
             "driver": PausedEngine(a.requests),
             "actor": actor.remote(a.requests),
-            f"actor, {a.pause_ms:g} ms asleep after each step": actor.remote(a.requests, a.pause_ms),
+            f"actor, {a.pause_ms:g} ms asleep after each step": actor.remote(
+                a.requests, a.pause_ms),
             f"actor, {a.pause_ms:g} ms spinning after each step": actor.remote(
                 a.requests, a.pause_ms, True),
         }
