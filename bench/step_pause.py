@@ -3,10 +3,10 @@ the round trip to the engine between steps (bench/call_latency.py: ~2.4 ms per a
 2-core box) and its verify measured slower than the in-process engine's (12.4 vs 10.7 ms at
 c = 8). This isolates the pause from everything else Ray adds: the same in-process engine (the
 shipped pair, default settings, greedy, c = 8 closed loop, one torch thread) in a Ray actor, its
-steps back to back, or each followed by a pause of `--pause-ms` spent asleep or spinning; plus
-one in the driver. Setups alternate round by round. Reports per setup the mean verify time per
-step (the worker's own span, which never includes the pause) and tok/s with the pause
-subtracted.
+steps back to back, or each followed by a pause of `--pause-ms` spent asleep or spinning; and in
+the driver, back to back or pausing asleep (the pause without Ray). Setups alternate round by
+round. Reports per setup the mean verify time per step (the worker's own span, which never
+includes the pause) and tok/s with the pause subtracted.
 
     python3 bench/step_pause.py --out docs/bench/step_pause.json [--rounds 3 --pause-ms 3]
 """
@@ -94,6 +94,8 @@ def main() -> None:
         actor = ray.remote(num_cpus=1)(PausedEngine)
         setups = {
             "driver": PausedEngine(a.requests),
+            f"driver, {a.pause_ms:g} ms asleep after each step": PausedEngine(a.requests,
+                                                                              a.pause_ms),
             "actor": actor.remote(a.requests),
             f"actor, {a.pause_ms:g} ms asleep after each step": actor.remote(
                 a.requests, a.pause_ms),
