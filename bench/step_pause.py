@@ -25,6 +25,7 @@ for key, value in {"RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUST
 
 import ray  # noqa: E402
 import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 from dflash_ray.benchmark.offline import closed_loop  # noqa: E402
 from dflash_ray.benchmark.prompts import bench_prompts  # noqa: E402
@@ -34,11 +35,6 @@ from dflash_ray.demo import demo_pair  # noqa: E402
 from dflash_ray.executors import make_engine  # noqa: E402
 
 CONCURRENCY = 8
-
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
 
 
 class PausedEngine:
@@ -52,7 +48,7 @@ class PausedEngine:
                                                max_num_seqs=CONCURRENCY, num_kv_blocks=512))
         self.prompts = bench_prompts(target, requests)
         self.params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
-        self.pause_s, self.spin = pause_ms / 1000, spin
+        self.pause_s = pause_ms / 1000
         if pause_ms:
             execute = self.engine.executor.execute
 
@@ -67,18 +63,17 @@ class PausedEngine:
                 return result
 
             self.engine.executor.execute = paused
-        closed_loop(self.engine, self.prompts[:CONCURRENCY], CONCURRENCY, self.params, _NoBar())
+        closed_loop(self.engine, self.prompts[:CONCURRENCY], CONCURRENCY, self.params,
+                    tqdm(disable=True))
 
     def run(self) -> dict:
         s0 = self.engine.stats().counters
-        start = time.perf_counter()
-        row = closed_loop(self.engine, self.prompts, CONCURRENCY, self.params, _NoBar())
-        wall = time.perf_counter() - start
+        row = closed_loop(self.engine, self.prompts, CONCURRENCY, self.params, tqdm(disable=True))
         s = self.engine.stats().counters
         steps = s.num_steps - s0.num_steps
         return {"verify_ms_per_step": 1000 * (s.verify_seconds - s0.verify_seconds) / steps,
-                "tok_s_without_pause": row["tokens"] / (wall - steps * self.pause_s),
-                "steps": steps, "outputs": sorted(o for o in row["outputs"])}
+                "tok_s_without_pause": row["tokens"] / (row["seconds"] - steps * self.pause_s),
+                "steps": steps, "outputs": sorted(row["outputs"])}
 
 
 def main() -> None:
