@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM
 from dflash_ray.models.layers import prepack
 from dflash_ray.models.qwen3 import Qwen3Target
 from dflash_ray.ops import PackedWeight, can_pack
+from dflash_ray.ops.cpu_packed import gemm_rows
 from dflash_ray.ops.reference import moe_experts
 from dflash_ray.worker.caches import PagedKVCache
 from dflash_ray.worker.layout import SeqSpan, build_layout, drafter_layout
@@ -165,6 +166,32 @@ def test_moe_gather_and_loop_paths_agree_with_dense_sum(num_tokens):
 
 
 needs_onednn = pytest.mark.skipif(not can_pack(torch.ones(1)), reason="no oneDNN CPU path")
+
+
+def test_packed_gemms_run_at_a_bounded_set_of_row_counts():
+    """Every row count maps to a bucket at least as large and under 1.25x (exact up to 8), so
+    ragged batches build few oneDNN primitives: 44 shapes a weight up to 4096 rows."""
+    buckets = [gemm_rows(m) for m in range(1, 4097)]
+    assert buckets[:8] == list(range(1, 9)) and gemm_rows(0) == 0
+    assert all(m <= b < 1.25 * m for m, b in enumerate(buckets, 1))
+    assert buckets == sorted(buckets) and len(set(buckets)) == 44
+    assert [gemm_rows(m) for m in (9, 10, 11, 17, 33, 100)] == [10, 10, 12, 20, 40, 112]
+
+
+@needs_onednn
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_padded_packed_gemm_returns_only_its_rows(dtype):
+    """Row counts between buckets (and a leading batch dim) give F.linear's values and shape."""
+    torch.manual_seed(0)
+    w, bias = torch.randn(24, 16).to(dtype), torch.randn(24).to(dtype)
+    packed = PackedWeight(w)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for shape in ((9, 16), (13, 16), (17, 16), (3, 7, 16), (2, 16)):
+        x = torch.randn(shape).to(dtype)
+        got = packed.apply(x, bias)
+        want = torch.nn.functional.linear(x.float(), w.float(), bias.float())
+        assert got.shape == (*shape[:-1], 24)
+        assert rel_err(got.float(), want) < tol
 
 
 @needs_onednn

@@ -11,11 +11,24 @@ import torch
 import torch.nn.functional as F
 
 # oneDNN keeps one primitive per GEMM shape it has run, up to this many (its default, 1024,
-# ~130 KiB each): a server's ragged batches fill it with a shape per token count, which looked
-# like a leak of ~130 MiB (bench/soak_memory.py). 64 holds the RSS flat and measured no slower
-# (docs/reliability.md). Read at oneDNN's first primitive, so it is set on import, before any;
-# a value in the environment wins.
-os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
+# ~130 KiB each), and building one costs ~0.75 ms here, 20-30x the GEMM it runs. Packed GEMMs run
+# at a bounded set of row counts (`gemm_rows`), so a server's ragged batches no longer add a shape
+# per token count (which filled oneDNN's default cache, ~130 MiB, bench/soak_memory.py), and 256
+# entries hold the shapes a workload uses (~13 weights x the few buckets it visits) in at most
+# ~33 MiB; 64 thrashed: 9 % of a DFlash run's GEMMs rebuilt their primitive (docs/benchmarks.md).
+# Read at oneDNN's first primitive, so it is set on import, before any; a value in the
+# environment wins.
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "256")
+
+
+def gemm_rows(m: int) -> int:
+    """The row count a packed GEMM of `m` rows runs at: `m` up to 8, then four buckets an octave
+    (10, 12, 14, 16, 20, 24, ...), so padding adds under a quarter of the rows and a workload's
+    GEMMs run at a few shapes (44 up to 4096 rows)."""
+    if m <= 8:
+        return m
+    step = 1 << ((m - 1).bit_length() - 3)
+    return -(-m // step) * step
 
 
 class PackedWeight:
@@ -42,7 +55,13 @@ class PackedWeight:
         packing every GEMM made plain decoding 0.82x while verify steps gained)."""
         if x.dtype == torch.float32 and x.numel() == x.shape[-1]:
             return F.linear(x, self.source, bias)
-        return torch.ops.mkldnn._linear_pointwise(x, self.data, bias, "none", [], "")
+        rows = x.reshape(-1, x.shape[-1])
+        m = rows.shape[0]
+        pad = gemm_rows(m) - m  # rows are independent: the padding's zeros only cost time
+        if pad:
+            rows = F.pad(rows, (0, 0, 0, pad))
+        out = torch.ops.mkldnn._linear_pointwise(rows, self.data, bias, "none", [], "")
+        return out[:m].view(*x.shape[:-1], out.shape[-1])
 
 
 def can_pack(weight: torch.Tensor) -> bool:
