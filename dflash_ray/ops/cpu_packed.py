@@ -23,11 +23,14 @@ os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "256")
 
 def gemm_rows(m: int) -> int:
     """The row count a packed GEMM of `m` rows runs at: `m` up to 8, then four buckets an octave
-    (10, 12, 14, 16, 20, 24, ...), so padding adds under a quarter of the rows and a workload's
-    GEMMs run at a few shapes (44 up to 4096 rows)."""
+    up to 64 (10, 12, 14, 16, 20, 24, ...) and eight above (72, 80, ..., 128, 144, ...), so a
+    workload's GEMMs run at a few shapes (68 up to 4096 rows) and padding adds under a quarter of
+    the rows where a GEMM costs little more than its call (up to 64), under an eighth above,
+    where a rebuilt primitive (~0.75 ms) would cost about what the padding of a large GEMM does."""
     if m <= 8:
         return m
-    step = 1 << ((m - 1).bit_length() - 3)
+    per_octave = 4 if m <= 64 else 8
+    step = (1 << (m - 1).bit_length()) // (2 * per_octave)
     return -(-m // step) * step
 
 
