@@ -26,10 +26,11 @@ def _experts(e=8, h=16, i=12, seed=0):
 
 @pytest.mark.parametrize("tokens", [1, 2, 7])
 @pytest.mark.parametrize("packed", [False, True])
-def test_moe_experts_fast_path_is_bit_equal(tokens, packed):
+@pytest.mark.parametrize("top_k", [2, 4])
+def test_moe_experts_fast_path_is_bit_equal(tokens, packed, top_k):
     gate_up, down = _experts()
     x = torch.randn(tokens, 16)
-    weights, ids = ref.route_experts(torch.randn(tokens, 8), 2, True)
+    weights, ids = ref.route_experts(torch.randn(tokens, 8), top_k, True)
     if packed:
         gate_up, down = [PackedWeight(w) for w in gate_up], [PackedWeight(w) for w in down]
     want = ref.moe_experts(x, gate_up, down, weights, ids)

@@ -81,6 +81,9 @@ def moe_experts(
         rows = x if one_token and hi - lo == 1 else xs[lo:hi].contiguous()
         ys.append(linear(silu_and_mul(linear(rows, gate_up[e])), down[e]))
         lo = hi
+    if one_token and len(ys) == k:  # a row an expert: back in pair order, no index tensors
+        by_pair = [ys[order.index(pair)] for pair in range(k)]
+        return (torch.cat(by_pair) * weights.reshape(-1, 1)).view(-1, k, x.shape[1]).sum(dim=1)
     order_t = torch.tensor(order, device=x.device)
     by_expert = torch.cat(ys) * weights.reshape(-1, 1).index_select(0, order_t)
     inverse = [0] * len(order)
