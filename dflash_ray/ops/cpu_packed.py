@@ -15,7 +15,8 @@ import torch.nn.functional as F
 # at a bounded set of row counts (`gemm_rows`), so a server's ragged batches no longer add a shape
 # per token count (which filled oneDNN's default cache, ~130 MiB, bench/soak_memory.py), and 256
 # entries hold the shapes a workload uses (~13 weights x the few buckets it visits) in at most
-# ~33 MiB; 64 thrashed: 9 % of a DFlash run's GEMMs rebuilt their primitive (docs/benchmarks.md).
+# ~33 MiB; 64 thrashed: 9-12 % of the GEMMs of a DFlash run rebuilt their primitive
+# (docs/benchmarks.md).
 # Read at oneDNN's first primitive, so it is set on import, before any; a value in the
 # environment wins.
 os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "256")
