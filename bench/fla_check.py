@@ -36,14 +36,14 @@ def _inputs(n: int, length: int, hv: int, dk: int, dv: int, device: str):
 
 def run(args, median_ms) -> dict:
     import dflash_kernels
-
     from dflash_ray.ops import OPS, recurrent
 
     why = dflash_kernels.reason("gated_delta_rule_recurrent")
     if torch.device(args.device).type != "cuda" or why != "a kernel is available":
         return {"skipped": f"needs CUDA and fla-core ({why})"}
-    from dflash_kernels import gated_delta
     from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule
+
+    from dflash_kernels import gated_delta
 
     dev = args.device
     heads = SMALL if args.small else QWEN35

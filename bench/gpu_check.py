@@ -21,11 +21,11 @@ skipped, so one short run on a borrowed GPU brings back everything at once:
 - qwen35: a Qwen3.5-shaped (slice of 35B-A3B) decode step, 16-token verify and a verify cut
   to 8 kept tokens (the recurrent-state replay) against the floor of what each must read
   (`bench/qwen35_check.py`);
-- fla: the flash-linear-attention adapters of the gated delta rule (`kernels/gated_delta.py`)
+- fla: the flash-linear-attention adapters of the gated delta rule (`dflash_kernels/gated_delta.py`)
   against their references at Qwen3.5's DeltaNet widths, a 16-token verify of 8 sequences and a
   `--context` prefill, with adapter / reference times (`bench/fla_check.py`; skipped, saying
   why, without CUDA or fla);
-- moe: the grouped-GEMM MoE (`kernels/moe.py`) against the reference MoE at one Qwen3-30B-A3B
+- moe: the grouped-GEMM MoE (`dflash_kernels/moe.py`) against the reference MoE at one Qwen3-30B-A3B
   layer's shape (bf16; 1, 16, 64 tokens) with times, and captured in a CUDA graph, replayed with
   new routing: equal to eager (`bench/moe_check.py`; CPU: torch's fallback, no capture);
 - nccl: two processes (torch.multiprocessing, no Ray) exchanging a hidden-state buffer and a
@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.util
 import json
 import os
 import random
@@ -76,15 +75,9 @@ REPO = Path(__file__).resolve().parents[1]
 def use_this_checkout() -> str:
     """Import `dflash_ray` and `dflash_kernels` from this script's checkout: its root goes first
     on sys.path (an installed copy elsewhere, or none, as on the bare tree the device machine
-    gets), and `kernels/` is linked as `dflash_kernels` where no install maps it here. Must run
-    before `dflash_ray` is imported, whose op registry asks for kernels once. Returns where the
-    kernels were found."""
+    gets). Must run before `dflash_ray` is imported, whose op registry asks for kernels once.
+    Returns where the kernels were found."""
     sys.path.insert(0, str(REPO))
-    spec = importlib.util.find_spec("dflash_kernels")
-    if spec is None or Path(spec.origin).parent.resolve() != (REPO / "kernels").resolve():
-        shim = Path(tempfile.mkdtemp(prefix="dflash_kernels_shim_"))
-        (shim / "dflash_kernels").symlink_to(REPO / "kernels")
-        sys.path.insert(0, str(shim))
     import dflash_kernels
 
     return str(Path(dflash_kernels.__file__).parent)
@@ -451,7 +444,6 @@ def kernels(args) -> dict:
 
         patch_interpreter()
     from dflash_kernels import attention, elementwise, intake
-
     from dflash_ray.ops import OPS, reference
     from dflash_ray.worker.layout import SeqSpan, build_layout
 

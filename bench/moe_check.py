@@ -37,7 +37,6 @@ def _inputs(tokens: int, hidden: int, width: int, experts: int, top_k: int, devi
 
 def run(args, median_ms) -> dict:
     from dflash_kernels import moe
-
     from dflash_ray.ops import reference
 
     dev = args.device

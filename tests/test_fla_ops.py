@@ -21,10 +21,10 @@ import importlib.util
 import logging
 import os
 
-import dflash_kernels
 import pytest
 import torch
 
+import dflash_kernels
 from dflash_ray import ops
 from dflash_ray.ops import recurrent
 

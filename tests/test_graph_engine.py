@@ -201,7 +201,6 @@ def test_modes_and_refusals(tiny, caplog):
     # where the registry holds the grouped-GEMM kernel (as it builds it on a CUDA machine),
     # a bf16 MoE can be captured; other dtypes still take the host-sorting reference
     import dflash_kernels
-
     from dflash_ray.ops import override, reference
 
     with override("moe_experts",

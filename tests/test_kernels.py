@@ -19,10 +19,10 @@ import logging
 import os
 import random
 
-import dflash_kernels
 import pytest
 import torch
 
+import dflash_kernels
 from dflash_ray import ops
 from dflash_ray.ops import reference
 from dflash_ray.worker.layout import SeqSpan, build_layout
@@ -335,7 +335,6 @@ def test_an_engine_with_the_grouped_moe_gives_the_reference_engines_tokens(tiny,
     DFLASH_OPS=ref), greedy DFlash over a staggered batch: the same tokens and acceptance
     lengths as the reference MoE."""
     from dflash_kernels import moe
-
     from dflash_ray import LLM, SamplingParams
 
     from .conftest import WHOLE
