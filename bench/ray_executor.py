@@ -9,7 +9,7 @@ dispatch, pickling, waiting on results, skew between actors).
 
     python3 bench/ray_executor.py                 # the demo pair, or random models of its shape
     python3 bench/ray_executor.py --target DIR --drafter DIR --concurrency 1 8 --shards 1 2
-    python3 bench/ray_executor.py --shards 1 --step-calls both  # compiled graphs vs actor calls
+    python3 bench/ray_executor.py --shards 1 --step-calls connections actor_calls  # A/B
 """
 
 from __future__ import annotations
@@ -131,11 +131,10 @@ def run(args) -> dict:
     )
     prompts = bench_prompts(target, args.requests)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
-    calls = {"compiled": [True], "actor": [False], "both": [False, True]}[args.step_calls]
     remote = [
-        (f"ray {n} shard{'s' * (n > 1)}{' (compiled graph)' * compiled}",
-         {"executor": "ray", "num_target_shards": n, "cluster": {"compiled_graph": compiled}})
-        for n in args.shards for compiled in calls
+        (f"ray {n} shard{'s' * (n > 1)} ({calls.replace('_', ' ')})",
+         {"executor": "ray", "num_target_shards": n, "cluster": {"step_calls": calls}})
+        for n in args.shards for calls in args.step_calls
     ]
     top = max(args.concurrency)
     per_setup = len(args.concurrency) * len(prompts) * args.rounds * 2
@@ -197,15 +196,18 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--drafter")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--shards", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--step-calls", choices=["compiled", "actor", "both"], default="actor",
-                    help="how steps reach the actors: one actor call per actor (the engine's "
-                    "default), compiled graphs (cluster.compiled_graph), or both")
+    ap.add_argument("--step-calls", nargs="+", default=["connections"],
+                    choices=["connections", "actor_calls", "compiled_graph"],
+                    help="how steps reach the actors (cluster.step_calls), each a setup of its "
+                    "own: the actors' step loops over connections (the default), one actor call "
+                    "per actor per step, compiled graphs")
     ap.add_argument("--rounds", type=int, default=3,
                     help="rounds per setup and concurrency, alternated with the in-process "
                     "engine's")
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--json", action="store_true", help="print the result as JSON")
+    ap.add_argument("--out", type=Path, help="write the result as JSON to this file")
     return ap
 
 
@@ -224,11 +226,13 @@ def main() -> None:
             f"{r['vs_in_process']:10.2f} {str(r['outputs_identical']):>5}  "
             + " ".join(f"{k}={v:.2f}" for k, v in ms.items() if k != "steps")
         )
+    for key in ("target", "drafter"):  # no machine's absolute paths in saved results
+        if result.get(key) and os.path.isabs(result[key]):
+            result[key] = os.path.relpath(result[key])
     if args.json:
-        for key in ("target", "drafter"):  # no machine's absolute paths in saved results
-            if result.get(key) and os.path.isabs(result[key]):
-                result[key] = os.path.relpath(result[key])
         print(json.dumps(result, indent=1))
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -301,18 +301,19 @@ def test_hung_target_shard_times_out_and_its_requests_are_recomputed(sharded, ll
     assert all(o.metrics.num_preemptions >= 1 for o in outs)
 
 
-def test_compiled_graph_steps_equal_actor_call_steps(ray_cluster, tiny, llms, sharded):
-    """`compiled_graph: true` (the steps as Ray compiled graphs) runs the same steps as the
-    default, one actor call per actor per step (the module's other tests), and survives its
-    drafter dying."""
-    assert sharded.executor.step_calls == "actor calls"
+@pytest.mark.parametrize("step_calls", ["actor_calls", "compiled_graph"])
+def test_other_step_calls_equal_the_step_loops(ray_cluster, tiny, llms, sharded, step_calls):
+    """One actor call per actor per step, or Ray compiled graphs, run the same steps as the
+    default (each actor's step loop fed over its connection: the module's other tests), and
+    survive the drafter dying."""
+    assert sharded.executor.step_calls == "connections"
     config = EngineConfig(target=tiny["moe"], drafter=tiny["drafter"], executor="ray",
                           num_kv_blocks=96, drafter_dtype="float32", **WHOLE)
     engine = Engine(config, executor=RayExecutor(WorkerConfig.from_engine(config), 1,
-                                                 compiled_graph=True))
+                                                 step_calls=step_calls))
     try:
         ex = engine.executor
-        assert ex.step_calls == "compiled graph"
+        assert ex.step_calls == step_calls
         got = generate(engine, PROMPTS, GREEDY)
         ids = [engine.add_request(p, GREEDY) for p in PROMPTS[:3]]
         engine.step()

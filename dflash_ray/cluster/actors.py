@@ -1,6 +1,7 @@
 """The actors of the Ray executor: one drafter, N target shards. Plain classes (the executor wraps
 them with `ray.remote` and its placement options); each method is one RPC, and `step` is the only
-one called per engine step.
+one called per engine step: by an actor call, a compiled graph, or the actor's own loop reading
+its step connection (`open_feed`, cluster/step_feed.py).
 
 Neither actor has a step of its own: a target shard runs `worker.step.target_step`, the same
 function the in-process executor runs, with the drafter reached through the tensor channel
@@ -38,6 +39,7 @@ from .channel import (
     send_drafts,
     send_features,
 )
+from .step_feed import serve
 
 log = logging.getLogger(__name__)
 IMPORTED_AT = time.time()  # this actor process has started and imported torch and the package
@@ -51,6 +53,14 @@ def _started(cfg: WorkerConfig, per_token: int, per_seq: int = 0) -> dict:
         "pid": os.getpid(),
         "gpu_ids": ray.get_gpu_ids(),
     }
+
+
+def open_feed(actor, authkey: bytes) -> tuple[str, int]:
+    """Serve `actor.step` over a connection of its own (`step_feed`); returns its address. The
+    loop's thread makes the worker's GPU its current device (a thread's own setting)."""
+    device = actor.worker.device
+    on_start = (lambda: torch.cuda.set_device(device)) if device.type == "cuda" else None
+    return serve(actor.step, ray.util.get_node_ip_address(), authkey, on_start)
 
 
 class DrafterActor:
@@ -74,6 +84,9 @@ class DrafterActor:
 
     def connect_channel(self, name: str, backend: str) -> None:
         self.channel = Channel(name, DRAFTER_RANK, backend, self.worker.device)
+
+    def open_feed(self, authkey: bytes) -> tuple[str, int]:
+        return open_feed(self, authkey)
 
     def step(self, batch: StepBatch) -> list[Span]:
         """Take in the features, draft, send the drafts; returns the step's spans here."""
@@ -144,6 +157,9 @@ class TargetShardActor:
 
     def allocate(self, num_blocks: int, num_slots: int | None = None) -> None:
         self.worker.allocate(num_blocks, num_slots)
+
+    def open_feed(self, authkey: bytes) -> tuple[str, int]:
+        return open_feed(self, authkey)
 
     def connect_channel(self, name: str, backend: str) -> None:
         self.close_channel()

@@ -43,12 +43,13 @@ class ClusterConfig(BaseModel):
     step_timeout_s: float = Field(
         30.0, gt=0, description="one engine step; past it the step fails and shards rebuild"
     )
-    compiled_graph: bool = Field(
-        False,
-        description="run each step's actor calls as Ray compiled graphs (a loop in each actor "
-        "fed through shared memory) instead of one actor call per actor per step; each loop "
-        "spins a CPU core while it waits, which made steps slower on a 2-core CPU "
-        "(cluster/step_graph.py)",
+    step_calls: Literal["connections", "actor_calls", "compiled_graph"] = Field(
+        "connections",
+        description="how each step reaches the actors: connections (a loop in each actor reads "
+        "its steps from a socket of its own; cluster/step_feed.py), actor_calls (one Ray actor "
+        "call per actor per step), or compiled_graph (Ray compiled graphs: loops fed through "
+        "shared memory that spin a CPU core while they wait, which made steps slower on a "
+        "2-core CPU; cluster/step_graph.py)",
     )
     collective_timeout_s: float = Field(
         30.0, gt=0, description="one collective of the target shard group"

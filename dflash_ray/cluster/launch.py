@@ -97,3 +97,25 @@ def wait_all(names: dict, what: str, deadline: Deadline) -> list:
         except Exception as exc:
             raise ActorStartError(f"{name} failed to {what}: {cause(exc)}") from exc
     return [outs[r] for r in names]
+
+
+def wait_named(refs: dict, deadline: float, critical: frozenset[str],
+               grace_s: float = 1.0) -> tuple[dict, dict[str, Exception], list[str]]:
+    """The calls `refs` (ref -> actor name) until `deadline` (time.monotonic()): (results,
+    failures, still pending) by name, as `step_feed.Feeds.collect`. Once one of `critical` has
+    failed the rest get at most `grace_s` more: the peers of a dead shard fail within moments
+    (their collectives lose it)."""
+    pending, outs, failed = dict(refs), {}, {}
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1,
+                            timeout=max(0.0, deadline - time.monotonic()))
+        if not ready:
+            break
+        name = pending.pop(ready[0])
+        try:
+            outs[name] = ray.get(ready[0])
+        except Exception as exc:
+            failed[name] = exc
+            if name in critical:
+                deadline = min(deadline, time.monotonic() + grace_s)
+    return outs, failed, sorted(pending.values())

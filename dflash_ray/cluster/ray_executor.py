@@ -1,7 +1,8 @@
 """`RayExecutor`: the `LocalExecutor` interface over a drafter actor and N target shard actors.
 
 Owns placement (one placement group: a drafter bundle, then one bundle per shard), start-up with
-a deadline, the per-step fan-out (one call per actor, issued together, waited on together) and
+a deadline, the per-step fan-out (one message per actor over its step connection, or one actor
+call, or a compiled graph: `ClusterConfig.step_calls`; issued together, waited on together) and
 recovery. The step itself is the workers' (`worker.step`); this class only decides where they
 live and how their tensors travel:
 
@@ -18,9 +19,9 @@ live and how their tensors travel:
 from __future__ import annotations
 
 import logging
+import os
 import time
 import uuid
-from dataclasses import dataclass
 
 import ray
 from ray.util.placement_group import remove_placement_group
@@ -31,8 +32,10 @@ from ..worker.caches import plan_cache
 from ..worker.worker_config import ModelSpec, WorkerConfig
 from .actors import DrafterActor, TargetShardActor
 from .cluster_config import ClusterConfig
-from .launch import Deadline, cause, enclosing_group, place, spawn, wait_all
+from .launch import Deadline, cause, enclosing_group, place, spawn, wait_all, wait_named
+from .step_feed import ActorGone, Feeds
 from .step_graph import StepGraph
+from .timing import StepTiming, restart_account
 
 log = logging.getLogger(__name__)
 
@@ -42,36 +45,6 @@ DRAFTER_PROBE_S = 1.0  # at most one liveness probe of the connected drafter per
 
 class StepError(WorkersLost):
     """A target shard failed or a step timed out; the executor rebuilds on its next call."""
-
-
-@dataclass(slots=True)
-class StepTiming:
-    """Seconds summed over steps. The drafter and the target run one after the other (the
-    target waits for the drafts), so wall = draft + transfer + verify + ray_overhead. The
-    transfer split needs the actors on one node (one monotonic clock; STRICT_PACK)."""
-
-    steps: int = 0
-    wall: float = 0.0  # execute() as the engine sees it
-    draft: float = 0.0
-    verify: float = 0.0
-    transfer: float = 0.0  # features to the drafter + drafts back (the receiver already waits)
-
-    @property
-    def ray_overhead(self) -> float:
-        """Actor-call dispatch, argument pickling, waiting for results, skew between actors."""
-        return self.wall - self.draft - self.verify - self.transfer
-
-
-def restart_account(asked: float, timing: dict, seen: float, connected: float) -> dict:
-    """Where a drafter restart's seconds went, from wall-clock times (one host's clock: the
-    actor runs in the executor's placement group)."""
-    return {
-        "total_s": connected - asked,
-        "process_and_imports_s": timing["imported"] - asked,
-        "load_s": timing["loaded"] - timing["constructed"],
-        "until_seen_s": seen - timing["loaded"],
-        "connect_s": connected - seen,
-    }
 
 
 class RayExecutor:
@@ -101,8 +74,10 @@ class RayExecutor:
         self.last_restart: dict | None = None  # restart_account of the last drafter restart
         self._broken = False
         self._info: ExecutorInfo | None = None
-        self._shard_graph: StepGraph | None = None  # with cfg.compiled_graph (step_graph.py)
+        self._shard_graph: StepGraph | None = None  # step_calls compiled_graph (step_graph.py)
         self._drafter_graph: StepGraph | None = None
+        # step_calls connections (step_feed.py): one per actor, keyed by its name
+        self._feeds = Feeds(os.urandom(32)) if self.cfg.step_calls == "connections" else None
         self._start_all()
 
     # ---- the executor interface -----------------------------------------------------------
@@ -126,20 +101,10 @@ class RayExecutor:
         t0 = time.perf_counter()
         drafter = self._drafter
         drafting = drafter is not None and bool(batch.drafter_decodes())
-        if self._shard_graph is not None:
-            refs = self._shard_graph.submit(batch, drafter is not None)
+        if self._feeds is not None:
+            outs = self._step_over_feeds(batch, drafter is not None, drafting)
         else:
-            refs = {shard.step.remote(batch, drafter is not None): f"target shard {rank}"
-                    for rank, shard in enumerate(self._shards)}
-        if drafting:
-            if self._drafter_graph is not None:
-                try:
-                    refs |= self._drafter_graph.submit(batch)
-                except ray.exceptions.RayChannelError as exc:  # the graph died with its actor
-                    self._lose_drafter(drafter, f"its step graph broke: {cause(exc)}")
-            else:
-                refs[drafter.step.remote(batch)] = "drafter"
-        outs = self._collect(refs)
+            outs = self._step_over_calls(batch, drafter, drafting)
         lead: StepResult = outs["target shard 0"]
         spans = lead.spans + outs.get("drafter", [])
         lost = lead.drafter_lost or (drafting and "drafter" not in outs) or self._lost_unreported
@@ -160,8 +125,8 @@ class RayExecutor:
 
     @property
     def step_calls(self) -> str:
-        """How steps reach the shards now: "compiled graph" or "actor calls"."""
-        return "compiled graph" if self._shard_graph is not None else "actor calls"
+        """How steps reach the actors: `ClusterConfig.step_calls`."""
+        return self.cfg.step_calls
 
     def actors(self) -> dict:
         """Live actor handles by name ("drafter", "target shard 0", ...), for operators and
@@ -181,33 +146,57 @@ class RayExecutor:
 
     # ---- one step ---------------------------------------------------------------------------
 
-    def _collect(self, refs: dict) -> dict:
-        """Every actor's result by name. A failed drafter is replaced (the target side falls back
-        by itself); a failed shard or the deadline fails the step and marks a rebuild."""
+    def _shard_names(self) -> list[str]:
+        return [f"target shard {r}" for r in range(len(self._shards))]
+
+    def _step_over_feeds(self, batch: StepBatch, connected: bool, drafting: bool) -> dict:
+        deadline = time.monotonic() + self.cfg.step_timeout_s
+        shards = self._shard_names()
+        sent, failed = self._feeds.submit(shards, batch, connected)
+        if drafting:
+            to_drafter, lost = self._feeds.submit(["drafter"], batch)
+            sent, failed = sent + to_drafter, failed | lost
+        outs, late, pending = self._feeds.collect(sent, deadline, frozenset(shards))
+        return self._settle(outs, failed | late, pending)
+
+    def _step_over_calls(self, batch: StepBatch, drafter, drafting: bool) -> dict:
+        if self._shard_graph is not None:
+            refs = self._shard_graph.submit(batch, drafter is not None)
+        else:
+            refs = {shard.step.remote(batch, drafter is not None): name
+                    for shard, name in zip(self._shards, self._shard_names(), strict=True)}
+        if drafting:
+            if self._drafter_graph is not None:
+                try:
+                    refs |= self._drafter_graph.submit(batch)
+                except ray.exceptions.RayChannelError as exc:  # the graph died with its actor
+                    self._lose_drafter(drafter, f"its step graph broke: {cause(exc)}")
+            else:
+                refs[drafter.step.remote(batch)] = "drafter"
         deadline = time.monotonic() + self.cfg.step_timeout_s
         if self._shard_graph is not None:
             return self._collect_compiled(refs, deadline)
-        pending, outs = dict(refs), {}
-        while pending:
-            ready, _ = ray.wait(
-                list(pending), num_returns=1, timeout=max(0.0, deadline - time.monotonic())
-            )
-            if not ready:
-                names = sorted(pending.values())
-                self._fail(
-                    f"step timed out after {self.cfg.step_timeout_s:g} s waiting for {names}"
-                )
-            name = pending.pop(ready[0])
-            try:
-                outs[name] = ray.get(ready[0])
-            except Exception as exc:
-                if name != "drafter":
-                    self._fail_shards(name, exc, pending)
-                self._lose_drafter(self._drafter, f"it failed: {cause(exc)}")
+        return self._settle(*wait_named(refs, deadline, frozenset(self._shard_names())))
+
+    def _settle(self, outs: dict, failed: dict[str, Exception], pending: list[str]) -> dict:
+        """Every actor's result by name. A failed drafter is replaced (the target side falls back
+        by itself); a failed shard or the deadline fails the step and marks a rebuild, naming
+        the actor that died first."""
+        shards = {n: e for n, e in failed.items() if n != "drafter"}
+        if shards:
+            dead_first = sorted(
+                shards, key=lambda n: not isinstance(shards[n], ray.exceptions.RayActorError
+                                                     | ActorGone))
+            self._fail("; ".join(f"{n} failed: {cause(shards[n])}" for n in dead_first),
+                       shards[dead_first[0]])
+        if pending:
+            self._fail(f"step timed out after {self.cfg.step_timeout_s:g} s waiting for {pending}")
+        if "drafter" in failed:
+            self._lose_drafter(self._drafter, f"it failed: {cause(failed['drafter'])}")
         return outs
 
     def _collect_compiled(self, refs: dict, deadline: float) -> dict:
-        """`_collect` for compiled graphs' outputs, read in order (shards first: the drafter's
+        """`_settle` for compiled graphs' outputs, read in order (shards first: the drafter's
         output is only its spans); a graph's outputs cannot be waited on together."""
         outs = {}
         for ref, name in refs.items():
@@ -223,21 +212,6 @@ class RayExecutor:
                     self._fail(f"{dead} failed: {cause(exc)}", exc)
                 self._lose_drafter(self._drafter, f"it failed: {cause(exc)}")
         return outs
-
-    def _fail_shards(self, name: str, exc: Exception, pending: dict) -> None:
-        """One shard failed: its peers fail within moments (their collectives lose it), so
-        gather those too and name the actor that died first in the message."""
-        failed = {name: exc}
-        ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=1.0)
-        for ref in ready:
-            try:
-                ray.get(ref)
-            except Exception as other:
-                failed[pending[ref]] = other
-        dead_first = sorted(
-            failed, key=lambda n: not isinstance(failed[n], ray.exceptions.RayActorError)
-        )
-        self._fail("; ".join(f"{n} failed: {cause(failed[n])}" for n in dead_first), exc)
 
     def _fail(self, why: str, cause: Exception | None = None) -> None:
         self._teardown()
@@ -258,6 +232,8 @@ class RayExecutor:
         )
         ray.kill(drafter, no_restart=True)
         self._close_drafter_graph()
+        if self._feeds is not None:
+            self._feeds.drop("drafter")
         self._drafter = None
         self._start_drafter()
 
@@ -341,6 +317,18 @@ class RayExecutor:
             "connect the drafter channel",
             deadline,
         )
+        self._open_feeds({"drafter": drafter}, deadline)
+
+    def _open_feeds(self, actors: dict, deadline: Deadline) -> None:
+        """With step_calls connections: each of `actors` (name -> handle) starts its step loop
+        and the executor connects to it."""
+        if self._feeds is None:
+            return
+        key = self._feeds.authkey
+        refs = {actor.open_feed.remote(key): name for name, actor in actors.items()}
+        for name, address in zip(refs.values(), wait_all(refs, "open its step connection",
+                                                         deadline), strict=True):
+            self._feeds.connect(name, tuple(address))
 
     # ---- start-up and teardown -------------------------------------------------------------
 
@@ -398,6 +386,7 @@ class RayExecutor:
                 for r, s in enumerate(self._shards)
             }
             wait_all(allocs, "allocate the KV cache", deadline)
+            self._open_feeds(dict(zip(self._shard_names(), self._shards, strict=True)), deadline)
             if drafter is not None:
                 self._connect_drafter(drafter, deadline)
             # shards step(batch, drafter_connected), the drafter step(batch)
@@ -412,8 +401,9 @@ class RayExecutor:
         self._broken = False
 
     def _graph(self, actors: dict, num_args: int) -> StepGraph | None:
-        """The actors' step as a compiled graph (`compiled_graph`), or None: actor calls."""
-        return StepGraph(actors, "step", num_args) if self.cfg.compiled_graph else None
+        """The actors' step as a compiled graph (step_calls `compiled_graph`), or None."""
+        return (StepGraph(actors, "step", num_args) if self.cfg.step_calls == "compiled_graph"
+                else None)
 
     def _close_drafter_graph(self) -> None:
         if self._drafter_graph is not None:
@@ -434,6 +424,8 @@ class RayExecutor:
         return self.spec.info(c, blocks, slots, per_token, per_seq)
 
     def _teardown(self) -> None:
+        if self._feeds is not None:
+            self._feeds.close()  # the actors' loops end; their processes end with the kills
         actors = list(self._shards) + [self._drafter] + [self._starting and self._starting[0]]
         for actor in actors:
             if actor is not None:
