@@ -6,6 +6,7 @@ Reports output tok/s, TTFT and inter-token latency (p50/p99), and the Serve / in
     python3 bench/serve_vs_engine.py --demo [--concurrency 1 8 32] [--requests 32]
     python3 bench/serve_vs_engine.py --target DIR --drafter DIR
     python3 bench/serve_vs_engine.py --demo --direct-streaming  # + the one-deployment app
+    python3 bench/serve_vs_engine.py --demo --concurrency 8 8 8 --stream-items  # pushed vs items
 """
 
 from __future__ import annotations
@@ -129,6 +130,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--direct-streaming", action="store_true",
                     help="also measure the app with direct_streaming (the model replica serves "
                     "HTTP itself), side by side")
+    ap.add_argument("--stream-items", action="store_true",
+                    help="also measure the app with push_streams off (every delta one Serve "
+                    "stream item over gRPC, the default before pushed streams), side by side")
     ap.add_argument("--ray-serve-defaults", action="store_true",
                     help="run Serve as it comes: without dflash_ray/server/serve_env.py's "
                     "settings and with the ingress reading streams as Ray objects (the A/B)")
@@ -166,8 +170,12 @@ def run(args: argparse.Namespace) -> dict:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    app = {"engine": engine_cfg, "grpc_streams": not args.ray_serve_defaults}
+    app = {"engine": engine_cfg, "grpc_streams": not args.ray_serve_defaults,
+           "push_streams": not args.ray_serve_defaults}
     serve.run(build_app(app), name="bench", route_prefix="/")
+    if args.stream_items:
+        serve.run(build_app({**app, "push_streams": False}), name="items",
+                  route_prefix="/items")
     if args.direct_streaming:
         serve.run(build_app({**app, "direct_streaming": True}), name="direct",
                   route_prefix="/direct")
@@ -180,6 +188,12 @@ def run(args: argparse.Namespace) -> dict:
             http = asyncio.run(run_http(base, prompts, c, args.max_tokens))
             rows.append({"concurrency": c, "in_process": local, "serve": http,
                          "ratio": http["tok_s"] / local["tok_s"]})
+            if args.stream_items:
+                items = asyncio.run(run_http(f"{base}/items", prompts, c, args.max_tokens))
+                rows[-1] |= {"items": items, "items_ratio": items["tok_s"] / local["tok_s"]}
+                print(f"c={c:>2}: stream items {items['tok_s']:.0f} tok/s "
+                      f"({items['tok_s'] / local['tok_s']:.0%}); ITL p50/p99 "
+                      f"{items['itl_p50_ms']:.1f}/{items['itl_p99_ms']:.1f} ms", flush=True)
             if args.direct_streaming:
                 direct = asyncio.run(run_http(f"{base}/direct", prompts, c, args.max_tokens))
                 rows[-1] |= {"direct": direct, "direct_ratio": direct["tok_s"] / local["tok_s"]}
@@ -193,13 +207,15 @@ def run(args: argparse.Namespace) -> dict:
                   f"{http['itl_p50_ms']:.1f}/{http['itl_p99_ms']:.1f} ms; in-process TTFT p50 "
                   f"{local['ttft_p50_ms']:.0f} ms, ITL p50 {local['itl_p50_ms']:.1f} ms",
                   flush=True)
+        # the model server's counters: steps, and how many frames carried the pushed deltas
+        server_stats = httpx.get(f"{base}/stats", timeout=30).json()
     finally:
         engine.shutdown()
         serve.shutdown()
         ray.shutdown()
     shown = {k: (os.path.relpath(v) if k in ("target", "drafter") and v else v)
              for k, v in vars(args).items()}
-    return {"args": shown, "rows": rows}
+    return {"args": shown, "rows": rows, "server_stats": server_stats}
 
 
 def main() -> None:

@@ -248,8 +248,10 @@ def ray_cluster():
     import ray
 
     if not ray.is_initialized():
+        # DFLASH_NODE_IP: the sockets our actors and replicas open for peers listen on loopback
         ray.init(num_cpus=6, include_dashboard=False, logging_level="ERROR",
-                 runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+                 runtime_env={"env_vars": {"OMP_NUM_THREADS": "1",
+                                           "DFLASH_NODE_IP": "127.0.0.1"}})
     yield ray
     try:
         from ray import serve

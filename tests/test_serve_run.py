@@ -21,7 +21,8 @@ def test_serve_run_the_shipped_yaml(tmp_path):
     env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
                RAY_USAGE_STATS_ENABLED="0", OMP_NUM_THREADS="1",
                RAY_ADDRESS="local",  # a cluster of its own, not the test session's
-               RAY_DISABLE_FAILURE_SIGNAL_HANDLER="1")  # the quiet SIGTERM the README gives
+               RAY_DISABLE_FAILURE_SIGNAL_HANDLER="1",  # the quiet SIGTERM the README gives
+               DFLASH_NODE_IP="127.0.0.1")  # the replicas' sockets for peers on loopback
     serve = Path(sys.executable).with_name("serve")
     cmd = [str(serve) if serve.exists() else "serve", "run", "deployments/dflash.yaml"]
     with open(tmp_path / "serve.log", "w") as log:

@@ -135,9 +135,13 @@ def test_concurrent_streams_share_engine_steps(served, text_models):
         async with httpx.AsyncClient(timeout=60) as client:
             return await asyncio.gather(*(one(client, p) for p in prompts))
 
+    before = httpx.get(f"{served}/stats").json()
     assert asyncio.run(main()) == want
     stats = httpx.get(f"{served}/stats").json()
     assert stats["max_batch_size"] > 1 and 0 < stats["spec_steps"] <= stats["num_steps"]
+    # the deltas came as pushed streams (the default): every request pushed its items
+    assert stats["pushed_items"] - before["pushed_items"] >= len(prompts)
+    assert 0 < stats["pushed_frames"] - before["pushed_frames"] <= stats["pushed_items"]
 
 
 def openai_error(r: httpx.Response, status: int) -> dict:

@@ -39,6 +39,7 @@ from .channel import (
     send_drafts,
     send_features,
 )
+from .launch import node_ip
 from .step_feed import serve
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ def open_feed(actor, authkey: bytes) -> tuple[str, int]:
     loop's thread makes the worker's GPU its current device (a thread's own setting)."""
     device = actor.worker.device
     on_start = (lambda: torch.cuda.set_device(device)) if device.type == "cuda" else None
-    return serve(actor.step, ray.util.get_node_ip_address(), authkey, on_start)
+    return serve(actor.step, node_ip(), authkey, on_start)
 
 
 class DrafterActor:
@@ -147,7 +148,7 @@ class TargetShardActor:
 
     def open_store(self, timeout_s: float) -> tuple[str, int]:
         """Rank 0 serves the shard group's rendezvous; returns its address."""
-        host = ray.util.get_node_ip_address()
+        host = node_ip()
         self._store, port = open_store(host, timeout_s)
         return host, port
 

@@ -3,6 +3,7 @@ waiting on start-up calls so that a failure or a timeout names the actor and the
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -119,3 +120,10 @@ def wait_named(refs: dict, deadline: float, critical: frozenset[str],
             if name in critical:
                 deadline = min(deadline, time.monotonic() + grace_s)
     return outs, failed, sorted(pending.values())
+
+
+def node_ip() -> str:
+    """The address this process's sockets listen on for peers (the shard group's store, the
+    step connections, the pushed streams): `DFLASH_NODE_IP` where set (the tests: 127.0.0.1),
+    else Ray's address for this node."""
+    return os.environ.get("DFLASH_NODE_IP") or ray.util.get_node_ip_address()

@@ -19,9 +19,11 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 
+from ..cluster.launch import node_ip
 from ..config import EngineConfig
 from .ingress import IngressSettings, make_api
 from .model_server import ModelServer
+from .push import PushedStream, PushHub
 from .ray_metrics import RayBackend
 
 
@@ -45,6 +47,11 @@ class AppArgs(BaseModel):
     grpc_streams: bool = Field(True, description="the ingress reads the model server's streams "
                                "over Serve's gRPC channel between replicas (orjson items) "
                                "instead of one Ray object per delta")
+    push_streams: bool = Field(True, description="the model server pushes the deltas of all "
+                               "of an ingress's streams that one step made as one message over "
+                               "a socket per (model replica, ingress replica); each request "
+                               "stays one Serve call for routing, accounting and cancellation "
+                               "(server/push.py)")
 
     @model_validator(mode="after")
     def _models(self) -> AppArgs:
@@ -87,19 +94,33 @@ DFlashServer = serve.deployment(name="DFlashServer", max_ongoing_requests=512)(
 class HandleBackend:
     """The ingress's view of the model server through a Serve deployment handle.
 
-    With `grpc`, streams come over Serve's direct gRPC channel between replicas (every replica
-    serves one) with orjson-encoded items, instead of one Ray object per delta through the
-    object store: what `RAY_SERVE_USE_GRPC_BY_DEFAULT` turns on for every handle. The deltas are
-    plain dicts of text, ints and lists, which orjson encodes. Measured in docs/benchmarks.md
-    (Serve's own settings for token streams)."""
+    With `push`, a request is one call whose items the model server pushes back over a socket
+    of this ingress replica's, every step's deltas for all its streams in one message
+    (server/push.py). Else with `grpc`, streams come over Serve's direct gRPC channel between
+    replicas (every replica serves one) with orjson-encoded items, instead of one Ray object per
+    delta through the object store: what `RAY_SERVE_USE_GRPC_BY_DEFAULT` turns on for every
+    handle. The deltas are plain dicts of text, ints and lists, which orjson encodes. Measured
+    in docs/benchmarks.md (Serve's own settings for token streams, pushed streams)."""
 
-    def __init__(self, handle, grpc: bool = True):
+    def __init__(self, handle, grpc: bool = True, push: bool = True):
         self.handle = handle
         options = {"_by_reference": False, "response_serialization": "orjson"} if grpc else {}
         self._streaming = handle.options(stream=True, **options)  # made once, not per request
+        self._unary = handle.options(**options)
+        self.hub = PushHub(node_ip()) if push else None
 
     def generate(self, prompt, messages, params, request_id: str):
-        return self._streaming.generate.remote(prompt, messages, params, request_id)
+        if self.hub is None:
+            return self._streaming.generate.remote(prompt, messages, params, request_id)
+        calls = []
+
+        async def start():
+            address = await self.hub.start()
+            calls.append(self._unary.generate_pushed.remote(prompt, messages, params, request_id,
+                                                            address, self.hub.token))
+            return await calls[0]
+
+        return PushedStream(self.hub, request_id, start, lambda: [c.cancel() for c in calls])
 
     async def call(self, method: str):
         return await getattr(self.handle, method).remote()
@@ -108,9 +129,10 @@ class HandleBackend:
 @serve.deployment(name="Ingress", max_ongoing_requests=1024)
 @serve.ingress()
 class Ingress:
-    def __init__(self, server, settings: dict, grpc_streams: bool = True):
+    def __init__(self, server, settings: dict, grpc_streams: bool = True,
+                 push_streams: bool = True):
         _log_through_serve()
-        self.backend = HandleBackend(server, grpc_streams)
+        self.backend = HandleBackend(server, grpc_streams, push_streams)
         self.settings = IngressSettings(**settings)
 
     def __serve_build_asgi_app__(self):
@@ -151,4 +173,4 @@ def build_app(args: dict) -> serve.Application:
                                  a.deep_health_ttl_s, a.ingress.model_dump())
     server = DFlashServer.bind(a.engine, a.model_name, a.max_pending, a.metrics,
                                a.deep_health_ttl_s)
-    return Ingress.bind(server, a.ingress.model_dump(), a.grpc_streams)
+    return Ingress.bind(server, a.ingress.model_dump(), a.grpc_streams, a.push_streams)

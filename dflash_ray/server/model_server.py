@@ -14,6 +14,7 @@ bookkeeping lock, so a long prompt held up every step and every stream while it 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
@@ -29,6 +30,7 @@ from ..core.sampling_params import InvalidRequest, SamplingParams
 from ..executors import make_engine
 from ..metrics.exporter import Backend, Exporter
 from .errors import APIError
+from .push import PushSinks
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,7 @@ class ModelServer:
         self._encoder = Tokenizer.from_file(str(Path(config.target) / "tokenizer.json")) \
             if tok else None
         self.deep_health_ttl_s = deep_health_ttl_s
+        self._sinks = PushSinks()  # pushed streams' connections to the ingress replicas
         self._deep_check: asyncio.Task | None = None
         self._deep_checked = 0.0
         log.info("ready: model %r (target %s, drafter %s, block size %d, max_model_len %d) "
@@ -85,6 +88,8 @@ class ModelServer:
             "generation_tokens": s.generation_tokens,
             "spec_steps": s.num_spec_steps,
             "drafter_up": snap.drafter_up,
+            "pushed_items": self._sinks.counts["items"],  # pushed streams (server/push.py)
+            "pushed_frames": self._sinks.counts["frames"],
         }
         if snap.policy is not None:  # spec_max_batch: auto, what it measured
             out["spec_policy"] = snap.policy
@@ -129,6 +134,23 @@ class ModelServer:
             self._pending -= 1
             if stream is not None:
                 await stream.aclose()
+
+    async def generate_pushed(
+        self, prompt: str | list[int] | None, messages: list[dict] | None,
+        params: SamplingParams, request_id: str, address: tuple[str, int], token: str,
+    ) -> dict:
+        """`generate`, its items pushed to the ingress listening at `address` (server/push.py):
+        returns {"pushed": n} once all n are queued there, or the refusal itself (the first
+        item, an {"error": ...}) without pushing. Cancelling the call aborts the request."""
+        pushed = 0
+        async with contextlib.aclosing(self.generate(prompt, messages, params,
+                                                     request_id)) as items:
+            async for item in items:
+                if pushed == 0 and "error" in item:
+                    return item
+                await self._sinks.push(address, token, request_id, item)
+                pushed += 1
+        return {"pushed": pushed}
 
     def _prompt_ids(self, prompt: str | None, messages: list[dict] | None) -> str | list[int]:
         """The prompt as token ids (in a worker thread); text where the engine should refuse
