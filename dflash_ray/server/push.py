@@ -39,6 +39,7 @@ import orjson
 log = logging.getLogger(__name__)
 HEADER = struct.Struct("!I")
 HIGH_WATER = 1 << 20  # bytes queued to one ingress before its producers wait for the socket
+MAX_FRAME = 1 << 28  # a larger length is not ours: the connection is dropped
 
 
 def frame(obj) -> bytes:
@@ -48,6 +49,8 @@ def frame(obj) -> bytes:
 
 async def read_frame(reader: asyncio.StreamReader):
     (size,) = HEADER.unpack(await reader.readexactly(HEADER.size))
+    if size > MAX_FRAME:
+        raise ConnectionError(f"a frame of {size} bytes (at most {MAX_FRAME})")
     return orjson.loads(await reader.readexactly(size))
 
 
@@ -89,8 +92,8 @@ class PushHub:
                     queue = self._queues.get(request_id)
                     if queue is not None:  # else the stream was closed (client gone)
                         queue.put_nowait(item)
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass  # the model replica went away: its calls fail through Serve
+        except (asyncio.IncompleteReadError, ConnectionError, orjson.JSONDecodeError):
+            pass  # the model replica went away (its calls fail through Serve), or not ours
         finally:
             writer.close()
 
