@@ -22,6 +22,7 @@ cluster), started and shut down there; the rest runs here, one torch thread.
 from __future__ import annotations
 
 import os
+import platform
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -251,6 +252,18 @@ def serve_part(a, argv: list[str]) -> list[dict]:
                   in_process=row["in_process"])]
 
 
+def cpu() -> dict:
+    """The machine measured: these runs land on x86-64 hosts that differ from run to run (with
+    and without AVX-512 BF16 / AMX), which moves the ratios more than most changes."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next((ln.split(":", 1)[1].strip() for ln in info.splitlines()
+                  if ln.startswith("model name")), platform.processor())
+    flags = next((ln.split(":", 1)[1].split() for ln in info.splitlines()
+                  if ln.startswith("flags")), [])
+    return {"model": model, "cores": os.cpu_count(),
+            "bf16_flags": sorted(f for f in flags if "bf16" in f or f.startswith("amx"))}
+
+
 def ray_part(a, argv: list[str]) -> list[dict]:
     result = in_child(ray_executor.run, ray_executor.parser().parse_args(argv))
     local, remote = (next(r for r in result["rows"] if r["setup"].startswith(s))
@@ -378,7 +391,8 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.time()
     rows = run_parts(a, argv)
     result = {"date": time.strftime("%Y-%m-%d"), "commit": commit, "uncommitted": uncommitted,
-              "command": " ".join(["python3", "bench/ratios.py", *argv]), "quick": a.quick,
+              "cpu": cpu(), "command": " ".join(["python3", "bench/ratios.py", *argv]),
+              "quick": a.quick,
               "target": a.target, "drafter": a.drafter,
               "sizes": {k: getattr(a, k) for k in FULL}, "concurrency": a.concurrency,
               "minutes": (time.time() - start) / 60, "ratios": rows}
