@@ -6,6 +6,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import socket
 import time
 from multiprocessing.connection import AuthenticationError, Client
 
@@ -32,8 +33,8 @@ def _serve_in_child(address_out, key: bytes) -> None:
 
 def test_results_and_a_raised_step_come_back_by_name():
     feeds = Feeds(KEY)
-    feeds.connect("a", serve(step, HOST, KEY))
-    feeds.connect("b", serve(step, HOST, KEY))
+    feeds.connect("a", serve(step, HOST, KEY), 30)
+    feeds.connect("b", serve(step, HOST, KEY), 30)
     try:
         sent, failed = feeds.submit(["a", "b"], 21)
         assert (sent, failed) == (["a", "b"], {})
@@ -56,8 +57,8 @@ def test_results_and_a_raised_step_come_back_by_name():
 
 def test_a_hung_actor_is_pending_at_the_deadline():
     feeds = Feeds(KEY)
-    feeds.connect("slow", serve(step, HOST, KEY))
-    feeds.connect("fast", serve(step, HOST, KEY))
+    feeds.connect("slow", serve(step, HOST, KEY), 30)
+    feeds.connect("fast", serve(step, HOST, KEY), 30)
     try:
         feeds.submit(["slow"], 1, "sleep")
         feeds.submit(["fast"], 2)
@@ -78,7 +79,7 @@ def test_a_killed_actor_is_gone_before_the_deadline():
     feeds = Feeds(KEY)
     try:
         assert ours.poll(60), "the serving child did not start"
-        feeds.connect("shard", ours.recv())
+        feeds.connect("shard", ours.recv(), 30)
         feeds.submit(["shard"], 1, "sleep")
         os.kill(child.pid, signal.SIGKILL)
         outs, failed, pending = feeds.collect(["shard"], time.monotonic() + 60,
@@ -95,13 +96,14 @@ def test_a_killed_actor_is_gone_before_the_deadline():
         child.join()
 
 
-def test_a_connection_without_the_key_is_refused_and_the_loop_still_serves_its_executor():
+def test_strangers_are_refused_and_the_loop_still_serves_its_executor():
     address = serve(step, HOST, KEY)
+    socket.create_connection(address).close()  # a stranger that hangs up (a port scan)
     with pytest.raises(AuthenticationError):
         Client(address, family="AF_INET", authkey=b"not the key")
     feeds = Feeds(KEY)
     try:
-        feeds.connect("a", address)
+        feeds.connect("a", address, 30)
         feeds.submit(["a"], 7)
         assert feeds.collect(["a"], time.monotonic() + 30, frozenset())[0] == {"a": {"doubled": 14}}
     finally:

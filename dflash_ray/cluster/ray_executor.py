@@ -32,7 +32,16 @@ from ..worker.caches import plan_cache
 from ..worker.worker_config import ModelSpec, WorkerConfig
 from .actors import DrafterActor, TargetShardActor
 from .cluster_config import ClusterConfig
-from .launch import Deadline, cause, enclosing_group, place, spawn, wait_all, wait_named
+from .launch import (
+    ActorStartError,
+    Deadline,
+    cause,
+    enclosing_group,
+    place,
+    spawn,
+    wait_all,
+    wait_named,
+)
 from .step_feed import ActorGone, Feeds
 from .step_graph import StepGraph
 from .timing import StepTiming, restart_account
@@ -153,6 +162,8 @@ class RayExecutor:
         deadline = time.monotonic() + self.cfg.step_timeout_s
         shards = self._shard_names()
         sent, failed = self._feeds.submit(shards, batch, connected)
+        if failed:  # a shard is gone: its peers wait in their collectives for it, do not wait
+            return self._settle({}, failed, [])
         if drafting:
             to_drafter, lost = self._feeds.submit(["drafter"], batch)
             sent, failed = sent + to_drafter, failed | lost
@@ -175,7 +186,7 @@ class RayExecutor:
                 refs[drafter.step.remote(batch)] = "drafter"
         deadline = time.monotonic() + self.cfg.step_timeout_s
         if self._shard_graph is not None:
-            return self._collect_compiled(refs, deadline)
+            return self._settle(*self._shard_graph.collect(refs, deadline))
         return self._settle(*wait_named(refs, deadline, frozenset(self._shard_names())))
 
     def _settle(self, outs: dict, failed: dict[str, Exception], pending: list[str]) -> dict:
@@ -189,28 +200,13 @@ class RayExecutor:
                                                      | ActorGone))
             self._fail("; ".join(f"{n} failed: {cause(shards[n])}" for n in dead_first),
                        shards[dead_first[0]])
-        if pending:
+        if pending == ["drafter"]:  # the shards answered: target rank 0 got its drafts or not
+            failed["drafter"] = TimeoutError(
+                f"no answer within the {self.cfg.step_timeout_s:g} s step timeout")
+        elif pending:
             self._fail(f"step timed out after {self.cfg.step_timeout_s:g} s waiting for {pending}")
         if "drafter" in failed:
             self._lose_drafter(self._drafter, f"it failed: {cause(failed['drafter'])}")
-        return outs
-
-    def _collect_compiled(self, refs: dict, deadline: float) -> dict:
-        """`_settle` for compiled graphs' outputs, read in order (shards first: the drafter's
-        output is only its spans); a graph's outputs cannot be waited on together."""
-        outs = {}
-        for ref, name in refs.items():
-            try:
-                outs[name] = ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
-            except ray.exceptions.RayChannelTimeoutError as exc:
-                waiting = sorted(n for n in refs.values() if n not in outs)
-                self._fail(f"step timed out after {self.cfg.step_timeout_s:g} s waiting for "
-                           f"{waiting}", exc)
-            except Exception as exc:
-                if name != "drafter":
-                    dead = self._shard_graph.dead_actor(exc) or name
-                    self._fail(f"{dead} failed: {cause(exc)}", exc)
-                self._lose_drafter(self._drafter, f"it failed: {cause(exc)}")
         return outs
 
     def _fail(self, why: str, cause: Exception | None = None) -> None:
@@ -328,7 +324,11 @@ class RayExecutor:
         refs = {actor.open_feed.remote(key): name for name, actor in actors.items()}
         for name, address in zip(refs.values(), wait_all(refs, "open its step connection",
                                                          deadline), strict=True):
-            self._feeds.connect(name, tuple(address))
+            try:
+                self._feeds.connect(name, tuple(address), deadline.left())
+            except Exception as exc:
+                raise ActorStartError(f"{name} failed to open its step connection: "
+                                      f"{exc}") from exc
 
     # ---- start-up and teardown -------------------------------------------------------------
 

@@ -55,8 +55,9 @@ def _accept(listener: Listener) -> Connection:
         while True:
             try:
                 return listener.accept()
-            except AuthenticationError:  # not our executor: keep listening for it
-                log.warning("step feed refused a connection that failed the handshake")
+            except (AuthenticationError, EOFError, OSError) as exc:  # not our executor (a
+                # stranger, a port scan): keep listening for it
+                log.warning("step feed refused a connection (%s)", exc)
 
 
 def _loop(listener: Listener, step: Callable, on_start: Callable[[], None] | None) -> None:
@@ -89,9 +90,27 @@ class Feeds:
     def __contains__(self, name: str) -> bool:
         return name in self._conns
 
-    def connect(self, name: str, address: tuple[str, int]) -> None:
+    def connect(self, name: str, address: tuple[str, int], timeout_s: float) -> None:
+        """Connect to `name`'s loop; raises TimeoutError past `timeout_s` (`Client` itself has
+        no timeout: it runs on a daemon thread, left behind if it hangs)."""
         self.drop(name)
-        self._conns[name] = Client(address, family="AF_INET", authkey=self.authkey)
+        done: list = []
+
+        def dial() -> None:
+            try:
+                done.append(Client(address, family="AF_INET", authkey=self.authkey))
+            except BaseException as exc:
+                done.append(exc)
+
+        thread = threading.Thread(target=dial, daemon=True, name=f"dflash-feed-dial-{name}")
+        thread.start()
+        thread.join(timeout_s)
+        if not done:
+            raise TimeoutError(f"{name}'s step connection at {address} did not answer within "
+                               f"{timeout_s:g} s")
+        if isinstance(done[0], BaseException):
+            raise done[0]
+        self._conns[name] = done[0]
 
     def drop(self, name: str) -> None:
         conn = self._conns.pop(name, None)
@@ -130,6 +149,9 @@ class Feeds:
                     ok, value = conn.recv()
                 except (EOFError, OSError) as exc:
                     failed[name] = ActorGone(f"its step connection closed ({exc or 'EOF'})")
+                    continue
+                except Exception as exc:  # an answer that does not unpickle: the step failed
+                    failed[name] = StepRaised(f"its answer could not be read: {exc!r}")
                     continue
                 if ok:
                     outs[name] = value

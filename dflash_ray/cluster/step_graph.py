@@ -27,8 +27,10 @@ the box). It is for nodes with a core to spare per actor.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
+import ray
 from ray.dag import InputNode, MultiOutputNode
 
 log = logging.getLogger(__name__)
@@ -49,6 +51,24 @@ class StepGraph:
     def submit(self, *args) -> dict:
         """Start one execution: its output refs (in actor order) -> actor name."""
         return dict(zip(self._graph.execute(*args), self.names, strict=True))
+
+    def collect(self, refs: dict, deadline: float) -> tuple[dict, dict[str, Exception], list]:
+        """(results, failures, still pending) by actor name of this graph's `refs` and any
+        other graph's (the drafter's), as `launch.wait_named`: read in order, shards first (the
+        drafter's output is only its spans), since a graph's outputs cannot be waited on
+        together. A failure is filed under the actor that died, when the error names one."""
+        outs, failed = {}, {}
+        for ref, name in refs.items():
+            try:
+                outs[name] = ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
+            except ray.exceptions.RayChannelTimeoutError:
+                return outs, failed, sorted(n for n in refs.values()
+                                            if n not in outs and n not in failed)
+            except Exception as exc:
+                failed[self.dead_actor(exc) or name] = exc
+                if name != "drafter":  # the shard group is lost: the rest fail with it
+                    return outs, failed, []
+        return outs, failed, []
 
     def dead_actor(self, exc: Exception) -> str | None:
         """The name of the actor `exc` says died, if it is one of this graph's: a dead actor

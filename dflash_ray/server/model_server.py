@@ -142,14 +142,17 @@ class ModelServer:
         """`generate`, its items pushed to the ingress listening at `address` (server/push.py):
         returns {"pushed": n} once all n are queued there, or the refusal itself (the first
         item, an {"error": ...}) without pushing. Cancelling the call aborts the request."""
-        pushed = 0
+        pushed, sink = 0, None
         async with contextlib.aclosing(self.generate(prompt, messages, params,
                                                      request_id)) as items:
             async for item in items:
                 if pushed == 0 and "error" in item:
                     return item
-                await self._sinks.push(address, token, request_id, item)
+                sink = sink or await self._sinks.sink(address, token)  # one for the request
+                await self._sinks.push(sink, request_id, pushed, item)
                 pushed += 1
+        if sink is not None:
+            await self._sinks.written(sink)
         return {"pushed": pushed}
 
     def _prompt_ids(self, prompt: str | None, messages: list[dict] | None) -> str | list[int]:
