@@ -119,15 +119,20 @@ def test_cut_blocks_and_plain_steps_cross_the_actors_like_in_process(
     assert spec_stats.num_draft_tokens < spec_stats.num_drafts * 7
 
 
-def wait_dead(actor, timeout_s: float = 30.0) -> None:
+def kill_and_wait(actor, timeout_s: float = 30.0) -> None:
+    """`ray.kill`, then wait until the actor's process is gone. Ray reports the actor dead
+    before its process has exited, and the process's own threads (its step loop, reading its
+    connection) run until then: a step in that window still gets drafts (seen in CI)."""
+    pid = ray.get(actor.ready.remote())["pid"]
+    ray.kill(actor)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
-            ray.get(actor.ready.remote(), timeout=timeout_s)
-        except ray.exceptions.RayActorError:
+            os.kill(pid, 0)
+        except ProcessLookupError:
             return
-        time.sleep(0.1)
-    raise TimeoutError(f"{actor} still answers {timeout_s:g} s after ray.kill")
+        time.sleep(0.05)
+    raise TimeoutError(f"{actor}'s process {pid} still runs {timeout_s:g} s after ray.kill")
 
 
 def exported(engine: Engine):
@@ -157,8 +162,7 @@ def test_killed_drafter_falls_back_to_plain_then_speculates_again(sharded, llms)
     for _ in range(3):
         sharded.step()
     drafter = ex.actors()["drafter"]
-    ray.kill(drafter)
-    wait_dead(drafter)  # the kill is asynchronous: dead before the next step
+    kill_and_wait(drafter)  # the kill is asynchronous: dead before the next step
     ids += [sharded.add_request(p, GREEDY) for p in PROMPTS[3:]]  # admitted while it is down
     outs = sharded.run_until_finished(ids)
     assert [o.token_ids for o in outs] == [o.token_ids for o in plain]
@@ -229,8 +233,7 @@ def test_drafter_killed_while_the_batch_decodes_plain_is_replaced(sharded, llms,
     for _ in range(3):
         step()
     drafter = ex.actors()["drafter"]
-    ray.kill(drafter)
-    wait_dead(drafter)
+    kill_and_wait(drafter)
     deadline = time.monotonic() + 90  # a hang guard: the restart itself takes seconds
     while ex.actors().get("drafter") in (None, drafter) and time.monotonic() < deadline:
         step()
@@ -318,8 +321,7 @@ def test_other_step_calls_equal_the_step_loops(ray_cluster, tiny, llms, sharded,
         ids = [engine.add_request(p, GREEDY) for p in PROMPTS[:3]]
         engine.step()
         drafter = ex.actors()["drafter"]
-        ray.kill(drafter)
-        wait_dead(drafter)
+        kill_and_wait(drafter)
         plain_after_kill = engine.run_until_finished(ids)
         assert ex.wait_for_drafter(60)
         again = generate(engine, PROMPTS[:3], GREEDY)
