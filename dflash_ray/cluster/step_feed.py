@@ -2,8 +2,9 @@
 
 An actor call per step passes several threads on each side (task submission, the argument
 pickled into the object store, a `ray.wait` / `ray.get` round trip): 2.3-2.5 ms for a step-sized
-call on this project's 2-core box, against 0.4-0.7 ms for a message each way over a socket
-(`bench/call_latency.py`, docs/benchmarks.md). Here each actor serves a loop on a thread of its
+call on this project's 2-core box, against 0.4-0.7 ms for a message each way over a pipe or
+gloo (`bench/call_latency.py`, docs/benchmarks.md); over these connections the executor's
+overhead came to ~0.75 ms a step in all (`bench/ray_executor.py`). Here each actor serves a loop on a thread of its
 own: it waits for the step's arguments on a `multiprocessing.connection` (TCP, length-framed
 pickles, an HMAC handshake on a key the executor draws), runs the same `step` method an actor
 call would, and sends back its result or its traceback. The executor writes one message to
