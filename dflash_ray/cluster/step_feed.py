@@ -4,10 +4,11 @@ An actor call per step passes several threads on each side (task submission, the
 pickled into the object store, a `ray.wait` / `ray.get` round trip): 2.3-2.5 ms for a step-sized
 call on this project's 2-core box, against 0.4-0.7 ms for a message each way over a pipe or
 gloo (`bench/call_latency.py`, docs/benchmarks.md); over these connections the executor's
-overhead came to ~0.75 ms a step in all (`bench/ray_executor.py`). Here each actor serves a loop on a thread of its
-own: it waits for the step's arguments on a `multiprocessing.connection` (TCP, length-framed
-pickles, an HMAC handshake on a key the executor draws), runs the same `step` method an actor
-call would, and sends back its result or its traceback. The executor writes one message to
+overhead came to ~0.75 ms a step in all (`bench/ray_executor.py`). Here each actor serves a
+loop on a thread of its own: it waits for the step's arguments on a
+`multiprocessing.connection` (TCP, length-framed pickles, an HMAC handshake on a key the
+executor draws), runs the same `step` method an actor call would, and sends back its result or
+its traceback. The executor writes one message to
 every actor of a step and reads their answers with one deadline.
 
 What actor calls gave for free is kept: a dead actor closes its socket, so the executor's read
@@ -87,9 +88,6 @@ class Feeds:
     def __init__(self, authkey: bytes):
         self.authkey = authkey
         self._conns: dict[str, Connection] = {}
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._conns
 
     def connect(self, name: str, address: tuple[str, int], timeout_s: float) -> None:
         """Connect to `name`'s loop; raises TimeoutError past `timeout_s` (`Client` itself has

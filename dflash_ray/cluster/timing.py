@@ -19,7 +19,8 @@ class StepTiming:
 
     @property
     def ray_overhead(self) -> float:
-        """Actor-call dispatch, argument pickling, waiting for results, skew between actors."""
+        """Dispatch (step messages or actor calls), argument pickling, waiting for results,
+        skew between actors."""
         return self.wall - self.draft - self.verify - self.transfer
 
 

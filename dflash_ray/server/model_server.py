@@ -140,7 +140,7 @@ class ModelServer:
         params: SamplingParams, request_id: str, address: tuple[str, int], token: str,
     ) -> dict:
         """`generate`, its items pushed to the ingress listening at `address` (server/push.py):
-        returns {"pushed": n} once all n are queued there, or the refusal itself (the first
+        returns {"pushed": n} once all n are written to its socket, or the refusal itself (the first
         item, an {"error": ...}) without pushing. Cancelling the call aborts the request."""
         pushed, sink = 0, None
         async with contextlib.aclosing(self.generate(prompt, messages, params,

@@ -214,12 +214,10 @@ class _Sink:
 
     def flush(self) -> None:
         items, self.items = self.items, []
-        if items and self.alive:
+        if items and self.alive:  # else the requests' next push or `written` fails them
             self.writer.write(frame(items))
             self.counts["frames"] += 1
             self.counts["items"] += len(items)
-        elif items:
-            self.broken = True
 
 
 class PushSinks:
