@@ -114,6 +114,25 @@ async def run_http(base: str, prompts, concurrency, max_tokens) -> dict:
     return rec.summary(seconds)
 
 
+def engine_model_seconds(engine: Engine) -> float:
+    s = engine.stats().counters
+    return s.draft_seconds + s.verify_seconds
+
+
+def server_model_seconds(base: str) -> float:
+    return httpx.get(f"{base}/stats", timeout=30).json()["model_seconds"]
+
+
+def model_time(model_seconds, run) -> dict:
+    """`run()`'s summary plus its wall time and the engine's time in the model's passes over it:
+    the same steps taking longer through Serve means the engine was slowed (CPU shared with the
+    ingress, the proxy, the client), more wall than model time means it waited for requests."""
+    before, start = model_seconds(), time.perf_counter()
+    summary = run()
+    wall = time.perf_counter() - start
+    return summary | {"wall_s": wall, "model_s": model_seconds() - before}
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--target")
@@ -184,8 +203,10 @@ def run(args: argparse.Namespace) -> dict:
     rows = []
     try:
         for c in args.concurrency:
-            local = asyncio.run(run_engine(engine, prompts, c, args.max_tokens))
-            http = asyncio.run(run_http(base, prompts, c, args.max_tokens))
+            local = model_time(lambda: engine_model_seconds(engine), lambda: asyncio.run(
+                run_engine(engine, prompts, c, args.max_tokens)))
+            http = model_time(lambda: server_model_seconds(base), lambda: asyncio.run(
+                run_http(base, prompts, c, args.max_tokens)))
             rows.append({"concurrency": c, "in_process": local, "serve": http,
                          "ratio": http["tok_s"] / local["tok_s"]})
             if args.stream_items:
@@ -205,8 +226,9 @@ def run(args: argparse.Namespace) -> dict:
                   f"tok/s ({http['tok_s'] / local['tok_s']:.0%}); Serve TTFT p50/p99 "
                   f"{http['ttft_p50_ms']:.0f}/{http['ttft_p99_ms']:.0f} ms, ITL p50/p99 "
                   f"{http['itl_p50_ms']:.1f}/{http['itl_p99_ms']:.1f} ms; in-process TTFT p50 "
-                  f"{local['ttft_p50_ms']:.0f} ms, ITL p50 {local['itl_p50_ms']:.1f} ms",
-                  flush=True)
+                  f"{local['ttft_p50_ms']:.0f} ms, ITL p50 {local['itl_p50_ms']:.1f} ms; in the "
+                  f"model's passes {local['model_s']:.2f} s of {local['wall_s']:.2f} in-process, "
+                  f"{http['model_s']:.2f} s of {http['wall_s']:.2f} through Serve", flush=True)
         # the model server's counters: steps, and how many frames carried the pushed deltas
         server_stats = httpx.get(f"{base}/stats", timeout=30).json()
     finally:

@@ -139,6 +139,7 @@ def test_concurrent_streams_share_engine_steps(served, text_models):
     assert asyncio.run(main()) == want
     stats = httpx.get(f"{served}/stats").json()
     assert stats["max_batch_size"] > 1 and 0 < stats["spec_steps"] <= stats["num_steps"]
+    assert stats["model_seconds"] > before["model_seconds"]  # the steps' time in the model
     # the deltas came as pushed streams (the default): every request pushed its items
     assert stats["pushed_items"] - before["pushed_items"] >= len(prompts)
     assert 0 < stats["pushed_frames"] - before["pushed_frames"] <= stats["pushed_items"]

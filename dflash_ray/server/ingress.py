@@ -26,7 +26,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError, RequestCancelledError
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..core.sampling_params import SamplingParams
 from .body import BoundedBody, request_id
@@ -75,35 +77,61 @@ def _request_id(request: Request) -> str:
     return request_id(request.scope)
 
 
+class Guard:
+    """ASGI middleware, outermost: the API key on every route but the liveness probe, and a
+    500 with a request id for what no handler turned into an error response (a bug, logged).
+
+    Plain ASGI, not `@app.middleware("http")`: Starlette's BaseHTTPMiddleware relays every
+    message of a response through a memory stream and a task of its own, which took a third of
+    the ingress's CPU while it streamed SSE deltas (docs/benchmarks.md)."""
+
+    def __init__(self, app: ASGIApp, api_key: str | None):
+        self.app, self.api_key = app, api_key
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = request_id(scope)
+        path = scope["path"].removeprefix(scope.get("root_path", ""))
+        # Everything but the liveness probe costs compute or shows state (/health/deep runs
+        # the model, /stats and the docs describe the deployment): all of it needs the key.
+        if self.api_key and path != "/health":
+            auth = Headers(scope=scope).get("authorization", "")
+            given = auth[7:] if auth.lower().startswith("bearer ") else ""
+            if not hmac.compare_digest(given.encode(), self.api_key.encode()):
+                await _error_response(APIError(401, "invalid or missing API key",
+                                               kind="authentication_error"),
+                                      rid)(scope, receive, send)
+                return
+        started = False
+
+        async def watch(message: Message) -> None:
+            nonlocal started
+            started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        except Exception:
+            log.exception("request %s (%s %s) failed", rid, scope["method"], path)
+            if started:  # the status line is out: nothing left to tell the client
+                raise
+            await _error_response(APIError(500, f"internal server error; the server log has "
+                                                f"the details under request id {rid}",
+                                           kind="server_error"), rid)(scope, receive, send)
+
+
 def make_api(backend_factory, settings: IngressSettings) -> FastAPI:
     """A FastAPI app whose routes call `backend_factory()` (resolved lazily: under Serve the
     handle exists only inside the replica)."""
     api = FastAPI(title="dflash-ray", version="0.1.0")
     api_key = settings.api_key or os.environ.get("DFLASH_API_KEY") or None
     model_ready = False  # once the model server has answered, /health stops asking it
-    # inside `guard` (added later, so it runs first): no body is read before the key is checked
+    # the last added runs first: the key is checked before BoundedBody reads any body
     api.add_middleware(BoundedBody, max_bytes=settings.max_body_bytes,
                        timeout_s=settings.body_timeout_s)
-
-    @api.middleware("http")
-    async def guard(request: Request, call_next):
-        rid = _request_id(request)
-        path = request.url.path.removeprefix(request.scope.get("root_path", ""))
-        # Everything but the liveness probe costs compute or shows state (/health/deep runs
-        # the model, /stats and the docs describe the deployment): all of it needs the key.
-        if api_key and path != "/health":
-            auth = request.headers.get("authorization", "")
-            given = auth[7:] if auth.lower().startswith("bearer ") else ""
-            if not hmac.compare_digest(given.encode(), api_key.encode()):
-                return _error_response(APIError(401, "invalid or missing API key",
-                                                kind="authentication_error"), rid)
-        try:
-            return await call_next(request)
-        except Exception:  # what no handler turned into an error response: a bug, logged
-            log.exception("request %s (%s %s) failed", rid, request.method, path)
-            return _error_response(APIError(500, f"internal server error; the server log has "
-                                                 f"the details under request id {rid}",
-                                            kind="server_error"), rid)
+    api.add_middleware(Guard, api_key=api_key)
 
     @api.exception_handler(APIError)
     async def _api_error(request: Request, err: APIError):

@@ -87,6 +87,7 @@ class ModelServer:
             "mean_acceptance_length": s.spec.mean_acceptance_length,
             "generation_tokens": s.generation_tokens,
             "spec_steps": s.num_spec_steps,
+            "model_seconds": s.draft_seconds + s.verify_seconds,  # in the model's passes
             "drafter_up": snap.drafter_up,
             "pushed_items": self._sinks.counts["items"],  # pushed streams (server/push.py)
             "pushed_frames": self._sinks.counts["frames"],
