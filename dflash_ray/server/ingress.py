@@ -14,12 +14,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import json
 import logging
 import os
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -375,7 +375,7 @@ async def _sse(streams, rid, request_id: str, settings: IngressSettings, chat: b
                 body["choices"] = []
                 body["usage"] = usage(len(outs[0]["prompt_token_ids"]), outs)
                 yield _event(body)
-        yield "data: [DONE]\n\n"
+        yield b"data: [DONE]\n\n"
     finally:
         timer.cancel()
         for t in tasks:
@@ -383,5 +383,5 @@ async def _sse(streams, rid, request_id: str, settings: IngressSettings, chat: b
         await _close_all(streams)
 
 
-def _event(obj: dict) -> str:
-    return f"data: {json.dumps(obj)}\n\n"
+def _event(obj: dict) -> bytes:
+    return b"data: " + orjson.dumps(obj) + b"\n\n"  # UTF-8, as SSE is; a tenth of json's cost
