@@ -664,6 +664,29 @@ def test_an_ingress_bug_is_a_500_with_a_request_id(local, monkeypatch):
     assert err["request_id"] == "req-42" and "req-42" in err["message"], err
 
 
+def test_an_ingress_bug_mid_stream_breaks_the_connection(local, text_models, monkeypatch):
+    """Once a stream's 200 is out, a bug in the ingress cannot become an error response: the
+    connection drops, so the client sees a broken stream, never one that looks complete."""
+    backend, base = local
+    if backend.server is None:
+        backend.server = model_server(text_models)
+    from dflash_ray.server import ingress
+
+    def broken(*args):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(ingress, "usage", broken)  # runs after the last delta
+    body = {"prompt": "abc", "max_tokens": 4, "stream": True,
+            "stream_options": {"include_usage": True}}
+    lines = []
+    with pytest.raises(httpx.RemoteProtocolError), \
+            httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=30) as r:
+        assert r.status_code == 200
+        lines.extend(r.iter_lines())
+    assert any(line.startswith("data: {") for line in lines), lines  # deltas came first
+    assert "data: [DONE]" not in lines
+
+
 def test_deep_health_is_one_model_pass_for_many_callers(local, text_models):
     """60 calls (50 at once) share one check: it joined other users' batches per call."""
     backend, base = local

@@ -114,9 +114,9 @@ class Guard:
         try:
             await self.app(scope, receive, watch)
         except Exception:
+            if started:  # mid-response: the server logs it and drops the connection, so the
+                raise  # client sees a broken stream, never one that looks complete
             log.exception("request %s (%s %s) failed", rid, scope["method"], path)
-            if started:  # the status line is out: nothing left to tell the client
-                raise
             await _error_response(APIError(500, f"internal server error; the server log has "
                                                 f"the details under request id {rid}",
                                            kind="server_error"), rid)(scope, receive, send)
