@@ -124,11 +124,12 @@ def server_model_seconds(base: str) -> float:
 
 
 def model_time(model_seconds, run) -> dict:
-    """`run()`'s summary plus its wall time and the engine's time in the model's passes over it:
-    the same steps taking longer through Serve means the engine was slowed (CPU shared with the
-    ingress, the proxy, the client), more wall than model time means it waited for requests."""
+    """The summary of coroutine `run`, plus its wall time and the engine's time in the model's
+    passes over it. The same steps taking longer through Serve means the engine was slowed (CPU
+    shared with the ingress, the proxy, the client); more wall than model time means it waited
+    for requests."""
     before, start = model_seconds(), time.perf_counter()
-    summary = run()
+    summary = asyncio.run(run)
     wall = time.perf_counter() - start
     return summary | {"wall_s": wall, "model_s": model_seconds() - before}
 
@@ -203,10 +204,10 @@ def run(args: argparse.Namespace) -> dict:
     rows = []
     try:
         for c in args.concurrency:
-            local = model_time(lambda: engine_model_seconds(engine), lambda: asyncio.run(
-                run_engine(engine, prompts, c, args.max_tokens)))
-            http = model_time(lambda: server_model_seconds(base), lambda: asyncio.run(
-                run_http(base, prompts, c, args.max_tokens)))
+            local = model_time(lambda: engine_model_seconds(engine),
+                               run_engine(engine, prompts, c, args.max_tokens))
+            http = model_time(lambda: server_model_seconds(base),
+                              run_http(base, prompts, c, args.max_tokens))
             rows.append({"concurrency": c, "in_process": local, "serve": http,
                          "ratio": http["tok_s"] / local["tok_s"]})
             if args.stream_items:

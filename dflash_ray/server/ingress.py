@@ -78,8 +78,9 @@ def _request_id(request: Request) -> str:
 
 
 class Guard:
-    """ASGI middleware, outermost: the API key on every route but the liveness probe, and a
-    500 with a request id for what no handler turned into an error response (a bug, logged).
+    """ASGI middleware, the outermost of ours: the API key on every route but the liveness
+    probe, and a 500 with a request id for what no handler turned into an error response (a
+    bug, logged).
 
     Plain ASGI, not `@app.middleware("http")`: Starlette's BaseHTTPMiddleware relays every
     message of a response through a memory stream and a task of its own, which took a third of
