@@ -53,6 +53,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     ap.add_argument("--context", type=int, default=200, help="context keys before the block")
+    ap.add_argument("--cache-slots", type=int, default=4096,
+                    help="slots of each layer's KV cache (the demo engine's: 279616)")
+    ap.add_argument("--one-buffer", action="store_true",
+                    help="every layer's cache a view of one tensor, as worker/caches.py holds "
+                         "them (default: a tensor per layer)")
     a = ap.parse_args()
     torch.set_num_threads(1)
     dtype = getattr(torch, a.dtype)
@@ -60,11 +65,16 @@ def main() -> None:
     for p in model.parameters():
         p.requires_grad_(False)
     d = model.cfg.decoder
-    q, keys, slots = 16, 256, 4096
+    q, keys, slots = 16, 256, a.cache_slots
     if a.context + q > keys:
         ap.error(f"--context {a.context} + the block's {q} must fit {keys} key columns")
-    cache = _Cache([tuple(torch.randn(slots, d.num_kv_heads, d.head_dim, dtype=dtype)
-                          for _ in range(2)) for _ in model.layers])
+    if a.one_buffer:
+        k, v = (torch.randn(len(model.layers), slots, d.num_kv_heads, d.head_dim, dtype=dtype)
+                for _ in range(2))
+        cache = _Cache([(k[i], v[i]) for i in range(len(model.layers))])
+    else:
+        cache = _Cache([tuple(torch.randn(slots, d.num_kv_heads, d.head_dim, dtype=dtype)
+                              for _ in range(2)) for _ in model.layers])
     mask = torch.zeros(1, 1, q, keys, dtype=torch.bool)
     mask[..., : a.context + q] = True
     group = AttentionGroup(torch.arange(q).view(1, q), torch.ones(1, q, dtype=torch.bool),
