@@ -1,7 +1,9 @@
-"""What packing the linear weights for oneDNN (`ops.PackedWeight`) buys on this CPU: plain and
-DFlash engines with packed weights and with the reference path (`DFLASH_OPS=ref`), one process,
-the same prompts, rounds interleaved. Greedy; reports tok/s, ms per step and its draft / verify
-split, and whether all four engines decode the same tokens.
+"""What the CPU weight formats (`ops.PackedWeight`) buy on this CPU: plain and DFlash engines
+with the default formats (`packed`: fp32 weights that bf16 holds exactly widened from bf16, the
+rest in oneDNN's layout), with every weight in oneDNN's layout (`onednn`, the default before
+widening) and with the reference path (`ref`, `DFLASH_OPS=ref`: the checkpoint's own layout),
+one process, the same prompts, rounds interleaved. Greedy; reports tok/s, ms per step and its
+draft / verify split, each round's ratios, and whether all engines decode the same tokens.
 
     python3 bench/packed_weights.py                        # demo pair, c = 1, threshold 0.1
     python3 bench/packed_weights.py --concurrency 4 --dtype bfloat16
@@ -24,6 +26,9 @@ from dflash_ray.config import EngineConfig  # noqa: E402
 from dflash_ray.core.sampling_params import SamplingParams  # noqa: E402
 from dflash_ray.demo import demo_pair  # noqa: E402
 from dflash_ray.executors import make_engine  # noqa: E402
+from dflash_ray.ops import cpu_packed  # noqa: E402
+
+VARIANTS = ("ref", "onednn", "packed")
 
 
 def main() -> None:
@@ -41,13 +46,16 @@ def main() -> None:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
     common = dict(target=target, max_num_seqs=args.concurrency, dtype=args.dtype)
     engines = {}
-    for ops in ("ref", "packed"):
-        # read when the workers build their models: set it around each engine's construction
+    exact_in_bf16 = cpu_packed.exact_in_bf16
+    for ops in VARIANTS:
+        # read when the workers build their models: set them around each engine's construction
         os.environ["DFLASH_OPS"] = "ref" if ops == "ref" else "auto"
+        cpu_packed.exact_in_bf16 = (lambda w: False) if ops == "onednn" else exact_in_bf16
         engines[f"plain/{ops}"] = make_engine(EngineConfig(**common))
         engines[f"dflash/{ops}"] = make_engine(EngineConfig(
             **common, drafter=drafter, spec_min_confidence=args.spec_min_confidence))
     os.environ.pop("DFLASH_OPS")
+    cpu_packed.exact_in_bf16 = exact_in_bf16
     for e in engines.values():
         closed_loop(e, prompts[:1], 1, params, tqdm(disable=True))
     runs: dict[str, list[dict]] = {name: [] for name in engines}
@@ -72,11 +80,18 @@ def main() -> None:
         print(f"{r['engine']:>14}: {r['tok_s']:7.1f} tok/s ({r['tok_s'] / plain:.2f}x its plain)"
               f"  step {r['ms_per_step']:.2f} ms (draft {r['draft_ms_per_step']:.2f}, verify "
               f"{r['verify_ms_per_step']:.2f})  tau {r['mean_tau']:.2f}")
-    print(f"packed / ref: plain {tok['plain/packed'] / tok['plain/ref']:.2f}x, dflash "
-          f"{tok['dflash/packed'] / tok['dflash/ref']:.2f}x; all outputs identical: {same}")
+    pairs = [(kind, old) for kind in ("plain", "dflash") for old in ("onednn", "ref")]
+    ratios = {f"{kind}/packed_over_{old}": [
+        round(a["tok_s"] / b["tok_s"], 3)
+        for a, b in zip(runs[f"{kind}/packed"], runs[f"{kind}/{old}"], strict=True)]
+        for kind, old in pairs}
+    for name, rs in ratios.items():
+        print(f"{name} by round: {rs}")
+    print(f"all outputs identical: {same}")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"args": vars(args), "rows": rows, "outputs_identical": same}, f, indent=1)
+            json.dump({"args": vars(args), "rows": rows, "round_ratios": ratios,
+                       "outputs_identical": same}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -53,10 +53,12 @@ def test_default_settings_are_lossless_and_drafts_are_accepted(pair):
 
 
 def test_packed_cpu_weights_change_nothing_observable(pair, monkeypatch):
-    """On CPU the workers pack linear weights for oneDNN (`ops.PackedWeight`); the reference
-    path (`DFLASH_OPS=ref`) must decode the same tokens and accept the same drafts. In fp32:
-    a bf16 drafter's drafts may differ between the two GEMM paths by rounding (its output is
-    the target's either way, tested elsewhere)."""
+    """On CPU the workers put linear weights in a CPU GEMM format (`ops.PackedWeight`): the
+    shipped pair's bf16 checkpoint, loaded in fp32, has its experts and projections kept in
+    bf16 and widened, its LM head in oneDNN's layout. The reference path (`DFLASH_OPS=ref`)
+    must decode the same tokens and accept the same drafts. In fp32: a bf16 drafter's drafts
+    may differ between the GEMM paths by rounding (its output is the target's either way,
+    tested elsewhere)."""
     from dflash_ray.ops import can_pack
 
     if not can_pack(torch.ones(1)):
@@ -67,7 +69,10 @@ def test_packed_cpu_weights_change_nothing_observable(pair, monkeypatch):
     packed = LLM(target, drafter, spec_min_confidence=0.1, drafter_dtype="float32")
     executor = packed.engine.executor
     assert executor.target.model.lm_head.packed is not None
-    assert executor.target.model.layers[0].mlp.experts.packed is not None
+    layer = executor.target.model.layers[0]
+    assert all(w.widened for w in layer.mlp.experts.packed[0] + layer.mlp.experts.packed[1])
+    assert layer.self_attn.qkv_proj.packed.widened
+    assert not executor.target.model.lm_head.packed.widened  # larger than WIDEN_MAX_ELEMENTS
     assert executor.drafter.drafter.layers[0].self_attn.kv_packed is not None
     got = packed.generate(prompts, params, use_tqdm=False)
     monkeypatch.setenv("DFLASH_OPS", "ref")

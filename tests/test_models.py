@@ -196,6 +196,65 @@ def test_padded_packed_gemm_returns_only_its_rows(dtype):
 
 
 @needs_onednn
+def test_fp32_weights_that_bf16_holds_are_widened_bit_for_bit():
+    """An fp32 weight whose values bf16 holds exactly (a bf16 checkpoint loaded in fp32) is kept
+    in bf16 and widened before each GEMM: F.linear's values bit for bit, at every row count,
+    with and without bias, for a view into a stacked tensor (an expert) too."""
+    torch.manual_seed(0)
+    stacked = torch.randn(3, 40, 24).bfloat16().float()
+    bias = torch.randn(40).bfloat16().float()
+    for w in (stacked[1], torch.randn(24, 16).bfloat16().float()):
+        packed = PackedWeight(w)
+        assert packed.widened and packed.data.dtype == torch.bfloat16
+        for shape in ((1, w.shape[1]), (2, w.shape[1]), (9, w.shape[1]), (3, 5, w.shape[1])):
+            x = torch.randn(shape)
+            for b in (None, bias[: w.shape[0]]):
+                assert torch.equal(packed.apply(x, b), torch.nn.functional.linear(x, w, b))
+
+
+@needs_onednn
+def test_weights_bf16_does_not_hold_or_too_large_stay_in_onednns_layout():
+    """Widening is for fp32 weights that bf16 holds exactly and that are small enough for the
+    widened copy to stay in cache (`WIDEN_MAX_ELEMENTS`); others keep oneDNN's layout."""
+    from dflash_ray.ops.cpu_packed import WIDEN_MAX_ELEMENTS
+
+    torch.manual_seed(0)
+    exact = torch.randn(64, 32).bfloat16().float()
+    inexact = exact.clone()
+    inexact[3, 5] += 2.0**-20  # one value bf16 cannot hold
+    large = torch.randn(WIDEN_MAX_ELEMENTS // 64 + 1, 64).bfloat16().float()
+    assert PackedWeight(exact).widened
+    for w in (inexact, large, exact.bfloat16()):
+        packed = PackedWeight(w)
+        assert not packed.widened and packed.data.dtype == w.dtype and packed.data.is_mkldnn
+
+
+@needs_onednn
+def test_widened_weights_from_two_threads_keep_their_own_buffers():
+    """The buffer a weight widens into is per thread: two threads running GEMMs of one shape
+    over different weights at once each get their own weight's products."""
+    import threading
+
+    torch.manual_seed(0)
+    weights = [PackedWeight(torch.randn(48, 32).bfloat16().float()) for _ in range(2)]
+    x = torch.randn(4, 32)
+    want = [torch.nn.functional.linear(x, p.source) for p in weights]
+    wrong = []
+
+    def run(i: int) -> None:
+        for _ in range(2000):
+            if not torch.equal(weights[i].apply(x, None), want[i]):
+                wrong.append(i)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not wrong
+
+
+@needs_onednn
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_packed_weights_give_the_reference_logits(tiny, dtype):
     """The engine packs linear weights for oneDNN on CPU; prefill, a verify-sized chunk and a
