@@ -56,8 +56,10 @@ class PackedWeight:
       The arithmetic is fp32 on the very same values, so the GEMM is MKL's `F.linear` over the
       same weight, bit for bit, while memory traffic halves. That is what a step on this CPU is
       bound by: the shipped target's fp32 experts (23.6 MB) do not fit the share of L3 a core
-      gets here, and an expert's two GEMMs over 2 rows took 108 us cold in fp32 against 65 us
-      widened from bf16, bit-equal (docs/benchmarks.md, "Where a verify's time goes").
+      gets here. An expert's two GEMMs over 2 rows took 120 us in fp32 against 70 us widened
+      from bf16 once 32 experts were in play, bit-equal; while the weights still fit, 43
+      against 57 us (`bench/expert_cache.py`; docs/benchmarks.md, "Where a verify's time
+      goes").
     - **oneDNN's blocked layout** otherwise (fp32 or bf16). Measured on this project's 2-core
       AVX-512 CPU, a [640, 192] weight among others cycling through cache: unpacked fp32 (MKL)
       took 43 / 57 / 77 us for 1 / 5 / 16 rows, packed 31 / 26 / 40 us; bf16 re-lays the
