@@ -34,6 +34,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from drafter_compile import _Cache, timed  # a sibling script: bench/ is on the path
 
 from dflash_ray.demo import demo_pair
 from dflash_ray.models.layers import prepack
@@ -68,27 +69,6 @@ def dense_experts(x, gate_up, down, weights, ids, expert_offset=0):
 
 
 EAGER_EXPERTS = OPS.moe_experts
-
-
-class _Cache:
-    def __init__(self, layers):
-        self.layers = layers
-
-    def layer(self, i):
-        return self.layers[i]
-
-
-def timed(fn, args, calls: int = 200, repeats: int = 5) -> float:
-    """Best mean time of one call, in microseconds."""
-    for _ in range(20):
-        fn(*args)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn(*args)
-        best = min(best, (time.perf_counter() - start) / calls)
-    return best * 1e6
 
 
 PACKED: dict[int, tuple] = {}  # layer -> (packed gate_up per expert, packed down, offset)
