@@ -19,8 +19,9 @@ graph cannot trace, so the compiled variants take the experts one of these ways:
 
 The KV write is a custom op that declares its mutation of the cache, so inductor neither copies
 the cache nor reorders the write past the attention that reads it. Prints each variant's time a
-call against eager with and without the CPU weight formats, the first compiled call's time, and
-the largest difference of the logits from eager. Not wired into the engine.
+call against eager with and without the CPU weight formats, the first compiled call's time,
+dynamo's graph and break counts, and the largest difference of the logits from eager. Not
+wired into the engine.
 """
 
 from __future__ import annotations
@@ -158,11 +159,13 @@ def main() -> None:
                         out = compiled_fn(*args)
                         first = time.perf_counter() - start
                         times[name] = timed(compiled_fn, args)
+                        graphs = torch._dynamo.explain(forward)(*args)
                 finally:
                     moe_cls.routed = eager_routed
                 diff = (out - reference).abs().max().item()
                 same = bool((out.argmax(-1) == reference.argmax(-1)).all())
                 print(f"q={q} {name}: {times[name]:.0f} us, first call {first:.1f} s, "
+                      f"{graphs.graph_count} graph(s), {graphs.graph_break_count} break(s), "
                       f"max |logit diff| {diff:.3g}, argmax equal: {same}")
         base = times["eager packed"]
         print(f"q={q}: " + ", ".join(f"{k} {v:.0f} us ({base / v:.2f}x)"
